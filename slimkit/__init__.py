@@ -1,0 +1,30 @@
+"""slimkit: efficient deep learning toolkit.
+
+Quantize a causal LM from Python:
+
+    >>> import slimkit
+    >>> model, tok = slimkit.load_model("smollm2-135m")                        # doctest: +SKIP
+    >>> calib = slimkit.data.calibration_windows(tok, "wiki-offline", 32, 512)  # doctest: +SKIP
+    >>> model, report = slimkit.quantize(model, slimkit.GPTQConfig(wbits=4, group_size=64), calib)  # doctest: +SKIP
+"""
+
+from slimkit import data
+from slimkit.core.errors import SlimkitError
+from slimkit.llm.evaluate import perplexity
+from slimkit.llm.models import load_model
+from slimkit.quant.api import quantize, save_quantized
+from slimkit.quant.methods import GPTQConfig, QuantConfig, RTNConfig, SmoothQuantConfig
+
+__version__ = "0.1.0"
+__all__ = [
+    "GPTQConfig",
+    "QuantConfig",
+    "RTNConfig",
+    "SlimkitError",
+    "SmoothQuantConfig",
+    "data",
+    "load_model",
+    "perplexity",
+    "quantize",
+    "save_quantized",
+]

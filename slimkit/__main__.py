@@ -1,0 +1,5 @@
+import sys
+
+from slimkit.cli import main
+
+sys.exit(main())

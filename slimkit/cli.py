@@ -1,0 +1,197 @@
+"""Command-line interface. Thin: each subcommand parses flags into config dataclasses and calls
+one public Python function. Bad input prints one message and exits with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+
+from slimkit.core import dist
+from slimkit.core.config import add_arguments, from_args, load_yaml
+from slimkit.core.errors import SlimkitError
+from slimkit.core.logs import setup_logging
+
+log = logging.getLogger("slimkit")
+
+PRESETS = {  # calibration / pipeline presets for `quantize --preset`
+    "demo": {"n_calib": 16, "calib_seq_len": 512},
+    "fast": {"n_calib": 32, "calib_seq_len": 512},
+    "default": {"n_calib": 128, "calib_seq_len": 512},
+    "paper": {"n_calib": 128, "calib_seq_len": 2048},
+}
+
+
+def _split_recipe(recipe: dict, classes: list[type]) -> list[dict]:
+    import dataclasses
+
+    parts = [{} for _ in classes]
+    for k, v in recipe.items():
+        for i, c in enumerate(classes):
+            if k in {f.name for f in dataclasses.fields(c)}:
+                parts[i][k] = v
+                break
+        else:
+            allowed = sorted(
+                {f.name for c in classes for f in dataclasses.fields(c)} | {"method", "model"}
+            )
+            raise SlimkitError(
+                f"recipe key {k!r} is not an option of this method; allowed: {allowed}"
+            )
+    return parts
+
+
+def cmd_quantize(argv: list[str]) -> int:
+    from slimkit.llm.run_config import CalibConfig, EvalConfig
+    from slimkit.llm.workflow import quantize_run
+    from slimkit.quant.methods import METHODS, config_class
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("--recipe")
+    known, _ = pre.parse_known_args(argv)
+    recipe = load_yaml(known.recipe) if known.recipe else {}
+    method = known.method or recipe.pop("method", None) or "gptq"
+    recipe.pop("method", None)
+    cfg_cls = config_class(method) if method in METHODS else None
+    if cfg_cls is None:
+        METHODS.get(method)  # raises the unknown-method message
+
+    p = argparse.ArgumentParser(
+        prog="slimkit quantize", description="Quantize a causal LM into a run directory."
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=recipe.pop("model", None),
+        help="registered name, HF id or local dir",
+    )
+    p.add_argument("--method", default=method, help=f"one of: {', '.join(METHODS.names())}")
+    p.add_argument("--recipe", help="YAML file of option: value pairs (flags override it)")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="calibration size preset (flags override it)"
+    )
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from OUT.partial"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--eval-fp", action="store_true", help="also evaluate the unquantized model")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(p, cfg_cls)
+    add_arguments(p, CalibConfig)
+    add_arguments(p, EvalConfig)
+    ns = p.parse_args(argv)
+    setup_logging(ns.verbose)
+    if not ns.model:
+        raise SlimkitError(
+            "name a model: slimkit quantize MODEL --out DIR (see `slimkit list models`)"
+        )
+    q_part, c_part, e_part = _split_recipe(recipe, [cfg_cls, CalibConfig, EvalConfig])
+    if ns.preset:
+        c_part = {**PRESETS[ns.preset], **c_part}
+    qcfg = from_args(cfg_cls, ns, q_part)
+    ccfg = from_args(CalibConfig, ns, c_part)
+    ecfg = from_args(EvalConfig, ns, e_part)
+    quantize_run(
+        ns.model,
+        qcfg,
+        ccfg,
+        ecfg,
+        out=ns.out,
+        resume=ns.resume,
+        overwrite=ns.overwrite,
+        eval_fp=ns.eval_fp,
+        command="slimkit quantize " + shlex.join(argv),
+    )
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from slimkit.llm.run_config import EvalConfig
+    from slimkit.llm.workflow import eval_run
+
+    p = argparse.ArgumentParser(
+        prog="slimkit eval", description="Perplexity (GPTQ protocol) and lm-eval tasks."
+    )
+    p.add_argument("model", help="run directory, registered name, HF id or local dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the results here")
+    add_arguments(p, EvalConfig)
+    ns = p.parse_args(argv)
+    setup_logging()
+    ev = from_args(EvalConfig, ns)
+    res = eval_run(ns.model, ev, device=ns.device, json_out=ns.json)
+    for corpus, r in res["results"].items():
+        if "ppl" in r:
+            print(
+                f"{corpus}\tppl {r['ppl']:.4f}\t({r['n_windows']} windows x {r['seq_len']} tokens)"
+            )
+    return 0
+
+
+def cmd_list(argv: list[str]) -> int:
+    from slimkit.data import CORPORA
+    from slimkit.llm.block_maps import BLOCK_MAPS
+    from slimkit.llm.models import MODELS
+    from slimkit.quant.methods import METHODS
+
+    regs = {"methods": METHODS, "models": MODELS, "datasets": CORPORA, "families": BLOCK_MAPS}
+    p = argparse.ArgumentParser(prog="slimkit list")
+    p.add_argument("what", choices=sorted(regs))
+    ns = p.parse_args(argv)
+    reg = regs[ns.what]
+    for name in reg.names():
+        print(f"{name:16s} {reg.meta(name).get('help', '')}")
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    from slimkit.demo import run_demo
+
+    p = argparse.ArgumentParser(
+        prog="slimkit demo", description="Quantize the embedded model and compare perplexity."
+    )
+    p.add_argument("--out", default="runs/demo-gptq-w4g64")
+    ns = p.parse_args(argv)
+    setup_logging()
+    run_demo(ns.out)
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "list": cmd_list, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(
+                f"slimkit: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}",
+                file=sys.stderr,
+            )
+            return 2
+        print(
+            "usage: slimkit {"
+            + ",".join(COMMANDS)
+            + "} ...   (slimkit COMMAND --help for its options)"
+        )
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dist.init_from_env()
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except SlimkitError as e:
+        print(f"slimkit: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_dist():
+            import torch.distributed as td
+
+            td.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Declarative block maps: where a model family keeps its decoder blocks, norms and linears.
+
+A family is supported by one :class:`BlockMap` entry here, never by forked code. Names inside a
+block are dotted paths relative to the block. ``sequential`` lists the block's linears in data
+flow order; linears in one inner tuple read the same input (GPTQ's true-sequential groups).
+``smooth`` lists (norm, consumers) pairs whose scale can be folded exactly (SmoothQuant, AWQ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import Registry
+
+BLOCK_MAPS = Registry("model family")
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str  # dotted path of the ModuleList of decoder blocks
+    pre_blocks: tuple[str, ...]  # modules that run before block 0 (moved to the device to capture)
+    post_blocks: tuple[str, ...]  # modules after the last block, in order (final norm, head)
+    sequential: tuple[tuple[str, ...], ...]
+    smooth: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    transposed: bool = False  # GPT-2's Conv1D keeps weights as (in, out)
+    smooth_ok: Callable[[object], bool] = field(default=lambda config: True)
+
+    def linears(self) -> list[str]:
+        return [n for group in self.sequential for n in group]
+
+
+def _register(bm: BlockMap) -> None:
+    BLOCK_MAPS.register(bm.family, bm, help=", ".join(bm.model_types))
+
+
+_LLAMA_SEQ = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+_LLAMA_SMOOTH = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+_register(
+    BlockMap(
+        family="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3"),
+        blocks="model.layers",
+        pre_blocks=("model.embed_tokens", "model.rotary_emb"),
+        post_blocks=("model.norm", "lm_head"),
+        sequential=_LLAMA_SEQ,
+        smooth=_LLAMA_SMOOTH,
+    )
+)
+_register(
+    BlockMap(
+        family="opt",
+        model_types=("opt",),
+        blocks="model.decoder.layers",
+        pre_blocks=(
+            "model.decoder.embed_tokens",
+            "model.decoder.embed_positions",
+            "model.decoder.project_in",
+        ),
+        post_blocks=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+        sequential=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+        smooth=(
+            ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("final_layer_norm", ("fc1",)),
+        ),
+        # post-LN OPT (350m) normalises after the residual: no norm feeds the linears directly.
+        smooth_ok=lambda config: bool(getattr(config, "do_layer_norm_before", True)),
+    )
+)
+_register(
+    BlockMap(
+        family="gpt2",
+        model_types=("gpt2",),
+        blocks="transformer.h",
+        pre_blocks=("transformer.wte", "transformer.wpe", "transformer.drop"),
+        post_blocks=("transformer.ln_f", "lm_head"),
+        sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        smooth=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+        transposed=True,
+    )
+)
+
+
+def block_map_for(model: nn.Module) -> BlockMap:
+    """The block map of ``model``'s family (from ``config.model_type``)."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    for _, bm in BLOCK_MAPS.items():
+        if mt in bm.model_types:
+            return bm
+    supported = sorted(t for _, bm in BLOCK_MAPS.items() for t in bm.model_types)
+    raise SlimkitError(
+        f"unsupported model family {mt!r}; supported model types: {', '.join(supported)}"
+    )
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module | None:
+    m: nn.Module | None = root
+    for part in path.split("."):
+        m = getattr(m, part, None)
+        if m is None:
+            return None
+    return m
+
+
+def get_blocks(model: nn.Module, bm: BlockMap) -> nn.ModuleList:
+    blocks = get_module(model, bm.blocks)
+    if not isinstance(blocks, nn.ModuleList):
+        raise SlimkitError(f"{bm.family} model has no decoder blocks at {bm.blocks!r}")
+    return blocks
+
+
+def weight_of(module: nn.Module, transposed: bool) -> torch.Tensor:
+    """The weight as (out_features, in_features), whatever the module stores."""
+    return module.weight.data.t() if transposed else module.weight.data
+
+
+def set_weight(module: nn.Module, w: torch.Tensor, transposed: bool) -> None:
+    module.weight.data.copy_(w.t() if transposed else w)

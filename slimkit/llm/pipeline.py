@@ -1,0 +1,522 @@
+"""The block-wise calibration pipeline shared by every LLM compression method.
+
+1. Capture the inputs of the first decoder block for every calibration sample (the model runs
+   up to block 0 and stops).
+2. Walk the blocks in windows of K consecutive blocks with overlap O (K=1, O=0: one block at a
+   time). For each window the method's ``on_window`` event may read and change the window's
+   blocks, using the cached inputs of the quantized stream (and, if the method asks, the
+   full-precision stream and FP copies of the window's blocks).
+3. A block is finalized when it leaves its last window: ``on_finalize`` runs, then the cached
+   inputs advance through it (quantized stream through the changed block, FP stream through the
+   FP copy), and a checkpoint is written so that ``resume`` continues exactly there.
+
+Only the blocks of the current window live on the compute device. Cached activations stay on
+the CPU, memory-mapped on disk when they do not fit in RAM. Under ``torchrun`` each rank holds a
+shard of the calibration samples and methods all-reduce their statistics through
+:meth:`BlockwisePipeline.all_reduce_sum` / ``all_reduce_max``.
+
+Methods never own the layer loop; they implement :class:`BlockwiseMethod`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimkit.core import dist
+from slimkit.core.errors import SlimkitError
+from slimkit.core.logs import progress
+from slimkit.llm.activations import ActivationStore, available_ram_bytes
+from slimkit.llm.block_maps import BlockMap, block_map_for, get_blocks, get_module
+from slimkit.quant.quantizer import QuantizedWeight, QuantSpec
+
+log = logging.getLogger("slimkit")
+OFFLOAD_MODES = ("auto", "ram", "disk")
+
+
+@dataclass
+class PipelineOptions:
+    """Args:
+    window: K, the number of consecutive blocks processed jointly (1 = block by block).
+    overlap: O, blocks shared by consecutive windows (0 <= O < K).
+    batch_size: calibration samples per forward pass.
+    device: compute device (``auto`` = the accelerator if there is one, else ``cpu``).
+    offload: where cached activations live: ``ram``, ``disk`` or ``auto`` (disk when the
+        streams would take more than half of the available RAM).
+    offload_dir: directory for disk-offloaded activations (default: a temporary directory).
+    """
+
+    window: int = 1
+    overlap: int = 0
+    batch_size: int = 4
+    device: str = "auto"
+    offload: str = "auto"
+    offload_dir: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        acc = getattr(torch, "accelerator", None)
+        if acc is not None and acc.is_available():
+            return torch.device(acc.current_accelerator().type)
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SlimkitError(
+            f"unknown device {name!r}; use auto, cpu, cuda, cuda:N, mps, xpu"
+        ) from None
+
+
+def plan_windows(n_blocks: int, window: int, overlap: int) -> list[tuple[list[int], list[int]]]:
+    """[(blocks of the window, blocks finalized after it)] for K=window, O=overlap.
+
+    Windows start every K - O blocks; the last window is aligned to end at the last block, so
+    every block is in at least one window and each is finalized exactly once, in order.
+    """
+    if window < 1:
+        raise SlimkitError(f"window must be >= 1 (got {window})")
+    if window > n_blocks:
+        raise SlimkitError(
+            f"window of {window} blocks is larger than the model ({n_blocks} blocks)"
+        )
+    if not 0 <= overlap < window:
+        raise SlimkitError(
+            f"overlap must be in 0..{window - 1} for a window of {window} (got {overlap})"
+        )
+    step = window - overlap
+    starts = list(range(0, n_blocks - window + 1, step))
+    if starts[-1] + window < n_blocks:
+        starts.append(n_blocks - window)
+    plan = []
+    for i, s in enumerate(starts):
+        blocks = list(range(s, s + window))
+        end = starts[i + 1] if i + 1 < len(starts) else n_blocks
+        plan.append((blocks, list(range(s, end))))
+    return plan
+
+
+class BlockwiseMethod:
+    """Events a compression method implements to run on the pipeline."""
+
+    needs_fp: bool = False  # keep the full-precision activation stream and FP block copies
+
+    def on_start(self, pipe: BlockwisePipeline) -> None: ...
+
+    def on_window(self, win: Window) -> None: ...
+
+    def on_finalize(self, win: Window, index: int, block: nn.Module) -> None: ...
+
+    def on_end(self, pipe: BlockwisePipeline) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State carried between windows (saved in every checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class Window:
+    index: int
+    block_ids: list[int]
+    finalize_ids: list[int]
+    blocks: list[nn.Module]
+    fp_blocks: list[nn.Module] | None
+    inputs_q: ActivationStore
+    inputs_fp: ActivationStore | None
+    pipe: BlockwisePipeline
+    extra: dict = field(default_factory=dict)
+
+    def named_linears(self, block_id: int) -> dict[str, nn.Module]:
+        """Full names (as in the model) -> modules, for the block's linears."""
+        return self.pipe.named_linears(block_id)
+
+
+class _Stop(Exception):
+    pass
+
+
+class BlockwisePipeline:
+    """Runs a :class:`BlockwiseMethod` over a causal LM's decoder blocks.
+
+    Args:
+        model: a transformers causal LM of a family in ``slimkit list families``.
+        calib: int64 token ids [n_samples, seq_len].
+        options: :class:`PipelineOptions`.
+        checkpoint_dir: where per-block checkpoints go (None: no checkpoints).
+
+    Example:
+        >>> pipe = BlockwisePipeline(model, calib, PipelineOptions(window=2, overlap=1))  # doctest: +SKIP
+        >>> pipe.run(method)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calib: torch.Tensor,
+        options: PipelineOptions | None = None,
+        checkpoint_dir: str | Path | None = None,
+    ):
+        self.model = model
+        self.opts = options or PipelineOptions()
+        if self.opts.offload not in OFFLOAD_MODES:
+            raise SlimkitError(
+                f"unknown offload mode {self.opts.offload!r}; choose one of: {', '.join(OFFLOAD_MODES)}"
+            )
+        if self.opts.batch_size < 1:
+            raise SlimkitError(f"batch size must be >= 1 (got {self.opts.batch_size})")
+        self.bmap: BlockMap = block_map_for(model)
+        self.blocks = get_blocks(model, self.bmap)
+        if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
+            raise SlimkitError(
+                f"calibration ids must be [n_samples >= 1, seq_len >= 2]; got {tuple(calib.shape)}"
+            )
+        if calib.shape[0] < dist.world_size():
+            raise SlimkitError(
+                f"{calib.shape[0]} calibration samples cannot be shared by {dist.world_size()} ranks"
+            )
+        self.n_total = calib.shape[0]
+        self.calib = calib[dist.shard(list(range(calib.shape[0])))] if dist.is_dist() else calib
+        self.device = resolve_device(self.opts.device)
+        self.plan = plan_windows(len(self.blocks), self.opts.window, self.opts.overlap)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.kwargs: dict = {}
+        self.args: tuple = ()
+        self.records: dict[str, QuantizedWeight] = {}
+        self.act_ranges: dict[str, torch.Tensor] = {}
+        self.log: list[dict] = []  # per-layer / per-window metrics reported by methods
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self._block_prefix = self.bmap.blocks
+
+    # ----------------------------------------------------------------------------- helpers
+    def named_linears(self, block_id: int) -> dict[str, nn.Module]:
+        block = self.blocks[block_id]
+        out = {}
+        for rel in self.bmap.linears():
+            m = get_module(block, rel)
+            if m is not None:
+                out[f"{self._block_prefix}.{block_id}.{rel}"] = m
+        return out
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return dist.all_reduce_sum(t)
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return dist.all_reduce_max(t)
+
+    def new_store(self) -> ActivationStore:
+        n, L = self.calib.shape
+        hidden = (
+            self.model.config.hidden_size
+            if hasattr(self.model.config, "hidden_size")
+            else self.model.config.n_embd
+        )
+        return ActivationStore(n, (L, hidden), self._disk_dir())
+
+    def _disk_dir(self) -> str | None:
+        if self.opts.offload == "ram":
+            return None
+        n, L = self.calib.shape
+        hidden = getattr(self.model.config, "hidden_size", None) or self.model.config.n_embd
+        streams = 3 if getattr(self, "_method", None) is not None and self._method.needs_fp else 2
+        need = streams * n * L * hidden * 4
+        if self.opts.offload == "auto" and need < available_ram_bytes() // 2:
+            return None
+        if not hasattr(self, "_tmp_dir"):
+            import tempfile
+
+            self._tmp_dir = tempfile.TemporaryDirectory(
+                prefix="slimkit-acts-", dir=self.opts.offload_dir
+            )
+            log.info("cached activations (%.1f GB) offloaded to %s", need / 1e9, self._tmp_dir.name)
+        return self._tmp_dir.name
+
+    def _fit_batch(self, v, b: int):
+        if isinstance(v, torch.Tensor):
+            v = v.to(self.device)
+            return v.expand(b, *v.shape[1:]) if v.ndim >= 2 and v.shape[0] == 1 and b > 1 else v
+        if isinstance(v, tuple):
+            return tuple(self._fit_batch(x, b) for x in v)
+        return v
+
+    def _batch_kwargs(self, b: int) -> dict:
+        return {k: self._fit_batch(v, b) for k, v in self.kwargs.items()}
+
+    def call_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        out = block(x, *(self._fit_batch(a, b) for a in self.args), **self._batch_kwargs(b))
+        return out[0] if isinstance(out, tuple) else out
+
+    def batches(self):
+        n, bs = self.calib.shape[0], self.opts.batch_size
+        for i0 in range(0, n, bs):
+            yield i0, min(n, i0 + bs)
+
+    @torch.no_grad()
+    def run_blocks(
+        self, blocks: list[nn.Module], src: ActivationStore, dst: ActivationStore | None = None
+    ) -> ActivationStore:
+        """Push every cached sample of ``src`` through ``blocks``; write into ``dst`` (new store)."""
+        dst = dst if dst is not None else self.new_store()
+        for i0, i1 in self.batches():
+            x = src.get(i0, i1).to(self.device)
+            for b in blocks:
+                x = self.call_block(b, x)
+            dst.set(i0, i1, x)
+        return dst
+
+    @torch.no_grad()
+    def collect(
+        self, blocks: list[nn.Module], src: ActivationStore, modules: dict[str, nn.Module], fn
+    ) -> None:
+        """Run ``blocks`` over ``src`` calling ``fn(name, input_tensor)`` for every input of the
+        given modules (forward pre-hooks, after any activation quantizer attached earlier)."""
+        handles = [
+            m.register_forward_pre_hook(lambda mod, args, _n=name: fn(_n, args[0]))
+            for name, m in modules.items()
+        ]
+        try:
+            for i0, i1 in self.batches():
+                x = src.get(i0, i1).to(self.device)
+                for b in blocks:
+                    x = self.call_block(b, x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def head_logits(self, store: ActivationStore, i0: int, i1: int) -> torch.Tensor:
+        """Logits from cached last-block outputs through the final modules (norm, head)."""
+        x = store.get(i0, i1)
+        for path in self.bmap.post_blocks:
+            m = get_module(self.model, path)
+            if m is not None:
+                x = m(x)
+        return x
+
+    # ----------------------------------------------------------------------------- capture
+    @torch.no_grad()
+    def capture(self, kwargs_only: bool = False) -> ActivationStore | None:
+        """Inputs of block 0 for every local calibration sample (and the block kwargs).
+
+        ``kwargs_only``: run one batch just to learn the block's extra arguments (on resume)."""
+        store = None if kwargs_only else self.new_store()
+        first = self.blocks[0]
+        caught: dict = {}
+
+        def hook(module, args, kwargs):
+            caught["x"] = args[0] if args else kwargs.pop("hidden_states")
+            caught["args"] = args[1:]  # e.g. GPT-2 passes the attention mask positionally
+            caught["kwargs"] = kwargs
+            raise _Stop
+
+        pre = [get_module(self.model, p) for p in self.bmap.pre_blocks]
+        for m in pre:
+            if m is not None:
+                m.to(self.device)
+        h = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for i0, i1 in self.batches():
+                ids = self.calib[i0:i1].to(self.device)
+                try:
+                    self.model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+                if not self.kwargs and not self.args:
+                    kw = {k: v for k, v in caught["kwargs"].items() if not _is_cache(v)}
+                    self.kwargs = {k: _first_row(v) for k, v in kw.items()}
+                    self.args = tuple(
+                        None if _is_cache(v) else _first_row(v) for v in caught["args"]
+                    )
+                if kwargs_only:
+                    return None
+                store.set(i0, i1, caught["x"])
+        finally:
+            h.remove()
+            for m in pre:
+                if m is not None:
+                    m.to("cpu")
+        return store
+
+    # ----------------------------------------------------------------------------- main loop
+    def run(self, method: BlockwiseMethod, *, resume: bool = False) -> BlockwisePipeline:
+        self._method = method
+        method.on_start(self)
+        start = 0
+        if resume and self.checkpoint_dir and (self.checkpoint_dir / "progress.json").is_file():
+            start, inputs_q, inputs_fp = self._load_checkpoint(method)
+            self.capture(kwargs_only=True)
+            log.info("resuming at window %d/%d", start + 1, len(self.plan))
+        else:
+            inputs_q = self.capture()
+            inputs_fp = None
+            if method.needs_fp:
+                inputs_fp = self.new_store()
+                for i0, i1 in self.batches():
+                    inputs_fp.set(i0, i1, inputs_q.get(i0, i1))
+        fp_copies: dict[int, nn.Module] = {}
+        bar = progress(total=len(self.plan), initial=start, desc="blocks", unit="window")
+        for wi in range(start, len(self.plan)):
+            block_ids, finalize_ids = self.plan[wi]
+            for b in block_ids:
+                self.blocks[b].to(self.device)
+                if method.needs_fp and b not in fp_copies:
+                    fp_copies[b] = copy.deepcopy(self.blocks[b]).requires_grad_(False)
+            win = Window(
+                index=wi,
+                block_ids=block_ids,
+                finalize_ids=finalize_ids,
+                blocks=[self.blocks[b] for b in block_ids],
+                fp_blocks=[fp_copies[b] for b in block_ids] if method.needs_fp else None,
+                inputs_q=inputs_q,
+                inputs_fp=inputs_fp,
+                pipe=self,
+            )
+            method.on_window(win)
+            for b in finalize_ids:
+                method.on_finalize(win, b, self.blocks[b])
+                inputs_q = self.run_blocks([self.blocks[b]], inputs_q)
+                if method.needs_fp:
+                    inputs_fp = self.run_blocks([fp_copies.pop(b)], inputs_fp)
+                self.blocks[b].to("cpu")
+            self._save_checkpoint(wi, method, inputs_q, inputs_fp)
+            last = next((e for e in reversed(self.log) if e.get("window") == wi), None)
+            if last:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if isinstance(v, float)})
+            bar.update(1)
+        bar.close()
+        for b in self.plan[-1][0]:
+            self.blocks[b].to("cpu")
+        self.outputs = inputs_q  # outputs of the last block (quantized stream)
+        method.on_end(self)
+        return self
+
+    # ----------------------------------------------------------------------------- checkpoint
+    def _save_checkpoint(
+        self, wi: int, method: BlockwiseMethod, q: ActivationStore, fp: ActivationStore | None
+    ) -> None:
+        d = self.checkpoint_dir
+        if d is None:
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        block_ids, finalize_ids = self.plan[wi]
+        if dist.rank() == 0:
+            for b in block_ids:  # finalized blocks and blocks carried into the next window
+                tensors = {
+                    k: v.detach().cpu().contiguous() for k, v in self.blocks[b].state_dict().items()
+                }
+                prefix = f"{self._block_prefix}.{b}."
+                meta = {}
+                for name, rec in self.records.items():
+                    if name.startswith(prefix):
+                        tensors.update(
+                            {f"@q.{k}": v.contiguous() for k, v in rec.tensors(name).items()}
+                        )
+                        meta[name] = json.dumps(rec.spec.__dict__)
+                for name, r in self.act_ranges.items():
+                    if name.startswith(prefix):
+                        tensors[f"@a.{name}"] = r.reshape(1)
+                _save(tensors, d / f"block_{b:04d}.safetensors", meta)
+            _save(method.state_dict(), d / "method.safetensors")
+        streams = {"q": q.all().contiguous()}
+        if fp is not None:
+            streams["fp"] = fp.all().contiguous()
+        streams["rng"] = torch.get_rng_state()
+        _save(streams, d / f"streams_rank{dist.rank()}.safetensors")
+        dist.barrier()
+        if dist.rank() == 0:
+            prog = {
+                "next_window": wi + 1,
+                "n_blocks": len(self.blocks),
+                "window": self.opts.window,
+                "overlap": self.opts.overlap,
+                "n_samples": self.n_total,
+                "world_size": dist.world_size(),
+            }
+            tmp = d / "progress.json.tmp"
+            tmp.write_text(json.dumps(prog))
+            os.replace(tmp, d / "progress.json")
+        dist.barrier()
+
+    def _load_checkpoint(self, method: BlockwiseMethod):
+        d = self.checkpoint_dir
+        prog = json.loads((d / "progress.json").read_text())
+        expect = {
+            "n_blocks": len(self.blocks),
+            "window": self.opts.window,
+            "overlap": self.opts.overlap,
+            "n_samples": self.n_total,
+            "world_size": dist.world_size(),
+        }
+        for k, v in expect.items():
+            if prog.get(k) != v:
+                raise SlimkitError(
+                    f"cannot resume: checkpoint has {k}={prog.get(k)}, this run has {v}"
+                )
+        start = prog["next_window"]
+        touched = sorted({b for w in self.plan[:start] for b in w[0]})
+        for b in touched:
+            tensors, meta = _load(d / f"block_{b:04d}.safetensors")
+            state = {k: v for k, v in tensors.items() if not k.startswith("@")}
+            self.blocks[b].load_state_dict(state)
+            for name, spec_json in meta.items():
+                spec = QuantSpec(**json.loads(spec_json))
+                self.records[name] = QuantizedWeight(
+                    codes=tensors[f"@q.{name}.codes"],
+                    scale=tensors[f"@q.{name}.scale"],
+                    zero=tensors[f"@q.{name}.zero"],
+                    g_idx=tensors[f"@q.{name}.g_idx"],
+                    spec=spec,
+                )
+            for k, v in tensors.items():
+                if k.startswith("@a."):
+                    self.act_ranges[k[3:]] = v.reshape(())
+        method.load_state_dict(
+            load_file(d / "method.safetensors") if (d / "method.safetensors").is_file() else {}
+        )
+        streams = load_file(d / f"streams_rank{dist.rank()}.safetensors")
+        q = self.new_store()
+        q.set(0, q.n, streams["q"])
+        fp = None
+        if "fp" in streams:
+            fp = self.new_store()
+            fp.set(0, fp.n, streams["fp"])
+        torch.set_rng_state(streams["rng"])
+        return start, q, fp
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta or None)
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, meta
+
+
+def _is_cache(v) -> bool:
+    return type(v).__name__.endswith("Cache")
+
+
+def _first_row(v):
+    """Keep batch-independent kwargs as batch 1 (they are expanded per batch later)."""
+    if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[0] > 1:
+        return v[:1].clone()
+    if isinstance(v, tuple):
+        return tuple(_first_row(x) for x in v)
+    return v

@@ -1,0 +1,173 @@
+"""End-to-end LLM jobs behind the CLI: quantize into a run directory, evaluate a model or run.
+
+Each CLI subcommand maps onto one function here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from slimkit.core import dist
+from slimkit.core.config import save_yaml, to_dict
+from slimkit.core.errors import SlimkitError
+from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
+from slimkit.data.text import calibration_windows, eval_windows, fingerprint
+from slimkit.llm.evaluate import lm_eval_tasks, perplexity, protocol_text
+from slimkit.llm.model_card import model_card
+from slimkit.llm.models import load_model, resolve_model_path
+from slimkit.llm.pipeline import resolve_device
+from slimkit.llm.run_config import CalibConfig, EvalConfig
+from slimkit.quant.api import attach_saved_activation_quantizers, quantize, save_quantized
+from slimkit.quant.methods import QuantConfig, check_model_widths, method_for_config
+
+log = logging.getLogger("slimkit")
+
+
+def evaluate_model(model, tok, ev: EvalConfig, *, device: str = "auto", label: str = "") -> dict:
+    """Perplexity on every corpus of ``ev`` (and lm-eval tasks); returns {corpus: result}."""
+    dev = resolve_device(device)
+    model.to(dev)
+    out = {}
+    for corpus in ev.corpora():
+        windows = eval_windows(
+            tok, corpus, ev.seq_len, max_windows=ev.max_windows or None, split=ev.split
+        )
+        r = perplexity(model, windows, batch_size=ev.eval_batch_size, device=dev)
+        r["protocol"] = protocol_text(
+            corpus, ev.split, ev.seq_len, r["n_windows"], "float32", str(dev)
+        )
+        r["eval_fingerprint"] = fingerprint(windows)
+        log.info(
+            "%s ppl on %s: %.3f (%d windows of %d)",
+            label or "model",
+            corpus,
+            r["ppl"],
+            r["n_windows"],
+            ev.seq_len,
+        )
+        out[corpus] = r
+    if ev.tasks:
+        out["lm_eval"] = lm_eval_tasks(model, tok, [t for t in ev.tasks.split(",") if t])
+    model.to("cpu")
+    return out
+
+
+def quantize_run(
+    model_name: str,
+    qcfg: QuantConfig,
+    calib: CalibConfig,
+    ev: EvalConfig | None = None,
+    *,
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    eval_fp: bool = False,
+    command: str | None = None,
+) -> dict:
+    """Quantize ``model_name`` into the run directory ``out``; returns the report dict.
+
+    Writes model (fake-quant), quant_state.safetensors, quantization.json, config.yaml,
+    report.json, README.md and run.log; checkpoints after every block so ``resume`` loses nothing.
+    """
+    t0 = time.time()
+    method = method_for_config(qcfg)
+    model_path = resolve_model_path(model_name)
+    model, tok = load_model(model_path)
+    check_model_widths(model, qcfg)  # bad group size: fail before anything is written
+    ids = calibration_windows(tok, calib.calib, calib.n_calib, calib.calib_seq_len, seed=calib.seed)
+    rank0 = dist.rank() == 0
+    rd = RunDir(out, resume=resume, overwrite=overwrite) if rank0 else None
+    ckpt = rd.checkpoint_dir if rd else Path(str(out) + ".partial") / "checkpoint"
+    dist.barrier()
+    resolved = {
+        "model": model_name,
+        "method": method,
+        "quant": to_dict(qcfg),
+        "calibration": to_dict(calib),
+        "eval": to_dict(ev) if ev else None,
+    }
+    if rd:
+        save_yaml(resolved, rd.path / "config.yaml")
+    report: dict = {}
+    fp_eval = {}
+    if ev and eval_fp and ev.corpora() and rank0:
+        fp_eval = evaluate_model(model, tok, ev, device=qcfg.device, label="FP32")
+    model, qreport = quantize(model, qcfg, ids, checkpoint_dir=ckpt, resume=resume)
+    report.update(qreport)
+    if not rank0:
+        return report
+    if ev and ev.corpora():
+        q_eval = evaluate_model(model, tok, ev, device=qcfg.device, label=qcfg.scheme())
+        report["eval"] = {
+            c: {"quant": q_eval[c], "fp": fp_eval.get(c, {}), "protocol": q_eval[c]["protocol"]}
+            for c in ev.corpora()
+        }
+    save_quantized(model, tok, rd.path)
+    report.update(
+        {
+            "model": model_name,
+            "model_path": model_path,
+            "total_seconds": time.time() - t0,
+            "peak_rss_gb": peak_rss_gb(),
+            "versions": versions(),
+            "world_size": dist.world_size(),
+            "calibration": {
+                **to_dict(calib),
+                "split": "train",
+                "fingerprint": report["calib_fingerprint"],
+            },
+        }
+    )
+    write_json(rd.path / "report.json", report)
+    card = {
+        "model": model_name,
+        "model_path": model_path,
+        "command": command or " ".join(["slimkit", *sys.argv[1:]]),
+        "quantization": {"method": method, "scheme": qcfg.scheme()},
+        "calibration": to_dict(calib),
+        "report": report,
+    }
+    (rd.path / "README.md").write_text(model_card(card))
+    final = rd.commit()
+    log.info("wrote %s", final)
+    report["out"] = str(final)
+    return report
+
+
+def load_for_eval(path_or_name: str):
+    """A slimkit run directory (fake-quant weights + activation quantizers) or any model."""
+    p = Path(path_or_name)
+    if p.is_dir() and (p / "quantization.json").is_file():
+        model, tok = load_model(str(p))
+        meta = attach_saved_activation_quantizers(model, p)
+        return model, tok, meta
+    if p.with_name(p.name + ".partial").exists() and not p.exists():
+        raise SlimkitError(f"{p} did not finish; resume it with the same command plus --resume")
+    model, tok = load_model(path_or_name)
+    return model, tok, None
+
+
+def eval_run(
+    path_or_name: str, ev: EvalConfig, *, device: str = "auto", json_out: str | None = None
+) -> dict:
+    if not ev.corpora() and not ev.tasks:
+        raise SlimkitError("nothing to evaluate: pass --ppl CORPUS[,CORPUS] and/or --tasks")
+    model, tok, meta = load_for_eval(path_or_name)
+    res = evaluate_model(model, tok, ev, device=device, label=path_or_name)
+    out = {
+        "model": path_or_name,
+        "quantization": meta and {"method": meta["method"]},
+        "results": res,
+    }
+    if json_out:
+        write_json(json_out, out)
+    return out
+
+
+def format_table(rows: list[dict], cols: list[str]) -> str:
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    body = "".join("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |\n" for r in rows)
+    return head + body

@@ -1,0 +1,1 @@
+"""Quantizers, fake-quant modules and the quantization methods (RTN, GPTQ, SmoothQuant)."""

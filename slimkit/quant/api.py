@@ -1,0 +1,143 @@
+"""The public quantization entry point: ``slimkit.quantize(model, config, calib)``, and saving /
+loading of quantized models (fake-quant weights plus their exact integer form)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimkit.core.config import to_dict
+from slimkit.core.errors import SlimkitError
+from slimkit.core.rundir import peak_rss_gb
+from slimkit.data.text import fingerprint
+from slimkit.llm.block_maps import block_map_for, get_module
+from slimkit.llm.pipeline import BlockwisePipeline
+from slimkit.quant import activations as acts
+from slimkit.quant.activations import ActSpec
+from slimkit.quant.methods import METHODS, QuantConfig, method_for_config
+
+log = logging.getLogger("slimkit")
+QUANT_STATE = "quant_state.safetensors"
+QUANT_JSON = "quantization.json"
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib: torch.Tensor | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Quantize ``model`` in place with the method that takes ``config``'s type.
+
+    Args:
+        model: a transformers causal LM (Llama, Mistral, Qwen2/3, OPT, GPT-2 families).
+        config: e.g. ``GPTQConfig(wbits=4, group_size=64)``, ``RTNConfig(...)``,
+            ``SmoothQuantConfig(...)``.
+        calib: int64 token ids [n_samples, seq_len] (see ``slimkit.data.calibration_windows``).
+            RTN without activation quantization may pass None.
+        checkpoint_dir: write a checkpoint after every finalized block here.
+        resume: continue from the checkpoint in ``checkpoint_dir``.
+
+    Returns:
+        ``(model, report)``; the model's weights are fake-quantized (dequantized from the integer
+        codes, which are in ``model._slimkit_quant``), activation quantizers are attached.
+
+    Example:
+        >>> from slimkit import GPTQConfig, quantize
+        >>> model, report = quantize(model, GPTQConfig(wbits=4, group_size=64), calib)  # doctest: +SKIP
+    """
+    name = method_for_config(config)
+    method = METHODS.get(name)(config)
+    if calib is None:
+        needs_data = name != "rtn" or (
+            config.abits != 16 and config.act_granularity == "per-tensor"
+        )
+        if needs_data:
+            raise SlimkitError(f"method {name!r} needs calibration data")
+        calib = torch.zeros(1, 2, dtype=torch.long)  # RTN ignores the activations
+    t0 = time.time()
+    pipe = BlockwisePipeline(model, calib, config.pipeline_options(), checkpoint_dir=checkpoint_dir)
+    pipe.run(method, resume=resume)
+    seconds = time.time() - t0
+    model._slimkit_quant = {  # type: ignore[attr-defined]
+        "method": name,
+        "config": to_dict(config),
+        "records": pipe.records,
+        "act_ranges": pipe.act_ranges,
+    }
+    layer_errors = [e for e in pipe.log if "layer" in e]
+    report = {
+        "method": name,
+        "scheme": config.scheme(),
+        "quantize_seconds": seconds,
+        "peak_rss_gb": peak_rss_gb(),
+        "n_calib_samples": int(calib.shape[0]),
+        "calib_seq_len": int(calib.shape[1]),
+        "calib_fingerprint": fingerprint(calib),
+        "n_quantized_linears": len(pipe.records),
+        "layers": layer_errors,
+    }
+    return model, report
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path) -> None:
+    """Write a ``save_pretrained`` directory with fake-quant weights plus ``quant_state.safetensors``
+    (integer codes, scales, zero points, g_idx, static activation ranges) and ``quantization.json``."""
+    q = getattr(model, "_slimkit_quant", None)
+    if q is None:
+        raise SlimkitError("model has not been quantized by slimkit")
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    tensors, layers = {}, {}
+    for name, rec in q["records"].items():
+        tensors.update({k: v.contiguous() for k, v in rec.tensors(name).items()})
+        layers[name] = asdict(rec.spec)
+    for name, r in q["act_ranges"].items():
+        tensors[f"{name}.act_absmax"] = r.reshape(1).float()
+    save_file(tensors, str(out / QUANT_STATE))
+    cfg = q["config"]
+    act = (
+        None
+        if cfg["abits"] == 16
+        else {"bits": cfg["abits"], "granularity": cfg["act_granularity"], "sym": cfg["act_sym"]}
+    )
+    meta = {
+        "format": "slimkit-fake-quant",
+        "note": "model.safetensors holds dequantized (fake-quant) weights; the integer codes are in "
+        f"{QUANT_STATE}. This is not a packed checkpoint: it is neither smaller nor faster.",
+        "method": q["method"],
+        "config": cfg,
+        "activations": act,
+        "layers": layers,
+    }
+    (out / QUANT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def attach_saved_activation_quantizers(model: nn.Module, model_dir: str | Path) -> dict | None:
+    """Re-attach activation quantizers of a saved slimkit model; returns its quantization.json."""
+    path = Path(model_dir) / QUANT_JSON
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("activations"):
+        spec = ActSpec(**meta["activations"])
+        state = load_file(str(Path(model_dir) / QUANT_STATE))
+        block_map_for(model)
+        for name in meta["layers"]:
+            module = get_module(model, name)
+            if module is None:
+                raise SlimkitError(f"{path} names layer {name!r}, which the model does not have")
+            r = state.get(f"{name}.act_absmax")
+            acts.attach(module, spec, None if r is None else r.reshape(()))
+    return meta

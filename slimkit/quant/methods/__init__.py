@@ -1,0 +1,23 @@
+"""Quantization methods. Importing this package registers every method."""
+
+from slimkit.quant.methods.base import (
+    METHODS,
+    QuantConfig,
+    check_model_widths,
+    config_class,
+    method_for_config,
+)
+from slimkit.quant.methods.gptq import GPTQConfig
+from slimkit.quant.methods.rtn import RTNConfig
+from slimkit.quant.methods.smoothquant import SmoothQuantConfig
+
+__all__ = [
+    "GPTQConfig",
+    "METHODS",
+    "QuantConfig",
+    "RTNConfig",
+    "check_model_widths",
+    "SmoothQuantConfig",
+    "config_class",
+    "method_for_config",
+]

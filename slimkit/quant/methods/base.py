@@ -1,0 +1,171 @@
+"""What every weight / activation quantization method shares: its config fields, the method
+registry, and the per-block steps (attach activation quantizers, write a quantized weight)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import Registry
+from slimkit.llm.block_maps import set_weight, weight_of
+from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOptions, Window
+from slimkit.quant import activations as acts
+from slimkit.quant.activations import GRANULARITIES, ActSpec
+from slimkit.quant.quantizer import CLIP_METHODS, QuantizedWeight, QuantSpec, validate_bits
+
+METHODS = Registry("method")
+
+
+@dataclass
+class QuantConfig:
+    """Fields shared by all quantization methods (each method's config extends it)."""
+
+    wbits: int = field(default=4, metadata={"help": "weight bits, 2..8"})
+    group_size: int = field(
+        default=128,
+        metadata={
+            "help": "input columns per weight scale; -1 = per output channel, 0 = per tensor"
+        },
+    )
+    sym: bool = field(
+        default=False, metadata={"help": "symmetric weight grid (default asymmetric min-max)"}
+    )
+    clip: str = field(
+        default="minmax", metadata={"help": "weight range search", "choices": list(CLIP_METHODS)}
+    )
+    abits: int = field(
+        default=16, metadata={"help": "activation bits, 2..8, or 16 for unquantized activations"}
+    )
+    act_granularity: str = field(
+        default="per-token", metadata={"help": "activation scales", "choices": list(GRANULARITIES)}
+    )
+    act_sym: bool = field(default=True, metadata={"help": "symmetric activation grid"})
+    batch_size: int = field(default=4, metadata={"help": "calibration samples per forward pass"})
+    device: str = field(default="auto", metadata={"help": "compute device: auto, cpu, cuda, ..."})
+    offload: str = field(
+        default="auto",
+        metadata={
+            "help": "cached activations in ram, on disk, or auto",
+            "choices": ["auto", "ram", "disk"],
+        },
+    )
+
+    def __post_init__(self) -> None:
+        validate_bits(self.wbits, "--wbits")
+        if self.abits != 16:
+            validate_bits(self.abits, "--abits")
+        self.weight_spec()
+        self.act_spec()
+
+    def weight_spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.wbits, group_size=self.group_size, sym=self.sym, clip=self.clip)
+
+    def act_spec(self) -> ActSpec | None:
+        if self.abits == 16:
+            return None
+        return ActSpec(bits=self.abits, granularity=self.act_granularity, sym=self.act_sym)
+
+    def pipeline_options(self) -> PipelineOptions:
+        return PipelineOptions(batch_size=self.batch_size, device=self.device, offload=self.offload)
+
+    def scheme(self) -> str:
+        g = (
+            ""
+            if self.group_size == -1
+            else ("pt" if self.group_size == 0 else f"g{self.group_size}")
+        )
+        return f"W{self.wbits}A{self.abits}{g}"
+
+
+def register_method(name: str, config_cls: type, help: str):
+    """Register a :class:`BlockwiseMethod` class under ``name`` with its config class."""
+
+    def deco(cls):
+        METHODS.register(name, cls, config=config_cls, help=help)
+        cls.method_name = name
+        return cls
+
+    return deco
+
+
+def config_class(method: str) -> type:
+    return METHODS.meta(method)["config"]
+
+
+def method_for_config(config: QuantConfig) -> str:
+    for name, _ in METHODS.items():
+        if type(config) is METHODS.meta(name)["config"]:
+            return name
+    raise SlimkitError(f"no quantization method takes a {type(config).__name__}")
+
+
+def check_widths(pipe: BlockwisePipeline, spec: QuantSpec) -> None:
+    """Fail before any work if the group size does not divide some linear's input width."""
+    for b in range(len(pipe.blocks)):
+        for name, m in pipe.named_linears(b).items():
+            spec.check_width(weight_of(m, pipe.bmap.transposed).shape[1], name)
+
+
+class WeightQuantMethod(BlockwiseMethod):
+    """Base of RTN / GPTQ: activation quantizers first, then each linear's weight."""
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.wspec = config.weight_spec()
+        self.aspec = config.act_spec()
+
+    def on_start(self, pipe: BlockwisePipeline) -> None:
+        check_widths(pipe, self.wspec)
+
+    def attach_activation_quantizers(self, win: Window, block_id: int) -> None:
+        if self.aspec is None:
+            return
+        pipe = win.pipe
+        linears = win.named_linears(block_id)
+        hooks = {n: acts.attach(m, self.aspec) for n, m in linears.items()}
+        if self.aspec.granularity == "per-tensor":  # static ranges from the calibration inputs
+            for h in hooks.values():
+                h.observe = True
+            pipe.run_blocks(
+                [pipe.blocks[block_id]],
+                win.inputs_q if block_id == win.block_ids[0] else self._inputs_of(win, block_id),
+            )
+            for n, h in hooks.items():
+                h.absmax = pipe.all_reduce_max(h.absmax.clone())
+                h.observe = False
+                pipe.act_ranges[n] = h.absmax
+
+    def _inputs_of(self, win: Window, block_id: int):
+        pos = win.block_ids.index(block_id)
+        return win.pipe.run_blocks(win.blocks[:pos], win.inputs_q)
+
+    def write(
+        self, pipe: BlockwisePipeline, name: str, module: nn.Module, qw: QuantizedWeight
+    ) -> None:
+        """Store the integer form and put the dequantized weight into the model."""
+        pipe.records[name] = qw
+        set_weight(module, qw.dequantize().to(module.weight.dtype), pipe.bmap.transposed)
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative layer output error tr(dW H dW^T) / tr(W H W^T) for the Hessian H = E[x x^T]."""
+    d = (w - w_hat).double()
+    num = torch.einsum("oi,ij,oj->", d, H.double(), d)
+    den = torch.einsum("oi,ij,oj->", w.double(), H.double(), w.double()).clamp(min=1e-30)
+    return float(num / den)
+
+
+def check_model_widths(model: nn.Module, config: QuantConfig) -> None:
+    """Validate the weight grid against every block linear of ``model`` before any work."""
+    from slimkit.llm.block_maps import block_map_for, get_blocks, get_module
+
+    bm = block_map_for(model)
+    spec = config.weight_spec()
+    for i, block in enumerate(get_blocks(model, bm)):
+        for rel in bm.linears():
+            m = get_module(block, rel)
+            if m is not None:
+                spec.check_width(weight_of(m, bm.transposed).shape[1], f"{bm.blocks}.{i}.{rel}")

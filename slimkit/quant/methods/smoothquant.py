@@ -1,0 +1,135 @@
+"""SmoothQuant (Xiao et al., arXiv 2211.10438), following mit-han-lab/smoothquant ``smooth.py``.
+
+For each (norm -> consumer linears) pair of the block map: a_j = max |X_j| over calibration
+tokens, w_j = max over consumers and rows of |W_.j| (>= 1e-5), s_j = a_j^alpha / w_j^(1-alpha)
+(>= 1e-5); the norm's weight (and bias) is divided by s and the consumers' columns multiplied by
+s, which leaves the function unchanged. The smoothed block is then quantized by RTN or GPTQ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from slimkit.core.errors import SlimkitError
+from slimkit.llm.block_maps import get_module, set_weight, weight_of
+from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, Window
+from slimkit.quant.methods.base import register_method
+from slimkit.quant.methods.gptq import GPTQ, GPTQConfig
+from slimkit.quant.methods.rtn import RTN
+
+WEIGHT_METHODS = ("rtn", "gptq")
+
+
+@dataclass
+class SmoothQuantConfig(GPTQConfig):
+    """SmoothQuant scales, then ``weight_method`` (rtn or gptq; the GPTQ fields apply to gptq).
+
+    Defaults are W8A8 with int8 symmetric per-channel weights and dynamic per-token activations.
+
+    Example:
+        >>> cfg = SmoothQuantConfig(wbits=4, abits=8, alpha=0.5, weight_method="gptq", group_size=-1)
+    """
+
+    wbits: int = field(default=8, metadata={"help": "weight bits, 2..8"})
+    abits: int = field(
+        default=8, metadata={"help": "activation bits, 2..8, or 16 for unquantized activations"}
+    )
+    group_size: int = field(
+        default=-1, metadata={"help": "input columns per weight scale; -1 = per output channel"}
+    )
+    sym: bool = field(default=True, metadata={"help": "symmetric weight grid"})
+    alpha: float = field(
+        default=0.5, metadata={"help": "migration strength: 0 = none, 1 = all to the weights"}
+    )
+    weight_method: str = field(
+        default="rtn",
+        metadata={"help": "weight quantizer after smoothing", "choices": list(WEIGHT_METHODS)},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.alpha <= 1:
+            raise SlimkitError(f"--alpha must be in [0, 1] (got {self.alpha})")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise SlimkitError(
+                f"unknown --weight-method {self.weight_method!r}; choose one of: {', '.join(WEIGHT_METHODS)}"
+            )
+
+    def scheme(self) -> str:
+        return f"SmoothQuant(a={self.alpha})+{self.weight_method.upper()} " + super().scheme()
+
+
+def smooth_scales(
+    act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float
+) -> torch.Tensor:
+    """s_j = a_j^alpha / w_j^(1-alpha) for consumer weights given as (out, in)."""
+    w_max = torch.cat([w.abs() for w in weights], dim=0).amax(dim=0).clamp(min=1e-5)
+    a = act_absmax.to(w_max)
+    return (a.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def fold_scales(
+    norm: torch.nn.Module, consumers: list[torch.nn.Module], s: torch.Tensor, transposed: bool
+) -> None:
+    """norm.weight (and bias) /= s; each consumer's input columns *= s. Function-preserving."""
+    norm.weight.data.div_(s.to(norm.weight))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.data.div_(s.to(norm.bias))
+    for m in consumers:
+        w = weight_of(m, transposed)
+        set_weight(m, w * s.to(w).unsqueeze(0), transposed)
+
+
+@register_method(
+    "smoothquant", SmoothQuantConfig, help="SmoothQuant scale migration, then RTN or GPTQ"
+)
+class SmoothQuant(BlockwiseMethod):
+    def __init__(self, config: SmoothQuantConfig):
+        self.config = config
+        self.inner = (GPTQ if config.weight_method == "gptq" else RTN)(config)
+
+    def on_start(self, pipe: BlockwisePipeline) -> None:
+        self.enabled = pipe.bmap.smooth_ok(pipe.model.config) and bool(pipe.bmap.smooth)
+        if not self.enabled:
+            from logging import getLogger
+
+            getLogger("slimkit").warning(
+                "%s blocks have no foldable norm -> linear pairs; smoothing skipped",
+                pipe.bmap.family,
+            )
+        self.inner.on_start(pipe)
+
+    def on_window(self, win: Window) -> None:
+        if self.enabled:
+            for b in win.block_ids:
+                self.smooth_block(win, b)
+        self.inner.on_window(win)
+
+    def smooth_block(self, win: Window, b: int) -> None:
+        pipe = win.pipe
+        block = pipe.blocks[b]
+        src = win.inputs_q if b == win.block_ids[0] else self.inner._inputs_of(win, b)
+        firsts = {}
+        for norm_name, consumers in pipe.bmap.smooth:
+            m = get_module(block, consumers[0])
+            if m is not None and get_module(block, norm_name) is not None:
+                firsts[norm_name] = m
+        amax: dict[str, torch.Tensor] = {}
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+
+        pipe.collect([block], src, firsts, observe)
+        for norm_name, consumers in pipe.bmap.smooth:
+            if norm_name not in amax:
+                continue
+            a = pipe.all_reduce_max(amax[norm_name])
+            mods = [get_module(block, c) for c in consumers]
+            mods = [m for m in mods if m is not None]
+            s = smooth_scales(
+                a, [weight_of(m, pipe.bmap.transposed) for m in mods], self.config.alpha
+            )
+            fold_scales(get_module(block, norm_name), mods, s, pipe.bmap.transposed)

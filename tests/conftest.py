@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny random models of every supported family, a tiny tokenizer, offline guard."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any hidden download fails loudly instead of hanging."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access is disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def tiny_config(family: str, *, layers: int = 2, hidden: int = 64, vocab: int = 256):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, max_position_embeddings=128)
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
+        cls = {
+            "llama": tf.LlamaConfig,
+            "mistral": tf.MistralConfig,
+            "qwen2": tf.Qwen2Config,
+            "qwen3": tf.Qwen3Config,
+        }[family]
+        extra = {"head_dim": hidden // 4} if family == "qwen3" else {}
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **extra,
+            **common,
+        )
+    if family == "opt":
+        return tf.OPTConfig(
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            word_embed_proj_dim=hidden,
+            **common,
+        )
+    if family == "gpt2":
+        return tf.GPT2Config(
+            n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, vocab_size=vocab
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"]
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **kw)
+    cfg._attn_implementation = "eager"
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def random_ids(n: int = 8, seq: int = 32, vocab: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq), generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE with 512 pieces trained on a little offline text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slimkit.data import load_documents
+
+    texts = [d.text for d in load_documents("wiki-offline", "train")[:400]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A save_pretrained directory of a tiny Llama with the tiny tokenizer."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    m = tiny_model("llama", vocab=len(tiny_tokenizer), layers=3)
+    m.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d

@@ -1,0 +1,169 @@
+import copy
+
+import pytest
+import torch
+
+from slimkit import SlimkitError
+from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOptions, plan_windows
+from slimkit.quant.api import quantize
+from slimkit.quant.methods import METHODS, GPTQConfig, RTNConfig, config_class
+from tests.conftest import FAMILIES, random_ids, tiny_model
+
+
+def test_plan_windows_k2_o1_visits_in_order():
+    plan = plan_windows(5, 2, 1)
+    assert plan == [([0, 1], [0]), ([1, 2], [1]), ([2, 3], [2]), ([3, 4], [3, 4])]
+    assert plan_windows(6, 3, 1) == [([0, 1, 2], [0, 1]), ([2, 3, 4], [2]), ([3, 4, 5], [3, 4, 5])]
+    assert plan_windows(3, 1, 0) == [([0], [0]), ([1], [1]), ([2], [2])]
+    for n, k, o in [(7, 3, 2), (9, 4, 1), (30, 2, 1)]:
+        finalized = [b for _, f in plan_windows(n, k, o) for b in f]
+        assert finalized == list(range(n))  # each block finalized exactly once, in order
+
+
+@pytest.mark.parametrize(
+    "k,o,msg", [(5, 0, "larger than the model"), (2, 2, "overlap"), (0, 0, "window")]
+)
+def test_bad_windows(k, o, msg):
+    with pytest.raises(SlimkitError, match=msg):
+        plan_windows(4, k, o)
+
+
+class Recorder(BlockwiseMethod):
+    needs_fp = True
+
+    def __init__(self):
+        self.events = []
+
+    def on_window(self, win):
+        self.events.append(("window", tuple(win.block_ids)))
+        # with nothing quantized the two streams are identical
+        assert torch.equal(win.inputs_q.all(), win.inputs_fp.all())
+
+    def on_finalize(self, win, index, block):
+        self.events.append(("final", index))
+
+
+def test_windowed_walk_order_and_streams():
+    model = tiny_model("llama", layers=4)
+    rec = Recorder()
+    BlockwisePipeline(
+        model, random_ids(4, 16), PipelineOptions(window=2, overlap=1, batch_size=2)
+    ).run(rec)
+    assert rec.events == [
+        ("window", (0, 1)), ("final", 0),
+        ("window", (1, 2)), ("final", 1),
+        ("window", (2, 3)), ("final", 2), ("final", 3),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_without_quantization_reproduces_logits(family):
+    model = tiny_model(family, layers=3)
+    ids = random_ids(6, 24)
+    pipe = BlockwisePipeline(model, ids, PipelineOptions(batch_size=3))
+    pipe.run(BlockwiseMethod())
+    with torch.no_grad():
+        for i0, i1 in pipe.batches():
+            ref = model(input_ids=ids[i0:i1], use_cache=False).logits
+            assert torch.allclose(pipe.head_logits(pipe.outputs, i0, i1), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_on_every_family(family, method):
+    """Registered methods enrol here: quantize a tiny model of each family, check the records."""
+    model = tiny_model(family)
+    ids = random_ids(4, 16)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    cfg = config_class(method)(wbits=4, group_size=32, batch_size=2)
+    model, report = quantize(model, cfg, ids)
+    records = model._slimkit_quant["records"]
+    assert report["n_quantized_linears"] == len(records) > 0
+    for name, rec in records.items():
+        w = dict(model.named_modules())[name].weight.data
+        w = w.t() if family == "gpt2" else w
+        assert torch.allclose(rec.dequantize(), w, atol=1e-6), (
+            name
+        )  # model holds the dequantized codes
+        assert int(rec.codes.max()) <= 15
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    rel = float((out - ref).pow(2).mean() / ref.pow(2).mean())
+    assert rel < 0.1, rel
+
+
+def _gptq_weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_gives_identical_weights(tmp_path):
+    ids = random_ids(6, 16)
+    cfg = GPTQConfig(wbits=3, group_size=16, batch_size=2)
+    base = tiny_model("llama", layers=4)
+    full, _ = quantize(copy.deepcopy(base), cfg, ids)
+
+    from slimkit.quant.methods import gptq
+
+    original = gptq.GPTQ.on_window
+    calls = {"n": 0}
+
+    def crashing(self, win):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Crash
+        return original(self, win)
+
+    gptq.GPTQ.on_window = crashing
+    try:
+        with pytest.raises(Crash):
+            quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path)
+    finally:
+        gptq.GPTQ.on_window = original
+    assert (tmp_path / "progress.json").is_file()
+    resumed, _ = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path, resume=True)
+    a, b = _gptq_weights(full), _gptq_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = full._slimkit_quant["records"], resumed._slimkit_quant["records"]
+    assert ra.keys() == rb.keys() and all(torch.equal(ra[k].codes, rb[k].codes) for k in ra)
+
+
+def test_disk_offload_matches_ram():
+    ids = random_ids(4, 16)
+    base = tiny_model("qwen2")
+    outs = []
+    for offload in ("ram", "disk"):
+        m, _ = quantize(
+            copy.deepcopy(base),
+            GPTQConfig(wbits=4, group_size=32, offload=offload, batch_size=2),
+            ids,
+        )
+        outs.append(_gptq_weights(m))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_rtn_needs_no_data_but_gptq_does():
+    model = tiny_model("llama")
+    quantize(model, RTNConfig(wbits=4, group_size=32))
+    with pytest.raises(SlimkitError, match="needs calibration data"):
+        quantize(tiny_model("llama"), GPTQConfig(wbits=4, group_size=32))
+
+
+def test_unsupported_family():
+    from transformers import BertConfig, BertForMaskedLM
+
+    m = BertForMaskedLM(
+        BertConfig(
+            vocab_size=32,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
+    with pytest.raises(SlimkitError, match="unsupported model family 'bert'"):
+        quantize(m, RTNConfig())
