@@ -18,13 +18,14 @@ def setup_logging(verbose: bool = False) -> None:
     h._slimkit_console = True  # type: ignore[attr-defined]
     h.setFormatter(logging.Formatter("[slimkit] %(message)s"))
     logger.addHandler(h)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.DEBUG)  # run.log gets everything; the console gets INFO unless verbose
+    h.setLevel(logging.DEBUG if verbose else logging.INFO)
     if dist.rank() != 0:
         h.setLevel(logging.WARNING)
 
 
 def progress(iterable=None, **kw):
     """A tqdm bar that only rank 0 shows."""
-    kw.setdefault("disable", dist.rank() != 0 or None)
+    kw.setdefault("disable", dist.rank() != 0)
     kw.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kw)

@@ -79,6 +79,9 @@ class RunDir:
         self.t0 = time.time()
         self._handler = logging.FileHandler(self.path / "run.log")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._handler.setLevel(logging.DEBUG)
+        if log.level == logging.NOTSET or log.level > logging.DEBUG:
+            log.setLevel(logging.DEBUG)
         log.addHandler(self._handler)
         log.info("run directory %s (resumed=%s)", self.path, self.resumed)
 

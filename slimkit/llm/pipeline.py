@@ -279,16 +279,32 @@ class BlockwisePipeline:
         self, blocks: list[nn.Module], src: ActivationStore, modules: dict[str, nn.Module], fn
     ) -> None:
         """Run ``blocks`` over ``src`` calling ``fn(name, input_tensor)`` for every input of the
-        given modules (forward pre-hooks, after any activation quantizer attached earlier)."""
+        given modules (forward pre-hooks, after any activation quantizer attached earlier).
+
+        The forward pass of a batch stops as soon as every module has seen its input, so
+        collecting the inputs of q/k/v costs a norm, not a whole block.
+        """
+        seen: set[str] = set()
+
+        def hook(name: str, x: torch.Tensor) -> None:
+            fn(name, x)
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _Stop
+
         handles = [
-            m.register_forward_pre_hook(lambda mod, args, _n=name: fn(_n, args[0]))
+            m.register_forward_pre_hook(lambda mod, args, _n=name: hook(_n, args[0]))
             for name, m in modules.items()
         ]
         try:
             for i0, i1 in self.batches():
+                seen.clear()
                 x = src.get(i0, i1).to(self.device)
-                for b in blocks:
-                    x = self.call_block(b, x)
+                try:
+                    for b in blocks:
+                        x = self.call_block(b, x)
+                except _Stop:
+                    pass
         finally:
             for h in handles:
                 h.remove()
@@ -389,9 +405,23 @@ class BlockwisePipeline:
                     inputs_fp = self.run_blocks([fp_copies.pop(b)], inputs_fp)
                 self.blocks[b].to("cpu")
             self._save_checkpoint(wi, method, inputs_q, inputs_fp)
-            last = next((e for e in reversed(self.log) if e.get("window") == wi), None)
-            if last:
-                bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if isinstance(v, float)})
+            metrics = [e for e in self.log if e.get("window") == wi]
+            for e in metrics:
+                log.debug(
+                    "window %d %s",
+                    wi,
+                    " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.items()
+                    ),
+                )
+            errs = [v for e in metrics for k, v in e.items() if isinstance(v, float)]
+            if errs:
+                bar.set_postfix(
+                    {
+                        "blocks": f"{block_ids[0]}-{block_ids[-1]}",
+                        "mean_err": f"{sum(errs) / len(errs):.3g}",
+                    }
+                )
             bar.update(1)
         bar.close()
         for b in self.plan[-1][0]:

@@ -41,7 +41,12 @@ class EvalConfig:
     tasks: str = field(
         default="", metadata={"help": "comma-separated lm-eval tasks (needs lm-eval and its data)"}
     )
-    eval_batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
+    eval_batch_size: int = field(
+        default=1,
+        metadata={
+            "help": "windows per forward pass (logits of one 512-token window of a 49k vocabulary take 100 MB)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
