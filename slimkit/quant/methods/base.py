@@ -146,6 +146,10 @@ class WeightQuantMethod(BlockwiseMethod):
         self, pipe: BlockwisePipeline, name: str, module: nn.Module, qw: QuantizedWeight
     ) -> None:
         """Store the integer form and put the dequantized weight into the model."""
+        if not torch.isfinite(qw.scale).all():
+            raise SlimkitError(
+                f"{name}: quantization produced non-finite scales (NaN/Inf in weights or inputs)"
+            )
         pipe.records[name] = qw
         set_weight(module, qw.dequantize().to(module.weight.dtype), pipe.bmap.transposed)
 
