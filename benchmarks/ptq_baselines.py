@@ -273,6 +273,8 @@ def main() -> None:
     p.add_argument("--results", default=str(RESULTS / "ptq_baselines.json"))
     a = p.parse_args()
     rows = list(ROWS) if a.rows == "all" else a.rows.split(",")
+    first = ["fp32", "rtn-w4g64", "gptq-w4g64", "llmc-rtn-w4g64", "llmc-gptq-w4g64"]
+    rows = [r for r in first if r in rows] + [r for r in rows if r not in first]
     for r in rows:
         if r not in ROWS:
             raise SystemExit(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
@@ -280,18 +282,22 @@ def main() -> None:
     path = Path(a.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {}
-    for row in rows:
-        tool, _, _, data_dep = ROWS[row]
-        for seed in seeds if data_dep else [0]:
-            key = f"{row}-s{seed}"
-            if key in results:
-                continue
-            results[key] = (
-                run_peer(row, seed, a) if tool == "llm-compressor" else run_slimkit(row, seed, a)
-            )
-            path.write_text(json.dumps(results, indent=1) + "\n")
-            (RESULTS / "ptq_baselines.md").write_text(summarize(results, a))
-            print(key, results[key]["ppl"], flush=True)
+    multi = set(ROWS) if a.multi_seed == "all" else set(a.multi_seed.split(","))
+    # first seed of every row, then the extra seeds: the whole table fills in early
+    plan = [(r, seeds[0]) for r in rows] + [
+        (r, s) for s in seeds[1:] for r in rows if r in multi and ROWS[r][3]
+    ]
+    for row, seed in plan:
+        tool = ROWS[row][0]
+        key = f"{row}-s{seed}"
+        if key in results:
+            continue
+        results[key] = (
+            run_peer(row, seed, a) if tool == "llm-compressor" else run_slimkit(row, seed, a)
+        )
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        (RESULTS / "ptq_baselines.md").write_text(summarize(results, a))
+        print(key, results[key]["ppl"], flush=True)
     print(summarize(results, a))
 
 

@@ -80,6 +80,8 @@ def test_every_method_on_every_family(family, method):
     model, report = quantize(model, cfg, ids)
     records = model._slimkit_quant["records"]
     assert report["n_quantized_linears"] == len(records) > 0
+    errs = [v for e in report["layers"] for k, v in e.items() if k.endswith("err")]
+    assert len(errs) == len(records) and all(0 < e < 1 for e in errs)
     for name, rec in records.items():
         w = dict(model.named_modules())[name].weight.data
         w = w.t() if family == "gpt2" else w

@@ -216,7 +216,9 @@ class GPTQ(WeightQuantMethod):
                 pipe.collect([block], src, mods, lambda n, x, acc=acc: acc[n].add(x))
                 for n, m in mods.items():
                     H = acc[n].finish(pipe)
-                    w = weight_of(m, pipe.bmap.transposed).float()
+                    w = (
+                        weight_of(m, pipe.bmap.transposed).detach().clone().float()
+                    )  # the write below is in place
                     qw = gptq_quantize(
                         w,
                         H,

@@ -26,7 +26,9 @@ class RTN(WeightQuantMethod):
         for b in win.block_ids:
             self.attach_activation_quantizers(win, b)
             for name, m in win.named_linears(b).items():
-                w = weight_of(m, pipe.bmap.transposed).float()
+                w = (
+                    weight_of(m, pipe.bmap.transposed).detach().clone().float()
+                )  # the write below is in place
                 qw = quantize_weight(w, self.wspec)
                 self.write(pipe, name, m, qw)
                 err = float(((qw.dequantize() - w).norm() / w.norm().clamp(min=1e-30)) ** 2)
