@@ -155,3 +155,31 @@ def test_module_entry_point_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slimkit", "quantize", "x", "--method", "nope", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "unknown method 'nope'" in r.stderr
+
+
+def test_static_per_tensor_activations_survive_save_and_reload(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "static"
+    assert main(["quantize", str(tiny_model_dir), "--method", "rtn", *SMALL, "--abits", "6",
+                 "--act-granularity", "per-tensor", "--ppl", "wiki-offline", "--seq-len", "64",
+                 "--max-windows", "2", "--out", str(out)]) == 0  # fmt: skip
+    from safetensors.torch import load_file
+
+    ranges = {
+        k: v
+        for k, v in load_file(out / "quant_state.safetensors").items()
+        if k.endswith("act_absmax")
+    }
+    assert len(ranges) == 21 and all(float(v) > 0 for v in ranges.values())
+    ppl = json.loads((out / "report.json").read_text())["eval"]["wiki-offline"]["quant"]["ppl"]
+    capsys.readouterr()
+    main(["eval", str(out), "--ppl", "wiki-offline", "--seq-len", "64", "--max-windows", "2"])
+    assert f"ppl {ppl:.4f}" in capsys.readouterr().out
+
+
+def test_lm_eval_tasks_without_the_harness_say_how_to_get_it(tiny_model_dir, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed")
+    assert main(["eval", str(tiny_model_dir), "--tasks", "hellaswag"]) == 2
+    assert "pip install 'slimkit[eval]'" in capsys.readouterr().err
