@@ -264,8 +264,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROWS)}")
+    p.add_argument("--seeds", default="0,1,2", help="calibration seeds of the --multi-seed rows")
     p.add_argument(
-        "--seeds", default="0,1,2", help="calibration seeds for calibration-dependent rows"
+        "--multi-seed",
+        default="gptq-w4g64,gptq-w3g64,gptq-w2g64,llmc-gptq-w4g64",
+        help="calibration-dependent rows run for every seed (others: the first seed only); 'all'",
     )
     p.add_argument("--n-calib", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
