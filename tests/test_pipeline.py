@@ -169,3 +169,30 @@ def test_unsupported_family():
     )
     with pytest.raises(SlimkitError, match="unsupported model family 'bert'"):
         quantize(m, RTNConfig())
+
+
+def test_resume_refuses_a_different_job(tmp_path):
+    ids = random_ids(4, 16)
+    quantize(
+        tiny_model("llama"),
+        GPTQConfig(wbits=4, group_size=32, batch_size=2),
+        ids,
+        checkpoint_dir=tmp_path,
+    )
+    with pytest.raises(
+        SlimkitError, match=r"cannot resume: the checkpoint was made with config.wbits=\[4\]"
+    ):
+        quantize(
+            tiny_model("llama"),
+            GPTQConfig(wbits=3, group_size=32, batch_size=2),
+            ids,
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
+
+
+def test_unavailable_device():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SlimkitError, match="not available"):
+        quantize(tiny_model("llama"), RTNConfig(group_size=32, device="cuda"))

@@ -43,6 +43,7 @@ def versions() -> dict[str, str]:
 
 def write_json(path: str | Path, data: Any) -> None:
     tmp = Path(str(path) + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 

@@ -69,11 +69,18 @@ def resolve_device(name: str) -> torch.device:
             return torch.device(acc.current_accelerator().type)
         return torch.device("cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
         raise SlimkitError(
             f"unknown device {name!r}; use auto, cpu, cuda, cuda:N, mps, xpu"
         ) from None
+    if dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not backend.is_available():
+            raise SlimkitError(
+                f"device {name!r} is not available on this machine; use --device cpu or auto"
+            )
+    return dev
 
 
 def plan_windows(n_blocks: int, window: int, overlap: int) -> list[tuple[list[int], list[int]]]:
@@ -153,6 +160,8 @@ class BlockwisePipeline:
         calib: int64 token ids [n_samples, seq_len].
         options: :class:`PipelineOptions`.
         checkpoint_dir: where per-block checkpoints go (None: no checkpoints).
+        identity: JSON-able description of the job (method config, data fingerprint); a
+            checkpoint is only resumed by a job with the same identity.
 
     Example:
         >>> pipe = BlockwisePipeline(model, calib, PipelineOptions(window=2, overlap=1))  # doctest: +SKIP
@@ -165,8 +174,10 @@ class BlockwisePipeline:
         calib: torch.Tensor,
         options: PipelineOptions | None = None,
         checkpoint_dir: str | Path | None = None,
+        identity: dict | None = None,
     ):
         self.model = model
+        self.identity = identity or {}  # what must match for a checkpoint to be resumed
         self.opts = options or PipelineOptions()
         if self.opts.offload not in OFFLOAD_MODES:
             raise SlimkitError(
@@ -471,6 +482,7 @@ class BlockwisePipeline:
                 "overlap": self.opts.overlap,
                 "n_samples": self.n_total,
                 "world_size": dist.world_size(),
+                "identity": self.identity,
             }
             tmp = d / "progress.json.tmp"
             tmp.write_text(json.dumps(prog))
@@ -486,11 +498,26 @@ class BlockwisePipeline:
             "overlap": self.opts.overlap,
             "n_samples": self.n_total,
             "world_size": dist.world_size(),
+            "identity": json.loads(json.dumps(self.identity)),
         }
         for k, v in expect.items():
-            if prog.get(k) != v:
+            old = prog.get(k)
+            if old != v:
+                if isinstance(v, dict) and isinstance(old, dict):  # name what differs
+                    flat_old, flat_new = _flatten(old), _flatten(v)
+                    keys = sorted(
+                        x
+                        for x in flat_old.keys() | flat_new.keys()
+                        if flat_old.get(x) != flat_new.get(x)
+                    )
+                    k, old, v = (
+                        ", ".join(keys),
+                        [flat_old.get(x) for x in keys],
+                        [flat_new.get(x) for x in keys],
+                    )
                 raise SlimkitError(
-                    f"cannot resume: checkpoint has {k}={prog.get(k)}, this run has {v}"
+                    f"cannot resume: the checkpoint was made with {k}={old}, this run has {v}; "
+                    "rerun without --resume to start over"
                 )
         start = prog["next_window"]
         touched = sorted({b for w in self.plan[:start] for b in w[0]})
@@ -537,6 +564,16 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, meta
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _is_cache(v) -> bool:

@@ -65,7 +65,10 @@ def quantize(
             raise SlimkitError(f"method {name!r} needs calibration data")
         calib = torch.zeros(1, 2, dtype=torch.long)  # RTN ignores the activations
     t0 = time.time()
-    pipe = BlockwisePipeline(model, calib, config.pipeline_options(), checkpoint_dir=checkpoint_dir)
+    identity = {"method": name, "config": to_dict(config), "calib_fingerprint": fingerprint(calib)}
+    pipe = BlockwisePipeline(
+        model, calib, config.pipeline_options(), checkpoint_dir=checkpoint_dir, identity=identity
+    )
     pipe.run(method, resume=resume)
     seconds = time.time() - t0
     model._slimkit_quant = {  # type: ignore[attr-defined]
