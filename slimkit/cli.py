@@ -109,6 +109,76 @@ def cmd_quantize(argv: list[str]) -> int:
     return 0
 
 
+def cmd_prune(argv: list[str]) -> int:
+    import dataclasses
+
+    from slimkit.llm.run_config import CalibConfig, EvalConfig
+    from slimkit.llm.workflow import compress_run
+    from slimkit.prune import PRUNE_METHODS
+    from slimkit.quant.methods import METHODS, config_class
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="wanda")
+    pre.add_argument("--then")
+    known, _ = pre.parse_known_args(argv)
+    pcls = (
+        PRUNE_METHODS.meta(known.method)["config"]
+        if known.method in PRUNE_METHODS
+        else PRUNE_METHODS.get(known.method)
+    )
+    qcls = config_class(known.then) if known.then else None
+
+    p = argparse.ArgumentParser(
+        prog="slimkit prune", description="Prune a causal LM (and optionally quantize it)."
+    )
+    p.add_argument("model", help="registered name, HF id or local dir")
+    p.add_argument("--method", default="wanda", help=f"one of: {', '.join(PRUNE_METHODS.names())}")
+    p.add_argument(
+        "--then",
+        choices=METHODS.names(),
+        help="quantize after pruning (sparsegpt + gptq run as one joint pass; zeros are kept)",
+    )
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from OUT.partial"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--eval-fp", action="store_true", help="also evaluate the unpruned model")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(p, pcls)
+    pfields = {f.name for f in dataclasses.fields(pcls)}
+    if qcls is not None:
+        add_arguments(p, qcls, skip=tuple(pfields))
+    add_arguments(p, CalibConfig)
+    add_arguments(p, EvalConfig)
+    ns = p.parse_args(argv)
+    setup_logging(ns.verbose)
+    joint = ns.method == "sparsegpt" and ns.then == "gptq"
+    if ns.method == "sparsegpt" and ns.then and not joint:
+        ns.wbits = 16  # SparseGPT only prunes; the --then method quantizes
+    pcfg = from_args(pcls, ns)
+    steps = [pcfg]
+    if qcls is not None and not joint:
+        base = (
+            {"keep_zeros": True}
+            if "keep_zeros" in {f.name for f in dataclasses.fields(qcls)}
+            else {}
+        )
+        steps.append(from_args(qcls, ns, base))
+    compress_run(
+        ns.model,
+        steps,
+        from_args(CalibConfig, ns),
+        from_args(EvalConfig, ns),
+        out=ns.out,
+        resume=ns.resume,
+        overwrite=ns.overwrite,
+        eval_fp=ns.eval_fp,
+        command="slimkit prune " + shlex.join(argv),
+    )
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from slimkit.llm.run_config import EvalConfig
     from slimkit.llm.workflow import eval_run
@@ -136,9 +206,16 @@ def cmd_list(argv: list[str]) -> int:
     from slimkit.data import CORPORA
     from slimkit.llm.block_maps import BLOCK_MAPS
     from slimkit.llm.models import MODELS
+    from slimkit.prune import PRUNE_METHODS
     from slimkit.quant.methods import METHODS
 
-    regs = {"methods": METHODS, "models": MODELS, "datasets": CORPORA, "families": BLOCK_MAPS}
+    regs = {
+        "methods": METHODS,
+        "pruners": PRUNE_METHODS,
+        "models": MODELS,
+        "datasets": CORPORA,
+        "families": BLOCK_MAPS,
+    }
     p = argparse.ArgumentParser(prog="slimkit list")
     p.add_argument("what", choices=sorted(regs))
     ns = p.parse_args(argv)
@@ -161,7 +238,13 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "list": cmd_list, "demo": cmd_demo}
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "prune": cmd_prune,
+    "eval": cmd_eval,
+    "list": cmd_list,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

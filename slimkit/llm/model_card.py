@@ -6,12 +6,22 @@ from __future__ import annotations
 def model_card(run: dict) -> str:
     q = run["quantization"]
     cal = run["calibration"]
+    notes = []
+    if run.get("quantized", True):
+        notes += [
+            "**Fake-quantized**: `model.safetensors` holds fp32 weights dequantized from the integer codes in",
+            "`quant_state.safetensors`; it is neither smaller nor faster than the original.",
+        ]
+    if run.get("pruned"):
+        notes += [
+            "**Pruned**: pruned weights are stored as zeros in dense tensors (per-layer sparsity in",
+            "`sparsity.json`); without a sparse format and kernel the model is neither smaller nor faster.",
+        ]
     lines = [
         f"# {run['model']} — {q['scheme']} ({q['method']})",
         "",
-        "Produced by slimkit. **Fake-quantized**: `model.safetensors` holds fp32 weights dequantized from",
-        "the integer codes in `quant_state.safetensors`; it is neither smaller nor faster than the original.",
-        "Packed formats (compressed-tensors, GPTQ, GGUF) come from `slimkit export`.",
+        "Produced by slimkit.",
+        *notes,
         "",
         "## How it was made",
         "",
@@ -28,7 +38,7 @@ def model_card(run: dict) -> str:
     ]
     evals = run["report"].get("eval", {})
     if evals:
-        lines += ["## Evaluation", "", "| corpus | FP ppl | quantized ppl |", "|---|---|---|"]
+        lines += ["## Evaluation", "", "| corpus | FP ppl | compressed ppl |", "|---|---|---|"]
         for corpus, r in evals.items():
             fp = r.get("fp", {}).get("ppl")
             lines.append(

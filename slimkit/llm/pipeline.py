@@ -425,14 +425,14 @@ class BlockwisePipeline:
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.items()
                     ),
                 )
-            errs = [v for e in metrics for k, v in e.items() if isinstance(v, float)]
+            errs = [v for e in metrics for k, v in e.items() if k.endswith("err")]
+            post = {"blocks": f"{block_ids[0]}-{block_ids[-1]}"}
             if errs:
-                bar.set_postfix(
-                    {
-                        "blocks": f"{block_ids[0]}-{block_ids[-1]}",
-                        "mean_err": f"{sum(errs) / len(errs):.3g}",
-                    }
-                )
+                post["mean_err"] = f"{sum(errs) / len(errs):.3g}"
+            sp = [e["sparsity"] for e in metrics if "sparsity" in e]
+            if sp:
+                post["sparsity"] = f"{sum(sp) / len(sp):.3f}"
+            bar.set_postfix(post)
             bar.update(1)
         bar.close()
         for b in self.plan[-1][0]:

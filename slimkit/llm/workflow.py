@@ -55,9 +55,23 @@ def evaluate_model(model, tok, ev: EvalConfig, *, device: str = "auto", label: s
     return out
 
 
-def quantize_run(
+def _method_name(cfg) -> str:
+    from slimkit.prune.base import PruneConfig, pruner_for_config
+
+    return pruner_for_config(cfg) if isinstance(cfg, PruneConfig) else method_for_config(cfg)
+
+
+def _apply(model, cfg, ids, ckpt: Path, resume: bool):
+    from slimkit.prune import prune
+    from slimkit.prune.base import PruneConfig
+
+    fn = prune if isinstance(cfg, PruneConfig) else quantize
+    return fn(model, cfg, ids, checkpoint_dir=ckpt, resume=resume)
+
+
+def compress_run(
     model_name: str,
-    qcfg: QuantConfig,
+    steps: list,
     calib: CalibConfig,
     ev: EvalConfig | None = None,
     *,
@@ -67,16 +81,22 @@ def quantize_run(
     eval_fp: bool = False,
     command: str | None = None,
 ) -> dict:
-    """Quantize ``model_name`` into the run directory ``out``; returns the report dict.
+    """Apply ``steps`` (quantization and/or pruning configs, in order) to ``model_name`` and write
+    the run directory ``out``; returns the report dict.
 
-    Writes model (fake-quant), quant_state.safetensors, quantization.json, config.yaml,
-    report.json, README.md and run.log; checkpoints after every block so ``resume`` loses nothing.
+    Writes the model (fake-quant and/or dense with zeros), quant_state.safetensors and
+    quantization.json (if quantized), sparsity.json (if pruned), config.yaml, report.json,
+    README.md and run.log; checkpoints after every block so ``resume`` loses nothing.
     """
+    if not steps:
+        raise SlimkitError("nothing to do: give at least one quantization or pruning config")
     t0 = time.time()
-    method = method_for_config(qcfg)
+    names = [_method_name(c) for c in steps]
     model_path = resolve_model_path(model_name)
     model, tok = load_model(model_path)
-    check_model_widths(model, qcfg)  # bad group size: fail before anything is written
+    for cfg in steps:  # bad group size / N:M width: fail before anything is written
+        if isinstance(cfg, QuantConfig):
+            check_model_widths(model, cfg)
     ids = calibration_windows(tok, calib.calib, calib.n_calib, calib.calib_seq_len, seed=calib.seed)
     rank0 = dist.rank() == 0
     rd = RunDir(out, resume=resume, overwrite=overwrite) if rank0 else None
@@ -84,28 +104,53 @@ def quantize_run(
     dist.barrier()
     resolved = {
         "model": model_name,
-        "method": method,
-        "quant": to_dict(qcfg),
+        "method": "+".join(names),
+        **(
+            {"quant": to_dict(steps[0])}
+            if len(steps) == 1
+            else {"steps": [{"method": n, **to_dict(c)} for n, c in zip(names, steps)]}
+        ),
         "calibration": to_dict(calib),
         "eval": to_dict(ev) if ev else None,
     }
     if rd:
         save_yaml(resolved, rd.path / "config.yaml")
-    report: dict = {}
+    device = steps[-1].device
     fp_eval = {}
     if ev and eval_fp and ev.corpora() and rank0:
-        fp_eval = evaluate_model(model, tok, ev, device=qcfg.device, label="FP32")
-    model, qreport = quantize(model, qcfg, ids, checkpoint_dir=ckpt, resume=resume)
-    report.update(qreport)
+        fp_eval = evaluate_model(model, tok, ev, device=device, label="FP32")
+    step_reports = []
+    for i, cfg in enumerate(steps):
+        sub = ckpt if len(steps) == 1 else ckpt / f"step{i}"
+        model, rep = _apply(model, cfg, ids, sub, resume)
+        step_reports.append(rep)
+    report: dict = dict(step_reports[-1])
+    scheme = " + ".join(r["scheme"] for r in step_reports)
+    report.update(
+        {
+            "method": "+".join(names),
+            "scheme": scheme,
+            "quantize_seconds": sum(r["seconds"] for r in step_reports),
+        }
+    )
+    if len(steps) > 1:
+        report["steps"] = step_reports
     if not rank0:
         return report
     if ev and ev.corpora():
-        q_eval = evaluate_model(model, tok, ev, device=qcfg.device, label=qcfg.scheme())
+        q_eval = evaluate_model(model, tok, ev, device=device, label=scheme)
         report["eval"] = {
             c: {"quant": q_eval[c], "fp": fp_eval.get(c, {}), "protocol": q_eval[c]["protocol"]}
             for c in ev.corpora()
         }
-    save_quantized(model, tok, rd.path)
+    if getattr(model, "_slimkit_quant", None) is not None:
+        save_quantized(model, tok, rd.path)
+    else:
+        model.save_pretrained(rd.path)
+        tok.save_pretrained(rd.path)
+    sparsity = getattr(model, "_slimkit_sparsity", None)
+    if sparsity is not None:
+        write_json(rd.path / "sparsity.json", sparsity)
     report.update(
         {
             "model": model_name,
@@ -126,7 +171,9 @@ def quantize_run(
         "model": model_name,
         "model_path": model_path,
         "command": command or " ".join(["slimkit", *sys.argv[1:]]),
-        "quantization": {"method": method, "scheme": qcfg.scheme()},
+        "quantization": {"method": "+".join(names), "scheme": scheme},
+        "quantized": getattr(model, "_slimkit_quant", None) is not None,
+        "pruned": sparsity is not None,
         "calibration": to_dict(calib),
         "report": report,
     }
@@ -135,6 +182,13 @@ def quantize_run(
     log.info("wrote %s", final)
     report["out"] = str(final)
     return report
+
+
+def quantize_run(
+    model_name: str, qcfg: QuantConfig, calib: CalibConfig, ev: EvalConfig | None = None, **kw
+) -> dict:
+    """Quantize ``model_name`` into a run directory (see :func:`compress_run`)."""
+    return compress_run(model_name, [qcfg], calib, ev, **kw)
 
 
 def load_for_eval(path_or_name: str):

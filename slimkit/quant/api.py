@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,10 +14,8 @@ from torch import nn
 
 from slimkit.core.config import to_dict
 from slimkit.core.errors import SlimkitError
-from slimkit.core.rundir import peak_rss_gb
-from slimkit.data.text import fingerprint
 from slimkit.llm.block_maps import block_map_for, get_module
-from slimkit.llm.pipeline import BlockwisePipeline
+from slimkit.llm.compress import run_blockwise
 from slimkit.quant import activations as acts
 from slimkit.quant.activations import ActSpec
 from slimkit.quant.methods import METHODS, QuantConfig, method_for_config
@@ -64,31 +61,17 @@ def quantize(
         if needs_data:
             raise SlimkitError(f"method {name!r} needs calibration data")
         calib = torch.zeros(1, 2, dtype=torch.long)  # RTN ignores the activations
-    t0 = time.time()
-    identity = {"method": name, "config": to_dict(config), "calib_fingerprint": fingerprint(calib)}
-    pipe = BlockwisePipeline(
-        model, calib, config.pipeline_options(), checkpoint_dir=checkpoint_dir, identity=identity
+    pipe, report = run_blockwise(
+        model, name, method, config, calib, checkpoint_dir=checkpoint_dir, resume=resume
     )
-    pipe.run(method, resume=resume)
-    seconds = time.time() - t0
     model._slimkit_quant = {  # type: ignore[attr-defined]
         "method": name,
         "config": to_dict(config),
         "records": pipe.records,
         "act_ranges": pipe.act_ranges,
     }
-    layer_errors = [e for e in pipe.log if "layer" in e]
-    report = {
-        "method": name,
-        "scheme": config.scheme(),
-        "quantize_seconds": seconds,
-        "peak_rss_gb": peak_rss_gb(),
-        "n_calib_samples": int(calib.shape[0]),
-        "calib_seq_len": int(calib.shape[1]),
-        "calib_fingerprint": fingerprint(calib),
-        "n_quantized_linears": len(pipe.records),
-        "layers": layer_errors,
-    }
+    report["quantize_seconds"] = report["seconds"]
+    report["n_quantized_linears"] = len(pipe.records)
     return model, report
 
 

@@ -1,0 +1,68 @@
+"""The public pruning entry point: ``slimkit.prune(model, config, calib)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimkit.core.config import to_dict
+from slimkit.core.errors import SlimkitError
+from slimkit.llm.compress import run_blockwise
+from slimkit.prune.base import PRUNE_METHODS, PruneConfig, pruner_for_config
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig,
+    calib: torch.Tensor | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Prune ``model`` in place with the method that takes ``config``'s type.
+
+    Args:
+        model: a transformers causal LM of a supported family.
+        config: ``MagnitudeConfig``, ``WandaConfig`` or ``SparseGPTConfig`` (``sparsity="0.5"``
+            or ``"2:4"``).
+        calib: int64 token ids [n_samples, seq_len]; magnitude pruning may pass None.
+
+    Returns:
+        ``(model, report)``; the report has the achieved sparsity per layer and overall. The
+        weights are dense tensors with zeros: neither smaller nor faster without a sparse format.
+
+    Example:
+        >>> model, report = slimkit.prune(model, WandaConfig(sparsity="2:4"), calib)  # doctest: +SKIP
+    """
+    name = pruner_for_config(config)
+    if calib is None:
+        if name != "magnitude":
+            raise SlimkitError(f"pruning method {name!r} needs calibration data")
+        calib = torch.zeros(1, 2, dtype=torch.long)  # magnitude pruning reads no activations
+    method = PRUNE_METHODS.get(name)(config)
+    pipe, report = run_blockwise(
+        model, name, method, config, calib, checkpoint_dir=checkpoint_dir, resume=resume
+    )
+    per_layer = {e["layer"]: e["sparsity"] for e in report["layers"]}
+    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in per_layer}
+    total = sum(sizes.values())
+    report["sparsity"] = {
+        "overall_in_pruned_layers": sum(per_layer[n] * sizes[n] for n in per_layer) / max(total, 1),
+        "per_layer": per_layer,
+    }
+    model._slimkit_sparsity = {"method": name, "config": to_dict(config), **report["sparsity"]}  # type: ignore[attr-defined]
+    if pipe.records:  # SparseGPT with joint quantization
+        model._slimkit_quant = {  # type: ignore[attr-defined]
+            "method": name,
+            "config": {
+                **to_dict(config),
+                "abits": 16,
+                "act_granularity": "per-token",
+                "act_sym": True,
+            },
+            "records": pipe.records,
+            "act_ranges": {},
+        }
+    return model, report

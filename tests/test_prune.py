@@ -1,0 +1,226 @@
+import copy
+
+import pytest
+import torch
+
+from slimkit import SlimkitError
+from slimkit.llm.obs import Sparsity
+from slimkit.llm.pipeline import BlockwisePipeline
+from slimkit.prune import PRUNE_METHODS, MagnitudeConfig, SparseGPTConfig, WandaConfig, prune
+from slimkit.prune.magnitude import magnitude_prune_weight
+from slimkit.prune.sparsegpt import sparsegpt_prune_weight
+from slimkit.prune.wanda import Wanda, wanda_prune_weight
+from slimkit.quant.api import quantize
+from slimkit.quant.methods import GPTQConfig
+from tests.conftest import FAMILIES, random_ids, tiny_model
+
+
+def _layer_case(seed=0, out=48, inp=64, n=2048):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    scales = torch.logspace(-1, 1, inp)[torch.randperm(inp, generator=g)]  # uneven input channels
+    x = (
+        torch.randn(n, inp, generator=g)
+        * scales
+        @ (torch.eye(inp) + torch.randn(inp, inp, generator=g) / inp)
+    )
+    return w, x
+
+
+def _nonzeros_per_group(w, m):
+    return (w != 0).reshape(w.shape[0], -1, m).sum(-1)
+
+
+@pytest.mark.parametrize("sparsity", ["0.5", "0.3", "2:4", "4:8"])
+def test_exact_sparsity_patterns(sparsity):
+    w, x = _layer_case()
+    sp = Sparsity.parse(sparsity)
+    sq = x.pow(2).sum(0)
+    H = 2 / x.shape[0] * x.T @ x
+    outs = {
+        "magnitude": magnitude_prune_weight(w, sp),
+        "wanda": wanda_prune_weight(w, sq, sp),
+        "sparsegpt": sparsegpt_prune_weight(w, H, sp, block_size=16)[0],
+    }
+    for name, p in outs.items():
+        if sp.is_nm:
+            assert torch.all(_nonzeros_per_group(p, sp.m) == sp.n), name
+        elif name == "wanda":  # per output row
+            assert torch.all((p == 0).sum(1) == int(64 * sp.ratio)), name
+        else:  # per layer (magnitude) / per block of columns (sparsegpt)
+            assert (p == 0).sum() == pytest.approx(w.numel() * sp.ratio, abs=48), name
+
+
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+def test_wanda_and_sparsegpt_beat_magnitude_on_layer_output(sparsity):
+    w, x = _layer_case(seed=1)
+    sp = Sparsity.parse(sparsity)
+    H = 2 / x.shape[0] * x.T @ x
+
+    def err(p):
+        return float((x @ (w - p).T).pow(2).mean())
+
+    e_mag = err(magnitude_prune_weight(w, sp))
+    e_wanda = err(wanda_prune_weight(w, x.pow(2).sum(0), sp))
+    e_sgpt = err(sparsegpt_prune_weight(w, H, sp)[0])
+    assert e_wanda < e_mag and e_sgpt < e_mag
+    assert e_sgpt < e_wanda  # the weight update helps on top of the mask
+
+
+def test_sparsegpt_at_zero_sparsity_leaves_weights_unchanged():
+    w, x = _layer_case(seed=2)
+    H = 2 / x.shape[0] * x.T @ x
+    assert torch.allclose(sparsegpt_prune_weight(w, H, Sparsity(0.0))[0], w, atol=1e-5)
+
+
+def test_wanda_with_constant_norms_is_per_row_magnitude():
+    w, _ = _layer_case(seed=3)
+    sp = Sparsity(0.5)
+    assert torch.equal(
+        wanda_prune_weight(w, torch.full((64,), 7.0), sp), magnitude_prune_weight(w, sp, "row")
+    )
+
+
+def test_masks_are_applied_before_the_next_block_sees_its_inputs():
+    model = tiny_model("llama", layers=2)
+    ids = random_ids(4, 16)
+    seen = []
+
+    class Spy(Wanda):
+        def on_window(self, win):
+            seen.append(win.inputs_q.all().clone())
+            super().on_window(win)
+
+    BlockwisePipeline(model, ids).run(Spy(WandaConfig(sparsity="0.5")))
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["x"] = args[0] if args else kwargs["hidden_states"]
+
+    h = model.model.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    assert torch.allclose(seen[1], captured["x"], atol=1e-5)  # block 1 saw the pruned block 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", PRUNE_METHODS.names())
+def test_every_pruner_on_every_family(family, method):
+    model = tiny_model(family)
+    ids = random_ids(4, 16)
+    cfg = PRUNE_METHODS.meta(method)["config"](sparsity="2:4", batch_size=2)
+    model, report = prune(model, cfg, ids)
+    assert report["sparsity"]["overall_in_pruned_layers"] == pytest.approx(0.5, abs=1e-6)
+    for name in report["sparsity"]["per_layer"]:
+        w = dict(model.named_modules())[name].weight.data
+        w = w.t() if family == "gpt2" else w
+        assert torch.all(_nonzeros_per_group(w, 4) == 2), name
+
+
+def test_joint_sparsegpt_quantization_and_gptq_after_pruning_keep_the_mask():
+    ids = random_ids(4, 16)
+    m, rep = prune(
+        tiny_model("llama"), SparseGPTConfig(sparsity="2:4", wbits=4, group_size=32), ids
+    )
+    for name, rec in m._slimkit_quant["records"].items():
+        w = rec.dequantize()
+        assert torch.all(_nonzeros_per_group(w, 4) <= 2), name
+        assert torch.equal(w, dict(m.named_modules())[name].weight.data)
+    m, _ = prune(tiny_model("llama"), WandaConfig(sparsity="2:4"), ids)
+    m, _ = quantize(m, GPTQConfig(wbits=4, group_size=32, keep_zeros=True), ids)
+    for name, rec in m._slimkit_quant["records"].items():
+        assert torch.all(_nonzeros_per_group(rec.dequantize(), 4) <= 2), name
+
+
+def test_bad_sparsity():
+    for bad, msg in [
+        ("1.5", "in \\[0, 1\\)"),
+        ("4:2", "0 < N < M"),
+        ("half", "neither a ratio"),
+        ("2:x", "integers"),
+    ]:
+        with pytest.raises(SlimkitError, match=msg):
+            WandaConfig(sparsity=bad)
+    with pytest.raises(SlimkitError, match="M=3 to divide the input width 64"):
+        prune(tiny_model("llama"), MagnitudeConfig(sparsity="1:3"))
+    with pytest.raises(SlimkitError, match="needs calibration data"):
+        prune(tiny_model("llama"), WandaConfig())
+    prune(copy.deepcopy(tiny_model("llama")), MagnitudeConfig())  # magnitude needs no data
+
+
+def test_cli_prune_then_quantize(tiny_model_dir, tmp_path):
+    import json
+
+    from slimkit.cli import main
+
+    small = [
+        "--n-calib",
+        "4",
+        "--calib-seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--ppl",
+        "wiki-offline",
+        "--seq-len",
+        "64",
+        "--max-windows",
+        "2",
+    ]
+    out = tmp_path / "sgpt24w4"
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_model_dir),
+                "--method",
+                "sparsegpt",
+                "--sparsity",
+                "2:4",
+                "--then",
+                "gptq",
+                "--wbits",
+                "4",
+                *small,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"] == "sparsegpt" and "2:4 + W4" in rep["scheme"]  # one joint pass
+    assert json.loads((out / "sparsity.json").read_text())["overall_in_pruned_layers"] >= 0.5
+    assert (out / "quant_state.safetensors").is_file()
+    out2 = tmp_path / "wanda-rtn"
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_model_dir),
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                "--then",
+                "gptq",
+                "--wbits",
+                "4",
+                "--group-size",
+                "32",
+                *small,
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
+    rep2 = json.loads((out2 / "report.json").read_text())
+    assert rep2["method"] == "wanda+gptq" and len(rep2["steps"]) == 2
+    from safetensors.torch import load_file
+
+    state = load_file(out2 / "model.safetensors")
+    q = state["model.layers.0.self_attn.q_proj.weight"]
+    assert float((q == 0).float().mean()) >= 0.5  # GPTQ after pruning kept the zeros
+    assert "Pruned" in (out2 / "README.md").read_text()
