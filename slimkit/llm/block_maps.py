@@ -30,6 +30,9 @@ class BlockMap:
     sequential: tuple[tuple[str, ...], ...]
     smooth: tuple[tuple[str, tuple[str, ...]], ...] = ()
     transposed: bool = False  # GPT-2's Conv1D keeps weights as (in, out)
+    # FFN channels for structured pruning: (linears producing the hidden channels, the linear
+    # consuming them, the config field holding the FFN width)
+    ffn: tuple[tuple[str, ...], str, str] | None = None
     smooth_ok: Callable[[object], bool] = field(default=lambda config: True)
 
     def linears(self) -> list[str]:
@@ -59,6 +62,7 @@ _register(
         post_blocks=("model.norm", "lm_head"),
         sequential=_LLAMA_SEQ,
         smooth=_LLAMA_SMOOTH,
+        ffn=(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size"),
     )
 )
 _register(
@@ -82,6 +86,7 @@ _register(
             ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("final_layer_norm", ("fc1",)),
         ),
+        ffn=(("fc1",), "fc2", "ffn_dim"),
         # post-LN OPT (350m) normalises after the residual: no norm feeds the linears directly.
         smooth_ok=lambda config: bool(getattr(config, "do_layer_norm_before", True)),
     )
@@ -96,6 +101,7 @@ _register(
         sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         smooth=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
         transposed=True,
+        ffn=(("mlp.c_fc",), "mlp.c_proj", "n_inner"),
     )
 )
 

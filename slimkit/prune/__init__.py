@@ -4,6 +4,7 @@ from slimkit.prune.api import prune
 from slimkit.prune.base import PRUNE_METHODS, PruneConfig
 from slimkit.prune.magnitude import MagnitudeConfig
 from slimkit.prune.sparsegpt import SparseGPTConfig
+from slimkit.prune.structured import StructuredConfig
 from slimkit.prune.wanda import WandaConfig
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "MagnitudeConfig",
     "PruneConfig",
     "SparseGPTConfig",
+    "StructuredConfig",
     "WandaConfig",
     "prune",
 ]

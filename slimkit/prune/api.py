@@ -38,20 +38,21 @@ def prune(
     """
     name = pruner_for_config(config)
     if calib is None:
-        if name != "magnitude":
+        if config.needs_data():
             raise SlimkitError(f"pruning method {name!r} needs calibration data")
-        calib = torch.zeros(1, 2, dtype=torch.long)  # magnitude pruning reads no activations
+        calib = torch.zeros(1, 2, dtype=torch.long)  # the method reads no activations
     method = PRUNE_METHODS.get(name)(config)
     pipe, report = run_blockwise(
         model, name, method, config, calib, checkpoint_dir=checkpoint_dir, resume=resume
     )
     per_layer = {e["layer"]: e["sparsity"] for e in report["layers"]}
-    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in per_layer}
-    total = sum(sizes.values())
-    report["sparsity"] = {
-        "overall_in_pruned_layers": sum(per_layer[n] * sizes[n] for n in per_layer) / max(total, 1),
-        "per_layer": per_layer,
-    }
+    if name == "structured":  # fraction of FFN channels removed, per block
+        overall = sum(per_layer.values()) / max(len(per_layer), 1)
+    else:
+        sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in per_layer}
+        overall = sum(per_layer[n] * sizes[n] for n in per_layer) / max(sum(sizes.values()), 1)
+    report["sparsity"] = {"overall_in_pruned_layers": overall, "per_layer": per_layer}
+    report["parameters"] = sum(p.numel() for p in model.parameters())
     model._slimkit_sparsity = {"method": name, "config": to_dict(config), **report["sparsity"]}  # type: ignore[attr-defined]
     if pipe.records:  # SparseGPT with joint quantization
         model._slimkit_quant = {  # type: ignore[attr-defined]

@@ -41,6 +41,10 @@ class PruneConfig:
     def parsed(self) -> Sparsity:
         return Sparsity.parse(self.sparsity)
 
+    def needs_data(self) -> bool:
+        """Whether the method reads calibration activations."""
+        return True
+
     def pipeline_options(self) -> PipelineOptions:
         return PipelineOptions(batch_size=self.batch_size, device=self.device, offload=self.offload)
 

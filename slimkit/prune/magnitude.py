@@ -27,6 +27,9 @@ class MagnitudeConfig(PruneConfig):
         },
     )
 
+    def needs_data(self) -> bool:
+        return False
+
 
 def prune_by_score(
     w: torch.Tensor, score: torch.Tensor, sparsity: Sparsity, group: str
