@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import ROOT, machine_line, mean_std, sh, slimkit_cmd  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "ptq"
 PEER_PY = ROOT / "benchmarks" / "peers" / ".venv-llmcompressor" / "bin" / "python"
@@ -105,19 +103,6 @@ LABELS = {
     "gptq-w4a8": ("W4A8", "GPTQ"),
     "sq-gptq-w4a8": ("W4A8", "SmoothQuant + GPTQ"),
 }
-
-
-def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    print("+", " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, **kw)
-    if r.returncode != 0:
-        sys.stderr.write(r.stdout[-3000:] + r.stderr[-5000:])
-        raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}")
-    return r
-
-
-def slimkit_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "slimkit", *args]
 
 
 def eval_flags(a) -> list[str]:
@@ -217,8 +202,7 @@ def summarize(results: dict, a) -> str:
         "true-sequential, damp 0.01, block 128. Activations: dynamic per-token symmetric int8.",
         "",
         f"Command: `python benchmarks/ptq_baselines.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({_cpu_name()}), torch threads 2; "
-        f"date {time.strftime('%Y-%m-%d')}.",
+        machine_line(),
         "",
         "| setting | method | n | wiki-offline ppl | bbc-news ppl | seconds | peak RSS GB |",
         "|---|---|---|---|---|---|---|",
@@ -229,34 +213,16 @@ def summarize(results: dict, a) -> str:
             continue
         setting, method = LABELS[row]
 
-        def ms(vals, fmt="{:.2f}"):
-            vals = [v for v in vals if v is not None]
-            if not vals:
-                return "-"
-            if len(vals) == 1:
-                return fmt.format(vals[0])
-            return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
-
-        cells = [ms([r["ppl"][c] for r in runs]) for c in CORPORA]
+        cells = [mean_std([r["ppl"][c] for r in runs]) for c in CORPORA]
         lines.append(
             f"| {setting} | {method} | {len(runs)} | {cells[0]} | {cells[1]} | "
-            f"{ms([r['seconds'] for r in runs], '{:.0f}')} | {ms([r['peak_rss_gb'] for r in runs])} |"
+            f"{mean_std([r['seconds'] for r in runs], '{:.0f}')} | {mean_std([r['peak_rss_gb'] for r in runs])} |"
         )
     peer = next((r for k, r in results.items() if k.startswith("llmc-") and "peer" in r), None)
     if peer:
         lines += ["", f"llm-compressor: {json.dumps(peer['peer'])}; its FP32 ppl in its own harness: "
                   + ", ".join(f"{c} {v:.3f}" for c, v in peer["ppl_fp"].items())]  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

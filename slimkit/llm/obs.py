@@ -40,6 +40,28 @@ class HessianAccumulator:
         return (2 / self.n.clamp(min=1) * self.H).float()
 
 
+def collect_hessians(pipe, block, src, groups: list[dict]) -> dict:
+    """One Hessian per group of linears that read the same input (q/k/v, gate/up), in one
+    forward pass over ``src``; returns {linear name: H} (all-reduced across ranks).
+
+    ``groups``: list of {name: module} whose members share their input.
+    """
+    first = {next(iter(g)): g[next(iter(g))] for g in groups if g}
+    acc = {
+        n: HessianAccumulator(
+            m.weight.shape[1] if not pipe.bmap.transposed else m.weight.shape[0], pipe.device
+        )
+        for n, m in first.items()
+    }
+    pipe.collect([block], src, first, lambda n, x: acc[n].add(x))
+    out = {}
+    for g in groups:
+        if g:
+            H = acc[next(iter(g))].finish(pipe)
+            out.update({n: H for n in g})
+    return out
+
+
 @dataclass(frozen=True)
 class Sparsity:
     """Unstructured ratio (``ratio``) or N:M (keep ``n`` of every ``m`` consecutive inputs)."""
@@ -144,6 +166,7 @@ def obs_sweep(
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     if sparsity is not None and sparsity.is_nm and cols % sparsity.m:
         raise SlimkitError(f"N:M sparsity needs M={sparsity.m} to divide the input width {cols}")
+    masking = sparsity is not None or keep_zero is not None
     with (
         _single_thread()
     ):  # tiny per-column ops: extra threads only spin (50x slower if cores are busy)
@@ -169,11 +192,13 @@ def obs_sweep(
                     drop = torch.topk(score, sparsity.m - sparsity.n, dim=1, largest=False).indices
                     mask1.scatter_(1, i + drop, True)
                 col = W1[:, i]
-                q = col.masked_fill(mask1[:, i], 0.0)
+                q = col.masked_fill(mask1[:, i], 0.0) if masking else col
                 if spec is not None:
                     if g > 0 and groups is None and c % g == 0:
                         # fit on the current, already updated columns of the group (masked as known)
-                        cur = W1[:, i : i + g].masked_fill(mask1[:, i : i + g], 0.0)
+                        cur = W1[:, i : i + g]
+                        if masking:
+                            cur = cur.masked_fill(mask1[:, i : i + g], 0.0)
                         if c + g > i2:
                             cur = torch.cat([cur, W[:, i2 : c + g]], dim=1)
                         s_, z_ = fit_params(cur, QuantSpec(spec.bits, -1, spec.sym, spec.clip))

@@ -15,7 +15,7 @@ import torch
 from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.block_maps import weight_of
-from slimkit.llm.obs import HessianAccumulator, Sparsity, inverse_factor, obs_sweep
+from slimkit.llm.obs import Sparsity, collect_hessians, inverse_factor, obs_sweep
 from slimkit.llm.pipeline import Window
 from slimkit.prune.base import PruneConfig, PruneMethod, register_pruner
 from slimkit.quant.methods.base import output_error
@@ -107,13 +107,16 @@ class SparseGPT(PruneMethod):
                 else pipe.run_blocks(win.blocks[: win.block_ids.index(b)], win.inputs_q)
             )
             linears = win.named_linears(b)
-            acc = {
-                n: HessianAccumulator(weight_of(m, pipe.bmap.transposed).shape[1], pipe.device)
-                for n, m in linears.items()
-            }
-            pipe.collect([pipe.blocks[b]], src, linears, lambda n, x, acc=acc: acc[n].add(x))
+            prefix = f"{pipe.bmap.blocks}.{b}."
+            groups = [
+                {prefix + r: linears[prefix + r] for r in g if prefix + r in linears}
+                for g in pipe.bmap.sequential
+            ]
+            hessians = collect_hessians(
+                pipe, pipe.blocks[b], src, groups
+            )  # one pass, as the reference
             for name, m in linears.items():
-                H = acc[name].finish(pipe)
+                H = hessians[name]
                 w = weight_of(m, pipe.bmap.transposed).detach().clone().float()
                 w_new, qw = sparsegpt_prune_weight(
                     w,

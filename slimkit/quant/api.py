@@ -54,13 +54,11 @@ def quantize(
     """
     name = method_for_config(config)
     method = METHODS.get(name)(config)
-    if calib is None:
-        needs_data = name != "rtn" or (
-            config.abits != 16 and config.act_granularity == "per-tensor"
-        )
-        if needs_data:
-            raise SlimkitError(f"method {name!r} needs calibration data")
-        calib = torch.zeros(1, 2, dtype=torch.long)  # RTN ignores the activations
+    needs_data = name != "rtn" or (config.abits != 16 and config.act_granularity == "per-tensor")
+    if calib is None and needs_data:
+        raise SlimkitError(f"method {name!r} needs calibration data")
+    if not needs_data:  # RTN reads no activations: skip the calibration forward passes
+        calib = torch.zeros(1, 2, dtype=torch.long)
     pipe, report = run_blockwise(
         model, name, method, config, calib, checkpoint_dir=checkpoint_dir, resume=resume
     )

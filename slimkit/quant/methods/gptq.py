@@ -16,7 +16,7 @@ import torch
 from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.block_maps import get_module, weight_of
-from slimkit.llm.obs import HessianAccumulator, inverse_factor, obs_sweep
+from slimkit.llm.obs import collect_hessians, inverse_factor, obs_sweep
 from slimkit.llm.pipeline import Window
 from slimkit.quant.methods.base import QuantConfig, WeightQuantMethod, output_error, register_method
 from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, fit_params
@@ -118,21 +118,18 @@ class GPTQ(WeightQuantMethod):
             src = win.inputs_q if b == win.block_ids[0] else self._inputs_of(win, b)
             linears = win.named_linears(b)
             prefix = f"{pipe.bmap.blocks}.{b}."
-            groups = (
-                pipe.bmap.sequential
-                if self.config.true_sequential
-                else (tuple(pipe.bmap.linears()),)
-            )
-            for group in groups:
-                mods = {prefix + rel: get_module(block, rel) for rel in group}
-                mods = {n: m for n, m in mods.items() if m is not None and n in linears}
-                acc = {
-                    n: HessianAccumulator(weight_of(m, pipe.bmap.transposed).shape[1], pipe.device)
-                    for n, m in mods.items()
-                }
-                pipe.collect([block], src, mods, lambda n, x, acc=acc: acc[n].add(x))
+            shared = [
+                {prefix + rel: get_module(block, rel) for rel in group if prefix + rel in linears}
+                for group in pipe.bmap.sequential
+            ]
+            # true-sequential: one group of shared-input linears at a time, each calibrated on
+            # inputs produced by the already-quantized earlier groups; otherwise all at once
+            passes = [[g] for g in shared] if self.config.true_sequential else [shared]
+            for groups in passes:
+                hessians = collect_hessians(pipe, block, src, groups)
+                mods = {n: m for g in groups for n, m in g.items()}
                 for n, m in mods.items():
-                    H = acc[n].finish(pipe)
+                    H = hessians[n]
                     w = (
                         weight_of(m, pipe.bmap.transposed).detach().clone().float()
                     )  # the write below is in place
