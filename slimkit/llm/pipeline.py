@@ -43,6 +43,24 @@ OFFLOAD_MODES = ("auto", "ram", "disk")
 
 
 @dataclass
+class PipelineFields:
+    """Config fields of every method that runs on the pipeline (mixed into method configs)."""
+
+    batch_size: int = field(default=4, metadata={"help": "calibration samples per forward pass"})
+    device: str = field(default="auto", metadata={"help": "compute device: auto, cpu, cuda, ..."})
+    offload: str = field(
+        default="auto",
+        metadata={
+            "help": "cached activations in ram, on disk, or auto",
+            "choices": list(OFFLOAD_MODES),
+        },
+    )
+
+    def pipeline_options(self) -> PipelineOptions:
+        return PipelineOptions(batch_size=self.batch_size, device=self.device, offload=self.offload)
+
+
+@dataclass
 class PipelineOptions:
     """Args:
     window: K, the number of consecutive blocks processed jointly (1 = block by block).
@@ -146,6 +164,11 @@ class Window:
     def named_linears(self, block_id: int) -> dict[str, nn.Module]:
         """Full names (as in the model) -> modules, for the block's linears."""
         return self.pipe.named_linears(block_id)
+
+    def inputs_of(self, block_id: int) -> ActivationStore:
+        """Quantized-stream inputs of a block of this window (earlier window blocks re-run)."""
+        pos = self.block_ids.index(block_id)
+        return self.inputs_q if pos == 0 else self.pipe.run_blocks(self.blocks[:pos], self.inputs_q)
 
 
 class _Stop(Exception):

@@ -11,27 +11,18 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Registry
 from slimkit.llm.block_maps import set_weight, weight_of
 from slimkit.llm.obs import Sparsity
-from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOptions
+from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineFields
 
 PRUNE_METHODS = Registry("pruning method")
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(PipelineFields):
     """Fields shared by the pruning methods (each method's config extends it)."""
 
     sparsity: str = field(
         default="0.5",
         metadata={"help": "fraction of weights removed (0.5) or N:M pattern kept (2:4, 4:8)"},
-    )
-    batch_size: int = field(default=4, metadata={"help": "calibration samples per forward pass"})
-    device: str = field(default="auto", metadata={"help": "compute device: auto, cpu, cuda, ..."})
-    offload: str = field(
-        default="auto",
-        metadata={
-            "help": "cached activations in ram, on disk, or auto",
-            "choices": ["auto", "ram", "disk"],
-        },
     )
 
     def __post_init__(self) -> None:
@@ -44,9 +35,6 @@ class PruneConfig:
     def needs_data(self) -> bool:
         """Whether the method reads calibration activations."""
         return True
-
-    def pipeline_options(self) -> PipelineOptions:
-        return PipelineOptions(batch_size=self.batch_size, device=self.device, offload=self.offload)
 
     def scheme(self) -> str:
         sp = self.parsed()

@@ -101,11 +101,7 @@ class SparseGPT(PruneMethod):
         pipe = win.pipe
         spec = self.config.quant_spec()
         for b in win.block_ids:
-            src = (
-                win.inputs_q
-                if b == win.block_ids[0]
-                else pipe.run_blocks(win.blocks[: win.block_ids.index(b)], win.inputs_q)
-            )
+            src = win.inputs_of(b)
             linears = win.named_linears(b)
             prefix = f"{pipe.bmap.blocks}.{b}."
             groups = [

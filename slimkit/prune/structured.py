@@ -99,11 +99,7 @@ class StructuredFFN(PruneMethod):
                 raise SlimkitError(f"sparsity {self.sparsity.ratio} would remove every FFN channel")
             score = w_down.float().norm(dim=0)
             if self.config.score == "wanda":
-                src = (
-                    win.inputs_q
-                    if b == win.block_ids[0]
-                    else pipe.run_blocks(win.blocks[: win.block_ids.index(b)], win.inputs_q)
-                )
+                src = win.inputs_of(b)
                 sq = torch.zeros(width, dtype=torch.float64, device=pipe.device)
 
                 def add(name: str, x: torch.Tensor, sq=sq) -> None:

@@ -48,11 +48,7 @@ class Wanda(PruneMethod):
     def on_window(self, win: Window) -> None:
         pipe = win.pipe
         for b in win.block_ids:
-            src = (
-                win.inputs_q
-                if b == win.block_ids[0]
-                else pipe.run_blocks(win.blocks[: win.block_ids.index(b)], win.inputs_q)
-            )
+            src = win.inputs_of(b)
             linears = win.named_linears(b)
             norms = {
                 n: torch.zeros(

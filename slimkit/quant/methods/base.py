@@ -11,7 +11,7 @@ from torch import nn
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Registry
 from slimkit.llm.block_maps import set_weight, weight_of
-from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOptions, Window
+from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineFields, Window
 from slimkit.quant import activations as acts
 from slimkit.quant.activations import GRANULARITIES, ActSpec
 from slimkit.quant.quantizer import CLIP_METHODS, QuantizedWeight, QuantSpec, validate_bits
@@ -20,7 +20,7 @@ METHODS = Registry("method")
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(PipelineFields):
     """Fields shared by all quantization methods (each method's config extends it)."""
 
     wbits: int = field(default=4, metadata={"help": "weight bits, 2..8"})
@@ -43,15 +43,6 @@ class QuantConfig:
         default="per-token", metadata={"help": "activation scales", "choices": list(GRANULARITIES)}
     )
     act_sym: bool = field(default=True, metadata={"help": "symmetric activation grid"})
-    batch_size: int = field(default=4, metadata={"help": "calibration samples per forward pass"})
-    device: str = field(default="auto", metadata={"help": "compute device: auto, cpu, cuda, ..."})
-    offload: str = field(
-        default="auto",
-        metadata={
-            "help": "cached activations in ram, on disk, or auto",
-            "choices": ["auto", "ram", "disk"],
-        },
-    )
 
     def __post_init__(self) -> None:
         validate_bits(self.wbits, "--wbits")
@@ -67,9 +58,6 @@ class QuantConfig:
         if self.abits == 16:
             return None
         return ActSpec(bits=self.abits, granularity=self.act_granularity, sym=self.act_sym)
-
-    def pipeline_options(self) -> PipelineOptions:
-        return PipelineOptions(batch_size=self.batch_size, device=self.device, offload=self.offload)
 
     def scheme(self) -> str:
         g = (
@@ -131,16 +119,12 @@ class WeightQuantMethod(BlockwiseMethod):
                 h.observe = True
             pipe.run_blocks(
                 [pipe.blocks[block_id]],
-                win.inputs_q if block_id == win.block_ids[0] else self._inputs_of(win, block_id),
+                win.inputs_of(block_id),
             )
             for n, h in hooks.items():
                 h.absmax = pipe.all_reduce_max(h.absmax.clone())
                 h.observe = False
                 pipe.act_ranges[n] = h.absmax
-
-    def _inputs_of(self, win: Window, block_id: int):
-        pos = win.block_ids.index(block_id)
-        return win.pipe.run_blocks(win.blocks[:pos], win.inputs_q)
 
     def write(
         self, pipe: BlockwisePipeline, name: str, module: nn.Module, qw: QuantizedWeight

@@ -115,7 +115,7 @@ class GPTQ(WeightQuantMethod):
         for b in win.block_ids:
             self.attach_activation_quantizers(win, b)
             block = pipe.blocks[b]
-            src = win.inputs_q if b == win.block_ids[0] else self._inputs_of(win, b)
+            src = win.inputs_of(b)
             linears = win.named_linears(b)
             prefix = f"{pipe.bmap.blocks}.{b}."
             shared = [

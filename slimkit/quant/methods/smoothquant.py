@@ -110,7 +110,7 @@ class SmoothQuant(BlockwiseMethod):
     def smooth_block(self, win: Window, b: int) -> None:
         pipe = win.pipe
         block = pipe.blocks[b]
-        src = win.inputs_q if b == win.block_ids[0] else self.inner._inputs_of(win, b)
+        src = win.inputs_of(b)
         firsts = {}
         for norm_name, consumers in pipe.bmap.smooth:
             m = get_module(block, consumers[0])
