@@ -171,7 +171,7 @@ def main() -> None:
             continue
         results[key] = run_row(row, seed, a)
         path.write_text(json.dumps(results, indent=1) + "\n")
-        (RESULTS / "pruning.md").write_text(summarize(results, a))
+        path.with_suffix(".md").write_text(summarize(results, a))
         print(key, results[key]["ppl"], flush=True)
     print(summarize(results, a))
 

@@ -265,7 +265,7 @@ def main() -> None:
             run_peer(row, seed, a) if tool == "llm-compressor" else run_slimkit(row, seed, a)
         )
         path.write_text(json.dumps(results, indent=1) + "\n")
-        (RESULTS / "ptq_baselines.md").write_text(summarize(results, a))
+        path.with_suffix(".md").write_text(summarize(results, a))
         print(key, results[key]["ppl"], flush=True)
     print(summarize(results, a))
 
