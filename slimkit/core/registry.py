@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from slimkit.core.errors import SlimkitError
@@ -58,6 +58,3 @@ class Registry:
 
     def items(self) -> list[tuple[str, Any]]:
         return [(n, self._items[n]) for n in self.names()]
-
-    def find(self, predicate: Callable[[str, Any], bool]) -> list[str]:
-        return [n for n, o in self.items() if predicate(n, o)]

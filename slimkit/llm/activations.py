@@ -49,9 +49,6 @@ class ActivationStore:
     def on_disk(self) -> bool:
         return self._path is not None
 
-    def nbytes(self) -> int:
-        return self.n * int(np.prod(self.shape)) * 4
-
     def get(self, i0: int, i1: int) -> torch.Tensor:
         return self._data[i0:i1].clone() if self.on_disk else self._data[i0:i1]
 
@@ -60,9 +57,6 @@ class ActivationStore:
 
     def all(self) -> torch.Tensor:
         return self._data
-
-    def like(self) -> ActivationStore:
-        return ActivationStore(self.n, self.shape, Path(self._path).parent if self._path else None)
 
     def __del__(self) -> None:
         if getattr(self, "_path", None):

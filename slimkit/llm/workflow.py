@@ -219,9 +219,3 @@ def eval_run(
     if json_out:
         write_json(json_out, out)
     return out
-
-
-def format_table(rows: list[dict], cols: list[str]) -> str:
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    body = "".join("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |\n" for r in rows)
-    return head + body
