@@ -50,3 +50,42 @@ def mean_std(vals, fmt: str = "{:.2f}") -> str:
     if len(vals) == 1:
         return fmt.format(vals[0])
     return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
+
+
+def run_quantize(
+    model: str, method: str, flags: list[str], out: Path, *, seed: int, n_calib: int,
+    seq_len: int, eval_windows: int, corpora: tuple[str, ...],
+) -> dict:  # fmt: skip
+    """One `slimkit quantize` process (calibrated on wiki-offline, evaluated on ``corpora``);
+    returns perplexities, quantization seconds, peak RSS and the exact command."""
+    import json
+
+    cmd = slimkit_cmd(
+        "quantize", model, "--method", method, *flags, "--calib", "wiki-offline",
+        "--n-calib", str(n_calib), "--calib-seq-len", str(seq_len), "--seed", str(seed),
+        "--ppl", ",".join(corpora), "--seq-len", str(seq_len), "--max-windows", str(eval_windows),
+        "--out", str(out), "--overwrite",
+    )  # fmt: skip
+    t0 = time.time()
+    sh(cmd)
+    wall = time.time() - t0
+    rep = json.loads((out / "report.json").read_text())
+    return {
+        "ppl": {c: rep["eval"][c]["quant"]["ppl"] for c in corpora},
+        "seconds": rep["quantize_seconds"],
+        "process_seconds": wall,
+        "peak_rss_gb": rep["peak_rss_gb"],
+        "calib_fingerprint": rep["calib_fingerprint"],
+        "eval_fingerprint": {c: rep["eval"][c]["quant"]["eval_fingerprint"] for c in corpora},
+        "command": "slimkit " + " ".join(cmd[3:]),
+    }
+
+
+def eval_fp(model: str, out_json: Path, *, seq_len: int, eval_windows: int, corpora) -> dict:
+    import json
+
+    sh(slimkit_cmd("eval", model, "--ppl", ",".join(corpora), "--seq-len", str(seq_len),
+                   "--max-windows", str(eval_windows), "--json", str(out_json)))  # fmt: skip
+    res = json.loads(out_json.read_text())["results"]
+    return {"ppl": {c: res[c]["ppl"] for c in corpora}, "seconds": 0.0, "peak_rss_gb": None,
+            "eval_fingerprint": {c: res[c]["eval_fingerprint"] for c in corpora}}  # fmt: skip

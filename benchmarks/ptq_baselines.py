@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, machine_line, mean_std, sh, slimkit_cmd  # noqa: E402
+from bench_common import ROOT, eval_fp, machine_line, mean_std, run_quantize, sh  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "ptq"
@@ -118,30 +117,13 @@ def eval_flags(a) -> list[str]:
 
 def run_slimkit(row: str, seed: int, a) -> dict:
     _, method, flags, _ = ROWS[row]
-    out = CACHE / "runs" / f"{row}-s{seed}"
     if method == "fp":
-        j = CACHE / "fp32.json"
-        sh(slimkit_cmd("eval", MODEL, *eval_flags(a), "--json", str(j)))
-        res = json.loads(j.read_text())["results"]
-        return {"ppl": {c: res[c]["ppl"] for c in CORPORA}, "seconds": 0.0, "peak_rss_gb": None,
-                "eval_fingerprint": {c: res[c]["eval_fingerprint"] for c in CORPORA}}  # fmt: skip
-    cmd = slimkit_cmd(
-        "quantize", MODEL, "--method", method, *flags, "--calib", "wiki-offline", "--n-calib", str(a.n_calib),
-        "--calib-seq-len", str(a.seq_len), "--seed", str(seed), *eval_flags(a), "--out", str(out), "--overwrite",
+        return eval_fp(MODEL, CACHE / "fp32.json", seq_len=a.seq_len, eval_windows=a.eval_windows,
+                       corpora=CORPORA)  # fmt: skip
+    return run_quantize(
+        MODEL, method, flags, CACHE / "runs" / f"{row}-s{seed}", seed=seed, n_calib=a.n_calib,
+        seq_len=a.seq_len, eval_windows=a.eval_windows, corpora=CORPORA,
     )  # fmt: skip
-    t0 = time.time()
-    sh(cmd)
-    wall = time.time() - t0
-    rep = json.loads((out / "report.json").read_text())
-    return {
-        "ppl": {c: rep["eval"][c]["quant"]["ppl"] for c in CORPORA},
-        "seconds": rep["quantize_seconds"],
-        "process_seconds": wall,
-        "peak_rss_gb": rep["peak_rss_gb"],
-        "calib_fingerprint": rep["calib_fingerprint"],
-        "eval_fingerprint": {c: rep["eval"][c]["quant"]["eval_fingerprint"] for c in CORPORA},
-        "command": "slimkit " + " ".join(cmd[3:]),
-    }
 
 
 def dump_windows(seed: int, a) -> tuple[Path, dict[str, Path], str]:

@@ -14,10 +14,17 @@ from slimkit.llm.evaluate import perplexity
 from slimkit.llm.models import load_model
 from slimkit.prune import MagnitudeConfig, SparseGPTConfig, WandaConfig, prune
 from slimkit.quant.api import quantize, save_quantized
-from slimkit.quant.methods import GPTQConfig, QuantConfig, RTNConfig, SmoothQuantConfig
+from slimkit.quant.methods import (
+    CBQConfig,
+    GPTQConfig,
+    QuantConfig,
+    RTNConfig,
+    SmoothQuantConfig,
+)
 
 __version__ = "0.1.0"
 __all__ = [
+    "CBQConfig",
     "GPTQConfig",
     "MagnitudeConfig",
     "SparseGPTConfig",

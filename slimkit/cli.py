@@ -71,7 +71,9 @@ def cmd_quantize(argv: list[str]) -> int:
     p.add_argument("--method", default=method, help=f"one of: {', '.join(METHODS.names())}")
     p.add_argument("--recipe", help="YAML file of option: value pairs (flags override it)")
     p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="calibration size preset (flags override it)"
+        "--preset",
+        choices=sorted(PRESETS),
+        help="calibration size (and, for trained methods, epochs) preset; flags override it",
     )
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument(
@@ -90,8 +92,12 @@ def cmd_quantize(argv: list[str]) -> int:
             "name a model: slimkit quantize MODEL --out DIR (see `slimkit list models`)"
         )
     q_part, c_part, e_part = _split_recipe(recipe, [cfg_cls, CalibConfig, EvalConfig])
-    if ns.preset:
-        c_part = {**PRESETS[ns.preset], **c_part}
+    if ns.preset:  # generic calibration preset, then the method's own (recipe and flags win)
+        pq, pc, _ = _split_recipe(
+            {**PRESETS[ns.preset], **getattr(cfg_cls, "PRESETS", {}).get(ns.preset, {})},
+            [cfg_cls, CalibConfig, EvalConfig],
+        )
+        q_part, c_part = {**pq, **q_part}, {**pc, **c_part}
     qcfg = from_args(cfg_cls, ns, q_part)
     ccfg = from_args(CalibConfig, ns, c_part)
     ecfg = from_args(EvalConfig, ns, e_part)

@@ -36,6 +36,8 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.logs import progress
 from slimkit.llm.activations import ActivationStore, available_ram_bytes
 from slimkit.llm.block_maps import BlockMap, block_map_for, get_blocks, get_module
+from slimkit.quant import activations as acts
+from slimkit.quant.activations import ACT_KEYS, ActSpec
 from slimkit.quant.quantizer import QuantizedWeight, QuantSpec
 
 log = logging.getLogger("slimkit")
@@ -226,7 +228,6 @@ class BlockwisePipeline:
         self.kwargs: dict = {}
         self.args: tuple = ()
         self.records: dict[str, QuantizedWeight] = {}
-        self.act_ranges: dict[str, torch.Tensor] = {}
         self.log: list[dict] = []  # per-layer / per-window metrics reported by methods
         self._names = {id(m): n for n, m in model.named_modules()}
         self._block_prefix = self.bmap.blocks
@@ -420,7 +421,7 @@ class BlockwisePipeline:
             for b in block_ids:
                 self.blocks[b].to(self.device)
                 if method.needs_fp and b not in fp_copies:
-                    fp_copies[b] = copy.deepcopy(self.blocks[b]).requires_grad_(False)
+                    fp_copies[b] = _fp_copy(self.blocks[b])
             win = Window(
                 index=wi,
                 block_ids=block_ids,
@@ -486,9 +487,12 @@ class BlockwisePipeline:
                             {f"@q.{k}": v.contiguous() for k, v in rec.tensors(name).items()}
                         )
                         meta[name] = json.dumps(rec.spec.__dict__)
-                for name, r in self.act_ranges.items():
-                    if name.startswith(prefix):
-                        tensors[f"@a.{name}"] = r.reshape(1)
+                for name, m in self.named_linears(b).items():
+                    hook = acts.hook_of(m)  # activation quantizers travel with their block
+                    if hook is not None:
+                        meta[f"@act.{name}"] = json.dumps(hook.spec.__dict__)
+                        for k, v in acts.saved_params(hook).items():
+                            tensors[f"@{k}.{name}"] = v
                 _save(tensors, d / f"block_{b:04d}.safetensors", meta)
             _save(method.state_dict(), d / "method.safetensors")
         streams = {"q": q.all().contiguous()}
@@ -548,8 +552,16 @@ class BlockwisePipeline:
             tensors, meta = _load(d / f"block_{b:04d}.safetensors")
             state = {k: v for k, v in tensors.items() if not k.startswith("@")}
             self.blocks[b].load_state_dict(state)
-            for name, spec_json in meta.items():
-                spec = QuantSpec(**json.loads(spec_json))
+            for key, spec_json in meta.items():
+                if key.startswith("@act."):
+                    name = key[len("@act.") :]
+                    acts.attach_saved(
+                        get_module(self.model, name),
+                        ActSpec(**json.loads(spec_json)),
+                        {k: tensors[f"@{k}.{name}"] for k in ACT_KEYS if f"@{k}.{name}" in tensors},
+                    )
+                    continue
+                name, spec = key, QuantSpec(**json.loads(spec_json))
                 self.records[name] = QuantizedWeight(
                     codes=tensors[f"@q.{name}.codes"],
                     scale=tensors[f"@q.{name}.scale"],
@@ -557,9 +569,6 @@ class BlockwisePipeline:
                     g_idx=tensors[f"@q.{name}.g_idx"],
                     spec=spec,
                 )
-            for k, v in tensors.items():
-                if k.startswith("@a."):
-                    self.act_ranges[k[3:]] = v.reshape(())
         method.load_state_dict(
             load_file(d / "method.safetensors") if (d / "method.safetensors").is_file() else {}
         )
@@ -572,6 +581,16 @@ class BlockwisePipeline:
             fp.set(0, fp.n, streams["fp"])
         torch.set_rng_state(streams["rng"])
         return start, q, fp
+
+
+def _fp_copy(block: nn.Module) -> nn.Module:
+    """A frozen copy of a block without activation quantizers or instance-level forward
+    overrides (a resumed block may carry them from its checkpoint)."""
+    c = copy.deepcopy(block).requires_grad_(False)
+    acts.strip(c)
+    for m in c.modules():
+        m.__dict__.pop("forward", None)
+    return c
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None) -> None:

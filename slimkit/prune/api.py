@@ -64,6 +64,6 @@ def prune(
                 "act_sym": True,
             },
             "records": pipe.records,
-            "act_ranges": {},
+            "act_params": {},
         }
     return model, report

@@ -17,7 +17,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.llm.block_maps import block_map_for, get_module
 from slimkit.llm.compress import run_blockwise
 from slimkit.quant import activations as acts
-from slimkit.quant.activations import ActSpec
+from slimkit.quant.activations import ACT_KEYS, ActSpec
 from slimkit.quant.methods import METHODS, QuantConfig, method_for_config
 
 log = logging.getLogger("slimkit")
@@ -66,11 +66,21 @@ def quantize(
         "method": name,
         "config": to_dict(config),
         "records": pipe.records,
-        "act_ranges": pipe.act_ranges,
+        "act_params": _act_params(model, pipe.records),
     }
     report["quantize_seconds"] = report["seconds"]
     report["n_quantized_linears"] = len(pipe.records)
     return model, report
+
+
+def _act_params(model: nn.Module, names) -> dict[str, dict[str, torch.Tensor]]:
+    """Calibrated activation-quantizer numbers (static range, clip ratio) of the named layers."""
+    out = {}
+    for name in names:
+        hook = acts.hook_of(get_module(model, name))
+        if hook is not None and acts.saved_params(hook):
+            out[name] = acts.saved_params(hook)
+    return out
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path) -> None:
@@ -87,8 +97,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path) -> None:
     for name, rec in q["records"].items():
         tensors.update({k: v.contiguous() for k, v in rec.tensors(name).items()})
         layers[name] = asdict(rec.spec)
-    for name, r in q["act_ranges"].items():
-        tensors[f"{name}.act_absmax"] = r.reshape(1).float()
+    for name, params in q["act_params"].items():
+        tensors.update({f"{name}.{k}": v for k, v in params.items()})
     save_file(tensors, str(out / QUANT_STATE))
     cfg = q["config"]
     act = (
@@ -122,6 +132,6 @@ def attach_saved_activation_quantizers(model: nn.Module, model_dir: str | Path) 
             module = get_module(model, name)
             if module is None:
                 raise SlimkitError(f"{path} names layer {name!r}, which the model does not have")
-            r = state.get(f"{name}.act_absmax")
-            acts.attach(module, spec, None if r is None else r.reshape(()))
+            params = {k: state[f"{name}.{k}"] for k in ACT_KEYS if f"{name}.{k}" in state}
+            acts.attach_saved(module, spec, params)
     return meta

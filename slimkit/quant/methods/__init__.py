@@ -7,11 +7,13 @@ from slimkit.quant.methods.base import (
     config_class,
     method_for_config,
 )
+from slimkit.quant.methods.cbq import CBQConfig
 from slimkit.quant.methods.gptq import GPTQConfig
 from slimkit.quant.methods.rtn import RTNConfig
 from slimkit.quant.methods.smoothquant import SmoothQuantConfig
 
 __all__ = [
+    "CBQConfig",
     "GPTQConfig",
     "METHODS",
     "QuantConfig",

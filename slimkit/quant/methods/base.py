@@ -121,10 +121,9 @@ class WeightQuantMethod(BlockwiseMethod):
                 [pipe.blocks[block_id]],
                 win.inputs_of(block_id),
             )
-            for n, h in hooks.items():
+            for h in hooks.values():
                 h.absmax = pipe.all_reduce_max(h.absmax.clone())
                 h.observe = False
-                pipe.act_ranges[n] = h.absmax
 
     def write(
         self, pipe: BlockwisePipeline, name: str, module: nn.Module, qw: QuantizedWeight

@@ -1,0 +1,185 @@
+"""CBQ ablation ladder on the embedded SmolLM2-135M, beside RTN, GPTQ and SmoothQuant.
+
+Ladder (each step adds one CBQ component): RTN -> GPTQ -> block reconstruction with learned
+step sizes (K=1, round-to-nearest: the OmniQuant-LWC analogue) -> + cross-block windows (K=2,
+O=1) -> + LoRA-Rounding -> + CFP (= CBQ); plus full-rank AdaRound in place of LoRA-Rounding (cost
+check) and SmoothQuant + RTN at the weight-activation settings.
+
+Every run is one `slimkit quantize` process calibrated on wiki-offline (train split) and evaluated
+on wiki-offline and bbc-news (test splits; calibration never sees bbc-news), context --seq-len,
+GPTQ perplexity protocol. Several calibration seeds give mean ± sample std.
+
+    python benchmarks/cbq_ladder.py                               # the whole plan (many hours)
+    python benchmarks/cbq_ladder.py --settings w2g64 --rows rtn,gptq,cbq --seeds 0
+
+Runs are ordered so that the most informative rows finish first (RTN, GPTQ and CBQ at every
+setting, then SmoothQuant, then the ladder steps, then more seeds); results are appended to
+benchmarks/results/cbq_ladder.json as each run finishes, a rerun skips finished runs, and the
+Markdown table benchmarks/results/cbq_ladder.md is rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import ROOT, eval_fp, machine_line, mean_std, run_quantize  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = ROOT / "benchmarks" / ".cache" / "cbq"
+MODEL = "smollm2-135m"
+CORPORA = ("wiki-offline", "bbc-news")
+
+SETTINGS = {  # name: (label, flags)
+    "w2g64": ("W2A16 g64", ["--wbits", "2", "--group-size", "64"]),
+    "w3g64": ("W3A16 g64", ["--wbits", "3", "--group-size", "64"]),
+    "w4g64": ("W4A16 g64", ["--wbits", "4", "--group-size", "64"]),
+    "w4": ("W4A16 per-channel", ["--wbits", "4", "--group-size", "-1"]),
+    "w4a8": ("W4A8", ["--wbits", "4", "--group-size", "-1", "--abits", "8"]),
+    "w4a4": ("W4A4", ["--wbits", "4", "--group-size", "-1", "--abits", "4"]),
+}
+ACT_SETTINGS = ("w4a8", "w4a4")
+NOCFP = ["--no-cfp"]
+ROWS = {  # name: (label, method, flags)
+    "rtn": ("RTN", "rtn", []),
+    "gptq": ("GPTQ", "gptq", []),
+    "sq-rtn": ("SmoothQuant + RTN", "smoothquant", ["--weight-method", "rtn"]),
+    "k1": ("block recon. K=1 (LWC)", "cbq", ["--window", "1", "--overlap", "0", "--rounding", "nearest", *NOCFP]),
+    "k2": ("+ windows K=2, O=1", "cbq", ["--rounding", "nearest", *NOCFP]),
+    "lora": ("+ LoRA-Rounding", "cbq", ["--rounding", "lora", *NOCFP]),
+    "cbq": ("+ CFP (= CBQ)", "cbq", ["--rounding", "lora"]),
+    "adaround": ("CBQ with full AdaRound", "cbq", ["--rounding", "full"]),
+}  # fmt: skip
+TRAINED = {"k1", "k2", "lora", "cbq", "adaround"}
+
+
+def run(setting: str, row: str, seed: int, a) -> dict:
+    _, method, flags = ROWS[row]
+    flags = [*SETTINGS[setting][1], "--no-sym", *flags]
+    if method == "cbq":
+        flags += ["--epochs", str(a.epochs)]
+    return run_quantize(
+        MODEL, method, flags, CACHE / "runs" / f"{setting}-{row}-s{seed}", seed=seed,
+        n_calib=a.n_calib, seq_len=a.seq_len, eval_windows=a.eval_windows, corpora=CORPORA,
+    )  # fmt: skip
+
+
+def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
+    def ok(s, r):
+        return r in rows and (r != "sq-rtn" or s in ACT_SETTINGS)
+
+    stages = [["rtn", "gptq", "cbq"], ["sq-rtn"], ["k1", "k2", "lora", "adaround"]]
+    out = [(s, r, seeds[0]) for st in stages for s in settings for r in st if ok(s, r)]
+    out += [(s, r, sd) for sd in seeds[1:] for s in settings for r in ("gptq", "cbq") if ok(s, r)]
+    out += [(s, r, sd) for sd in seeds[1:] for st in stages[1:] for s in settings for r in st
+            if ok(s, r)]  # fmt: skip
+    return out
+
+
+def summarize(results: dict, a) -> str:
+    fp = results.get("fp32")
+    lines = [
+        "# CBQ ablation ladder on SmolLM2-135M (embedded Q4_1 GGUF dequantized to fp32)",
+        "",
+        f"Calibration: wiki-offline train split, {a.n_calib} windows x {a.seq_len} tokens; trained rows "
+        f"{a.epochs} epoch(s), batch 1, K=2/O=1 unless stated. Evaluation: GPTQ-protocol perplexity on the "
+        f"first {a.eval_windows} windows of {a.seq_len} tokens of the test splits of wiki-offline and bbc-news "
+        "(never seen in calibration). Weights asymmetric; activations dynamic per-token symmetric. "
+        "Perplexity: mean ± sample std over calibration seeds (n). Seconds: quantization wall time; peak RSS: "
+        "whole process.",
+        "",
+        f"Command: `python benchmarks/cbq_ladder.py {' '.join(sys.argv[1:])}`".rstrip(),
+        machine_line(),
+        "",
+    ]
+    if fp:
+        lines.append("FP32: " + ", ".join(f"{c} {fp['ppl'][c]:.2f}" for c in CORPORA) + "\n")
+    lines += [
+        "| setting | method | n | wiki-offline ppl | bbc-news ppl | seconds | peak RSS GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for s, (slabel, _) in SETTINGS.items():
+        means = {}
+        for r, (rlabel, _, _) in ROWS.items():
+            runs = [v for k, v in results.items() if k.rsplit("-s", 1)[0] == f"{s}-{r}"]
+            if not runs:
+                continue
+            means[r] = {c: sum(x["ppl"][c] for x in runs) / len(runs) for c in CORPORA}
+            cells = [mean_std([x["ppl"][c] for x in runs]) for c in CORPORA]
+            lines.append(
+                f"| {slabel} | {rlabel} | {len(runs)} | {cells[0]} | {cells[1]} | "
+                f"{mean_std([x['seconds'] for x in runs], '{:.0f}')} | "
+                f"{mean_std([x['peak_rss_gb'] for x in runs])} |"
+            )
+        if "cbq" in means and len(means) > 1:
+            best = all(means["cbq"][c] <= min(m[c] for m in means.values()) for c in CORPORA)
+            v = f"- {slabel}: CBQ lowest of {len(means)} rows on both corpora: {'yes' if best else 'NO'}"
+            if fp and "gptq" in means and s in ("w4g64", "w4", "w3g64"):
+                ratios = [
+                    (means["cbq"][c] - fp["ppl"][c]) / max(1e-9, means["gptq"][c] - fp["ppl"][c])
+                    for c in CORPORA
+                ]
+                v += (
+                    "; CBQ gap / GPTQ gap to FP32: "
+                    + ", ".join(f"{c} {r:.2f}" for c, r in zip(CORPORA, ratios))
+                    + (
+                        " (target <= 0.5: met)"
+                        if max(ratios) <= 0.5
+                        else " (target <= 0.5: NOT met)"
+                    )
+                )
+            verdicts.append(v)
+    if verdicts:
+        lines += ["", "Targets (means):", *verdicts]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"subset of: {', '.join(SETTINGS)}"
+    )
+    p.add_argument("--rows", default=",".join(ROWS), help=f"subset of: {', '.join(ROWS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--n-calib", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--results", default=str(RESULTS / "cbq_ladder.json"))
+    a = p.parse_args()
+    settings, rows = a.settings.split(","), a.rows.split(",")
+    for x in settings:
+        if x not in SETTINGS:
+            raise SystemExit(f"unknown setting {x!r}; choose from {', '.join(SETTINGS)}")
+    for x in rows:
+        if x not in ROWS:
+            raise SystemExit(f"unknown row {x!r}; choose from {', '.join(ROWS)}")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    path = Path(a.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if "fp32" not in results:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        results["fp32"] = eval_fp(MODEL, CACHE / "fp32.json", seq_len=a.seq_len,
+                                  eval_windows=a.eval_windows, corpora=CORPORA)  # fmt: skip
+    for s, r, seed in plan(settings, rows, seeds):
+        key = f"{s}-{r}-s{seed}"
+        if key in results:
+            continue
+        results[key] = run(s, r, seed, a)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        path.with_suffix(".md").write_text(summarize(results, a))
+        print(key, results[key]["ppl"], flush=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.with_suffix(".md").write_text(summarize(results, a))
+    print(summarize(results, a))
+
+
+if __name__ == "__main__":
+    main()
