@@ -64,6 +64,7 @@ def run(setting: str, row: str, seed: int, a) -> dict:
     return run_quantize(
         MODEL, method, flags, CACHE / "runs" / f"{setting}-{row}-s{seed}", seed=seed,
         n_calib=a.n_calib, seq_len=a.seq_len, eval_windows=a.eval_windows, corpora=CORPORA,
+        calib_seq_len=a.calib_seq_len,
     )  # fmt: skip
 
 
@@ -84,7 +85,7 @@ def summarize(results: dict, a) -> str:
     lines = [
         "# CBQ ablation ladder on SmolLM2-135M (embedded Q4_1 GGUF dequantized to fp32)",
         "",
-        f"Calibration: wiki-offline train split, {a.n_calib} windows x {a.seq_len} tokens; trained rows "
+        f"Calibration: wiki-offline train split, {a.n_calib} windows x {a.calib_seq_len} tokens; trained rows "
         f"{a.epochs} epoch(s), batch 1, K=2/O=1 unless stated. Evaluation: GPTQ-protocol perplexity on the "
         f"first {a.eval_windows} windows of {a.seq_len} tokens of the test splits of wiki-offline and bbc-news "
         "(never seen in calibration). Weights asymmetric; activations dynamic per-token symmetric. "
@@ -148,9 +149,10 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS), help=f"subset of: {', '.join(ROWS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--n-calib", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=512, help="evaluation context")
+    p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--eval-windows", type=int, default=20)
     p.add_argument("--results", default=str(RESULTS / "cbq_ladder.json"))
     a = p.parse_args()
     settings, rows = a.settings.split(","), a.rows.split(",")
