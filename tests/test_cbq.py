@@ -238,3 +238,35 @@ def test_config_errors_and_presets():
         CBQConfig(window=2, overlap=2)
     assert CBQConfig.PRESETS["fast"]["epochs"] < CBQConfig.PRESETS["paper"]["epochs"]
     assert "K=2,O=1" in CBQConfig(wbits=2, group_size=64).scheme()
+
+
+def test_cli_preset_recipe_and_saved_activation_clips(tiny_model_dir, tmp_path, capsys):
+    """`--preset fast` sets CBQ's epochs and calibration size; flags win; a W4A8 run saves its
+    learned activation clip ratios and the reloaded model reproduces the run's perplexity."""
+    import json
+
+    import yaml
+
+    from slimkit.cli import main
+
+    out = tmp_path / "run"
+    args = ["quantize", str(tiny_model_dir), "--method", "cbq", "--preset", "fast", "--group-size", "32",
+            "--abits", "8", "--calib-seq-len", "32", "--ppl", "wiki-offline", "--seq-len", "64",
+            "--max-windows", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["quant"]["epochs"] == CBQConfig.PRESETS["fast"]["epochs"]
+    assert cfg["calibration"]["n_calib"] == CBQConfig.PRESETS["fast"]["n_calib"]
+    assert cfg["calibration"]["calib_seq_len"] == 32  # the flag beats the preset
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "quant_state.safetensors"))
+    clips = [v for k, v in state.items() if k.endswith(".act_clip")]
+    assert len(clips) == 3 * 7 and all(0 < float(c) < 1 for c in clips)
+    ppl = json.loads((out / "report.json").read_text())["eval"]["wiki-offline"]["quant"]["ppl"]
+    capsys.readouterr()
+    assert (
+        main(["eval", str(out), "--ppl", "wiki-offline", "--seq-len", "64", "--max-windows", "2"])
+        == 0
+    )
+    assert f"ppl {ppl:.4f}" in capsys.readouterr().out

@@ -70,11 +70,18 @@ class CBQConfig(QuantConfig):
         2
     """
 
+    # `--preset`: calibration size, epochs (and, for long schedules, OmniQuant's learning rates)
     PRESETS: ClassVar[dict[str, dict]] = {
         "demo": {"epochs": 1, "n_calib": 16, "calib_seq_len": 256},
-        "fast": {"epochs": 2, "n_calib": 32, "calib_seq_len": 256},
-        "default": {"epochs": 5, "n_calib": 128, "calib_seq_len": 512},
-        "paper": {"epochs": 20, "n_calib": 128, "calib_seq_len": 2048},
+        "fast": {"epochs": 1, "n_calib": 16, "calib_seq_len": 256},
+        "default": {"epochs": 2, "n_calib": 32, "calib_seq_len": 512},
+        "paper": {
+            "epochs": 20,
+            "n_calib": 128,
+            "calib_seq_len": 2048,
+            "lr_round": 1e-3,
+            "lr_clip": 1e-2,
+        },
     }
 
     window: int = field(default=2, metadata={"help": "K, blocks reconstructed jointly (paper)"})
