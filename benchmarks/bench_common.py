@@ -55,6 +55,7 @@ def mean_std(vals, fmt: str = "{:.2f}") -> str:
 def run_quantize(
     model: str, method: str, flags: list[str], out: Path, *, seed: int, n_calib: int,
     seq_len: int, eval_windows: int, corpora: tuple[str, ...], calib_seq_len: int | None = None,
+    extra: list[str] | None = None,
 ) -> dict:  # fmt: skip
     """One `slimkit quantize` process (calibrated on wiki-offline, evaluated on ``corpora``);
     returns perplexities, quantization seconds, peak RSS and the exact command."""
@@ -64,7 +65,7 @@ def run_quantize(
         "quantize", model, "--method", method, *flags, "--calib", "wiki-offline",
         "--n-calib", str(n_calib), "--calib-seq-len", str(calib_seq_len or seq_len), "--seed", str(seed),
         "--ppl", ",".join(corpora), "--seq-len", str(seq_len), "--max-windows", str(eval_windows),
-        "--out", str(out), "--overwrite",
+        "--out", str(out), "--overwrite", *(extra or []),
     )  # fmt: skip
     t0 = time.time()
     sh(cmd)

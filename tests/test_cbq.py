@@ -270,3 +270,21 @@ def test_cli_preset_recipe_and_saved_activation_clips(tiny_model_dir, tmp_path, 
         == 0
     )
     assert f"ppl {ppl:.4f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rounding", ["lora", "full"])
+def test_gptq_start_reproduces_gptq_codes(rounding):
+    from slimkit.quant.methods.gptq import gptq_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    x = torch.randn(256, 64) * torch.linspace(0.2, 3, 64)
+    spec = QuantSpec(3, 16)
+    qw = gptq_quantize(w, x.T @ x / 256, spec, act_order=True, static_groups=True)
+    q = LinearQuantizer(w, spec, rounding, rank=4, start=qw)
+    codes = q.harden(w).codes
+    same = float((codes == qw.codes).float().mean())
+    assert q.start_mismatch < 0.05
+    assert same >= 1 - q.start_mismatch - 1e-6
+    # and GPTQ's codes differ from round-to-nearest, so the start is not RTN in disguise
+    assert not torch.equal(LinearQuantizer(w, spec, rounding, rank=4).harden(w).codes, codes)

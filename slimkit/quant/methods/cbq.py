@@ -44,11 +44,13 @@ from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.core.logs import progress
 from slimkit.llm.block_maps import get_module, set_weight, weight_of
+from slimkit.llm.obs import collect_hessians
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOptions, Window
 from slimkit.quant import activations as acts
 from slimkit.quant.activations import ActQuantHook, ActSpec, quantize_activation
 from slimkit.quant.cfp import CFPParams, activation_scales, truncated_weight
 from slimkit.quant.methods.base import QuantConfig, check_widths, register_method
+from slimkit.quant.methods.gptq import gptq_quantize
 from slimkit.quant.methods.smoothquant import fold_scales
 from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, _grouped, trivial_g_idx
 
@@ -56,6 +58,7 @@ log = logging.getLogger("slimkit")
 
 ROUNDINGS = ("lora", "full", "nearest")
 LORA_INITS = ("residual", "svd", "zero")
+ROUNDING_INITS = ("nearest", "gptq")
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 
 
@@ -95,6 +98,14 @@ class CBQConfig(QuantConfig):
     lora_init: str = field(
         default="residual",
         metadata={"help": "LoRA-Rounding initialisation", "choices": list(LORA_INITS)},
+    )
+    rounding_init: str = field(
+        default="gptq",
+        metadata={
+            "help": "start the learned rounding from round-to-nearest or from GPTQ's "
+            "error-compensated codes (ours)",
+            "choices": list(ROUNDING_INITS),
+        },
     )
     cfp: bool = field(default=True, metadata={"help": "coarse-to-fine outlier pre-processing"})
     cfp_q_lo: float = field(default=0.2, metadata={"help": "CFP coarse lower quantile"})
@@ -137,7 +148,11 @@ class CBQConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, choices in (("rounding", ROUNDINGS), ("lora_init", LORA_INITS)):
+        for name, choices in (
+            ("rounding", ROUNDINGS),
+            ("lora_init", LORA_INITS),
+            ("rounding_init", ROUNDING_INITS),
+        ):
             if getattr(self, name) not in choices:
                 raise SlimkitError(
                     f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; "
@@ -222,6 +237,7 @@ class LinearQuantizer(nn.Module):
         range_w: torch.Tensor | None = None,
         init: bool = True,
         soft: bool = False,
+        start: QuantizedWeight | None = None,
     ):
         super().__init__()
         self.spec, self.rounding = spec, rounding
@@ -233,7 +249,10 @@ class LinearQuantizer(nn.Module):
         lo, hi = _group_range(w, spec)
         up0 = torch.full_like(hi, 4.0)
         low0 = torch.full_like(lo, 4.0)
-        if range_w is not None:
+        if start is not None:  # GPTQ's min-max grid, factors still trainable (sigmoid(8) = 0.9997)
+            up0.fill_(8.0)
+            low0.fill_(8.0)
+        elif range_w is not None:
             rlo, rhi = _group_range(range_w, spec)
             cap = torch.sigmoid(torch.tensor(4.0))
             ratio_hi = torch.where(hi > 0, rhi / hi.clamp(min=1e-30), torch.ones_like(hi))
@@ -255,6 +274,13 @@ class LinearQuantizer(nn.Module):
             s, _ = self.scale_zero(w)
             frac = (_grouped(w.float(), spec) / s).reshape(out, inp)
             v_star = rounding_logits(frac - torch.floor(frac))
+            self.start_mismatch = 0.0
+            if start is not None:  # h = 1 where GPTQ rounded up; margin = distance from 1/2
+                _, z = self.scale_zero(w)
+                codes = _grouped(start.codes.to(w.device).float(), spec)
+                d = (codes - z - torch.floor(_grouped(w.float(), spec) / s)).reshape(out, inp)
+                self.start_mismatch = float(((d < 0) | (d > 1)).float().mean())
+                v_star = torch.where(d >= 1, 1.0, -1.0) * v_star.abs().clamp(min=0.5)
             if rounding == "full":
                 self.v.copy_(v_star)
             elif lora_init == "residual":
@@ -420,12 +446,13 @@ class CBQ(BlockwiseMethod):
 
     def on_finalize(self, win: Window, index: int, block: nn.Module) -> None:
         pipe = win.pipe
-        soft = []
+        soft, mismatch = [], []
         self._fold_migration(pipe, index, block)
         for name, m in pipe.named_linears(index).items():
             quant = self.wq[index][name]
             w = weight_of(m, pipe.bmap.transposed).float()
             soft.append(quant.soft_fraction())
+            mismatch.append(getattr(quant, "start_mismatch", 0.0))
             qw = quant.harden(w)
             if not torch.isfinite(qw.scale).all():
                 raise SlimkitError(f"{name}: CBQ produced non-finite scales")
@@ -446,7 +473,12 @@ class CBQ(BlockwiseMethod):
                     None if a.clip is None else a.clip.detach().cpu(),
                 )
         pipe.log.append(
-            {"window": win.index, "block": index, "soft_rounding": sum(soft) / max(1, len(soft))}
+            {
+                "window": win.index,
+                "block": index,
+                "undecided_rounding": sum(soft) / max(1, len(soft)),
+                "gptq_codes_outside_floor_ceil": sum(mismatch) / max(1, len(mismatch)),
+            }
         )
         del self.wq[index]
         self.aq.pop(index, None)
@@ -484,6 +516,7 @@ class CBQ(BlockwiseMethod):
             self._cfp_fold(pipe, block, fp_block, fp_in)
         dev = pipe.device
         self.wq[b] = {}
+        starts = {} if resumed else self._gptq_start(win, b)
         for name, m in pipe.named_linears(b).items():
             w = weight_of(m, pipe.bmap.transposed).float().to(dev)
             rng = truncated_weight(w, self.config.cfp_params()) if self.config.cfp else None
@@ -496,6 +529,7 @@ class CBQ(BlockwiseMethod):
                 range_w=rng,
                 init=not resumed,
                 soft=self.config.soft_rounding,
+                start=starts.get(name),
             ).to(dev)
             if resumed:
                 q.load_state_dict(
@@ -521,6 +555,36 @@ class CBQ(BlockwiseMethod):
                 self.mig[b][norm_name] = nn.Parameter(init.float().clone().to(dev))
         if resumed:
             self._pending = {k: v for k, v in self._pending.items() if f"|{b}|" not in k}
+
+    def _gptq_start(self, win: Window, b: int) -> dict[str, QuantizedWeight]:
+        """GPTQ codes of the block's linears (Hessians of the quantized-stream inputs, all
+        linears at once, act-order with static groups so groups stay contiguous), used as the
+        starting point of the learned rounding."""
+        cfg = self.config
+        if cfg.rounding_init != "gptq" or cfg.rounding == "nearest":
+            return {}
+        if self.wspec.group_size == 0:
+            log.warning("rounding_init=gptq needs per-channel or grouped weights; using nearest")
+            return {}
+        pipe = win.pipe
+        block = pipe.blocks[b]
+        prefix = f"{pipe.bmap.blocks}.{b}."
+        linears = pipe.named_linears(b)
+        shared = [
+            {prefix + rel: get_module(block, rel) for rel in group if prefix + rel in linears}
+            for group in pipe.bmap.sequential
+        ]
+        hessians = collect_hessians(pipe, block, win.inputs_of(b), shared)
+        return {
+            n: gptq_quantize(
+                weight_of(m, pipe.bmap.transposed).detach().float(),
+                hessians[n],
+                self.wspec,
+                act_order=True,
+                static_groups=True,
+            )
+            for n, m in linears.items()
+        }
 
     def _cfp_fold(self, pipe: BlockwisePipeline, block, fp_block, fp_in) -> None:
         firsts = {}
