@@ -53,7 +53,7 @@ ROWS = {  # name: (label, method, flags)
     "k1": ("block recon. K=1 (LWC)", "cbq", ["--window", "1", "--overlap", "0", "--rounding", "nearest", *NOCFP]),
     "k2": ("+ windows K=2, O=1", "cbq", ["--rounding", "nearest", *NOCFP]),
     "lora": ("+ LoRA-Rounding (from GPTQ codes)", "cbq", ["--rounding", "lora", *NOCFP]),
-    "cbq": ("+ CFP (= CBQ)", "cbq", ["--rounding", "lora"]),
+    "cbq": ("CBQ (= + CFP)", "cbq", ["--rounding", "lora"]),
     "adaround": ("CBQ with full AdaRound", "cbq", ["--rounding", "full"]),
     "cbq-rtninit": ("CBQ, rounding from nearest", "cbq", ["--rounding-init", "nearest"]),
     "cbq-long": ("CBQ, default preset (2 epochs, 32 x 512)", "cbq", []),
@@ -103,7 +103,9 @@ def summarize(results: dict, a) -> str:
         "Perplexity: mean ± sample std over calibration seeds (n). Seconds: quantization wall time; peak RSS: "
         "whole process.",
         "",
-        f"Command: `python benchmarks/cbq_ladder.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "Command: `python benchmarks/cbq_ladder.py [--settings ...] [--rows ...] [--seeds ...]` "
+        "(runs accumulate in cbq_ladder.json; each invocation skips finished runs; the "
+        "invocations behind this table are listed in the README).",
         machine_line(),
         "",
     ]
