@@ -109,3 +109,21 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     m.save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+class Crash(Exception):
+    """Raised by :func:`crash_on_call` to simulate a killed run."""
+
+
+def crash_on_call(monkeypatch, cls, method: str, n: int) -> None:
+    """Make ``cls.method`` raise :class:`Crash` on its ``n``-th call (earlier calls run)."""
+    original = getattr(cls, method)
+    calls = {"n": 0}
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Crash
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, crashing)

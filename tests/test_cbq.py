@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from conftest import Crash, crash_on_call, random_ids, tiny_model
 
 from slimkit import CBQConfig, RTNConfig, quantize
 from slimkit.core.errors import SlimkitError
@@ -140,7 +140,7 @@ def _state(model):
     return q["records"], q["act_params"]
 
 
-def test_resume_after_crash_gives_identical_quantized_weights(tmp_path):
+def test_resume_after_crash_gives_identical_quantized_weights(tmp_path, monkeypatch):
     ids = random_ids(4, 16)
     cfg = CBQConfig(wbits=3, abits=6, group_size=16, epochs=2, train_batch_size=2, batch_size=2)
     base = tiny_model("llama", layers=4)
@@ -148,25 +148,11 @@ def test_resume_after_crash_gives_identical_quantized_weights(tmp_path):
     torch.manual_seed(1)
     full, _ = quantize(copy.deepcopy(base), cfg, ids)
 
-    class Crash(Exception):
-        pass
-
-    original = CBQ.on_window
-    calls = {"n": 0}
-
-    def crashing(self, win):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Crash
-        return original(self, win)
-
-    CBQ.on_window = crashing
-    torch.manual_seed(1)
-    try:
+    with monkeypatch.context() as mp:
+        crash_on_call(mp, CBQ, "on_window", 3)
+        torch.manual_seed(1)
         with pytest.raises(Crash):
             quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path)
-    finally:
-        CBQ.on_window = original
     torch.manual_seed(123)  # the checkpoint restores the RNG state
     resumed, _ = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path, resume=True)
     (ra, aa), (rb, ab) = _state(full), _state(resumed)

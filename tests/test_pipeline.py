@@ -7,7 +7,7 @@ from slimkit import SlimkitError
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOptions, plan_windows
 from slimkit.quant.api import quantize
 from slimkit.quant.methods import METHODS, GPTQConfig, RTNConfig, config_class
-from tests.conftest import FAMILIES, random_ids, tiny_model
+from tests.conftest import FAMILIES, Crash, crash_on_call, random_ids, tiny_model
 
 
 def test_plan_windows_k2_o1_visits_in_order():
@@ -99,11 +99,7 @@ def _gptq_weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-class Crash(Exception):
-    pass
-
-
-def test_resume_after_crash_gives_identical_weights(tmp_path):
+def test_resume_after_crash_gives_identical_weights(tmp_path, monkeypatch):
     ids = random_ids(6, 16)
     cfg = GPTQConfig(wbits=3, group_size=16, batch_size=2)
     base = tiny_model("llama", layers=4)
@@ -111,21 +107,10 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
 
     from slimkit.quant.methods import gptq
 
-    original = gptq.GPTQ.on_window
-    calls = {"n": 0}
-
-    def crashing(self, win):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Crash
-        return original(self, win)
-
-    gptq.GPTQ.on_window = crashing
-    try:
+    with monkeypatch.context() as mp:
+        crash_on_call(mp, gptq.GPTQ, "on_window", 3)
         with pytest.raises(Crash):
             quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path)
-    finally:
-        gptq.GPTQ.on_window = original
     assert (tmp_path / "progress.json").is_file()
     resumed, _ = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path, resume=True)
     a, b = _gptq_weights(full), _gptq_weights(resumed)

@@ -35,8 +35,8 @@ def detect_outliers(
 ) -> tuple[torch.Tensor, float]:
     """Outliers on the high side of the 1-D statistic ``v``.
 
-    Returns (mask of outliers, threshold = largest non-outlier value, or the coarse threshold when
-    fewer than two candidates pass the coarse stage). ``intra``: whose variance the fine stage
+    Returns (mask of outliers, threshold = largest non-outlier value; the coarse threshold when
+    no value passes the coarse stage). ``intra``: whose variance the fine stage
     penalises, ``rest`` (positive side) or ``top`` (the negative side, as in msModelSlim).
     """
     v = v.detach().double().flatten()
