@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from slimkit.core import dist
 from slimkit.core.config import add_arguments, from_args, load_yaml
@@ -210,6 +211,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 def cmd_list(argv: list[str]) -> int:
     from slimkit.data import CORPORA
+    from slimkit.export import FORMATS
     from slimkit.llm.block_maps import BLOCK_MAPS
     from slimkit.llm.models import MODELS
     from slimkit.prune import PRUNE_METHODS
@@ -221,6 +223,7 @@ def cmd_list(argv: list[str]) -> int:
         "models": MODELS,
         "datasets": CORPORA,
         "families": BLOCK_MAPS,
+        "formats": FORMATS,
     }
     p = argparse.ArgumentParser(prog="slimkit list")
     p.add_argument("what", choices=sorted(regs))
@@ -244,12 +247,116 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    from slimkit.export import FORMATS, ExportConfig, export
+
+    p = argparse.ArgumentParser(
+        prog="slimkit export",
+        description="Write a quantized run as a real packed model (no re-quantization).",
+    )
+    p.add_argument("run", help="run directory of `slimkit quantize` / `slimkit prune --then`")
+    p.add_argument("--out", required=True, help="output directory (a .gguf file for --format gguf)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(p, ExportConfig)
+    ns = p.parse_args(argv)
+    setup_logging(ns.verbose)
+    cfg = from_args(ExportConfig, ns)
+    r = export(ns.run, ns.out, cfg, overwrite=ns.overwrite)
+    print(
+        f"{ns.out}: {FORMATS.meta(cfg.format)['help']}, {r['size_bytes'] / 1e6:.1f} MB "
+        f"(fake-quant source {r['source_size_bytes'] / 1e6:.1f} MB)"
+    )
+    v = r.get("verify")
+    if v:
+        print(
+            f"verify ({v['reader']}): codes identical {v['codes_identical']}, max |logit diff| "
+            f"{v['max_abs_logit_diff_vs_reference']:.3g} (relative {v['relative_logit_diff']:.1e}), "
+            f"top-1 agreement {v['top1_agreement']:.4f}: {'PASSED' if v['passed'] else 'FAILED'}"
+        )
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from slimkit.export.runtime import generate
+
+    p = argparse.ArgumentParser(
+        prog="slimkit generate", description="Greedy text continuation with any slimkit model."
+    )
+    p.add_argument("model", help="export (dir or .gguf), run directory, registered name or HF id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    ns = p.parse_args(argv)
+    setup_logging()
+    if ns.max_new_tokens < 1:
+        raise SlimkitError("--max-new-tokens must be >= 1")
+    r = generate(ns.model, ns.prompt, ns.max_new_tokens)
+    print(f"[{r['how']}]", file=sys.stderr)
+    print(ns.prompt + r["text"])
+    print(
+        f"[{r['new_tokens']} tokens in {r['seconds']:.2f} s, {r['new_tokens'] / r['seconds']:.1f} tok/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    import json
+
+    from slimkit.export.runtime import bench_gguf
+
+    p = argparse.ArgumentParser(
+        prog="slimkit bench",
+        description="Size and llama.cpp prefill/decode tokens/s of a GGUF beside its F16 baseline.",
+    )
+    p.add_argument("model", help="a .gguf file written by slimkit export")
+    p.add_argument(
+        "--baseline", help="F16 GGUF to compare with (default: written from the base model)"
+    )
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="also write the results here")
+    ns = p.parse_args(argv)
+    setup_logging()
+    if not ns.model.endswith(".gguf"):
+        raise SlimkitError(
+            "slimkit bench measures GGUF files through llama.cpp (CPU speed is real there); export "
+            "with --format gguf first. compressed-tensors / GPTQ exports are served by vLLM on GPUs."
+        )
+    r = bench_gguf(
+        ns.model,
+        ns.baseline,
+        prompt_tokens=ns.prompt_tokens,
+        new_tokens=ns.new_tokens,
+        threads=ns.threads,
+    )
+    print(
+        f"engine: {r['engine']}; prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens"
+    )
+    print("| file | size MB | prefill tok/s | decode tok/s |\n|---|---|---|---|")
+    for k in ("model", "f16"):
+        print(
+            f"| {r['files'][k]} | {r['size_mb'][k]:.1f} | {r[k]['prefill_tok_s']:.1f} | {r[k]['decode_tok_s']:.1f} |"
+        )
+    x = r["ratios_vs_f16"]
+    print(
+        f"ratios vs F16: size {x['size']:.2f}, prefill {x['prefill']:.2f}, decode {x['decode']:.2f}"
+    )
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
 COMMANDS = {
     "quantize": cmd_quantize,
     "prune": cmd_prune,
     "eval": cmd_eval,
     "list": cmd_list,
     "demo": cmd_demo,
+    "export": cmd_export,
+    "generate": cmd_generate,
+    "bench": cmd_bench,
 }
 
 

@@ -1,0 +1,229 @@
+"""Exports: bit packing, the three formats read back by independent readers, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+
+import slimkit
+from slimkit.core.errors import SlimkitError
+from slimkit.export import ExportConfig, export, load_quantized
+from slimkit.export import gguf_format as gg
+from slimkit.export.gptq import read_gptq
+from slimkit.export.packing import pack_rows, unpack_rows_bitstream
+
+
+def make_run(tmp_path, tok, name="run", method="rtn", **kw):
+    cfg = (slimkit.GPTQConfig if method == "gptq" else slimkit.RTNConfig)(**kw)
+    model = tiny_model("llama", vocab=len(tok), layers=2)
+    model, _ = slimkit.quantize(model, cfg, random_ids(4, 32, len(tok)))
+    d = tmp_path / name
+    slimkit.save_quantized(model, tok, d)
+    return d
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [32, 64, 40])
+def test_pack_rows_round_trip(bits, n):
+    c = torch.randint(
+        0, 2**bits, (n, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(n)
+    )
+    p = pack_rows(c, bits)
+    assert p.dtype == torch.int32 and p.shape == (-(-n * bits // 32), 7)
+    assert torch.equal(torch.from_numpy(unpack_rows_bitstream(p.numpy(), bits, n)), c)
+
+
+def test_three_bit_words_straddle_as_the_gptq_reference():
+    v = [(5 * i + 3) % 8 for i in range(32)]
+    words = [
+        int(w) & 0xFFFFFFFF for w in pack_rows(torch.tensor(v, dtype=torch.uint8)[:, None], 3)[:, 0]
+    ]
+    w0 = sum(v[i] << (3 * i) for i in range(10)) | ((v[10] & 3) << 30)
+    w1 = (v[10] >> 2) | sum(v[11 + i] << (3 * i + 1) for i in range(10)) | ((v[21] & 1) << 31)
+    w2 = (v[21] >> 1) | sum(v[22 + i] << (3 * i + 2) for i in range(10))
+    assert words == [w0, w1, w2]
+
+
+CT_CASES = [
+    dict(wbits=4, group_size=32),
+    dict(wbits=4, group_size=64, sym=True),
+    dict(wbits=4, group_size=-1),
+    dict(wbits=8, group_size=64),
+    dict(wbits=8, group_size=-1, sym=True),
+]
+
+
+@pytest.mark.parametrize(
+    "kw", CT_CASES, ids=lambda k: f"w{k['wbits']}g{k['group_size']}{'s' if k.get('sym') else 'a'}"
+)
+def test_compressed_tensors_fp32_scales_reload_bit_exact(tmp_path, tiny_tokenizer, kw):
+    run = make_run(tmp_path, tiny_tokenizer, **kw)
+    r = export(
+        run,
+        tmp_path / "ct",
+        ExportConfig(format="compressed-tensors", dtype="float32", verify=True),
+    )
+    v = r["verify"]
+    assert v["codes_identical"] and v["passed"]
+    assert v["max_abs_weight_diff_vs_reference"] == 0.0  # fp32 scales: dequantization is exact
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["ignore"] == ["lm_head"]
+    w = cfg["config_groups"]["group_0"]["weights"]
+    assert w["num_bits"] == kw["wbits"] and w["symmetric"] == kw.get("sym", False)
+    assert w["strategy"] == ("channel" if kw["group_size"] == -1 else "group")
+
+
+def test_act_order_g_idx_goes_to_gptq_static_groups_to_compressed_tensors(tmp_path, tiny_tokenizer):
+    kw = dict(method="gptq", wbits=4, group_size=32, act_order=True)
+    run = make_run(tmp_path, tiny_tokenizer, name="ao", **kw)
+    qm = load_quantized(run)
+    assert any(qm.act_order(n) for n in qm.layers)  # the case is really exercised
+    with pytest.raises(SlimkitError, match="static-groups"):
+        export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors"))
+    r = export(run, tmp_path / "g", ExportConfig(format="gptq", verify=True))
+    assert r["verify"]["passed"] and r["verify"]["max_abs_weight_diff_vs_reference"] == 0.0
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]["desc_act"]
+    run = make_run(tmp_path, tiny_tokenizer, name="sg", static_groups=True, **kw)
+    r = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", verify=True))
+    v = r["verify"]
+    assert v["codes_identical"] and v["passed"] and v["top1_agreement"] == 1.0
+    assert 0 < v["max_abs_weight_diff_vs_reference"] < 1e-3  # fp16 dequantization arithmetic
+
+
+def test_compressed_tensors_w8a8_int_quantized(tmp_path, tiny_tokenizer):
+    run = make_run(tmp_path, tiny_tokenizer, wbits=8, group_size=-1, sym=True, abits=8)
+    r = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", verify=True))
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "int-quantized" and r["verify"]["passed"]
+    acts = cfg["config_groups"]["group_0"]["input_activations"]
+    assert acts["num_bits"] == 8 and acts["dynamic"] and acts["strategy"] == "token"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_v1_independent_reader_exact(tmp_path, tiny_tokenizer, bits):
+    run = make_run(tmp_path, tiny_tokenizer, wbits=bits, group_size=32)
+    r = export(run, tmp_path / "g", ExportConfig(format="gptq", verify=True))
+    v = r["verify"]
+    assert v["codes_identical"] and v["passed"]
+    assert v["max_abs_weight_diff_vs_reference"] == 0.0
+    assert v["max_abs_logit_diff_vs_reference"] == 0.0
+    qm = load_quantized(run)
+    codes, zeros, scales, g_idx = read_gptq(tmp_path / "g")["model.layers.0.mlp.down_proj"]
+    qw = qm.layers["model.layers.0.mlp.down_proj"]
+    assert np.array_equal(scales, qw.scale.half().float().numpy())
+    assert np.array_equal(g_idx, qw.g_idx.numpy())
+
+
+def test_gptq_v1_zero_point_zero_shifted_exactly_or_refused(tmp_path, tiny_tokenizer):
+    run = make_run(tmp_path, tiny_tokenizer, wbits=4, group_size=32)
+    qm = load_quantized(run)
+    from slimkit.export.gptq import v1_codes
+
+    qw = qm.layers["model.layers.0.self_attn.q_proj"]
+    qw.zero[0, 0] = 0.0  # a group whose zero is 0 and whose codes leave room: shift by one
+    cols = (qw.g_idx == 0).nonzero().flatten()
+    qw.codes[0, cols] = torch.clamp(qw.codes[0, cols], max=14)
+    codes, zero, n = v1_codes(qw, "q")
+    assert n >= 1 and zero.min() >= 1
+    idx = qw.g_idx.long()
+    assert torch.equal(codes.float() - zero[:, idx], qw.codes.float() - qw.zero[:, idx])
+    qw.codes[0, cols[0]] = 15  # the top code is used: no exact shift exists
+    with pytest.raises(SlimkitError, match="zero point 0"):
+        v1_codes(qw, "q")
+
+
+@pytest.mark.parametrize(
+    "sym,bits,kind", [(False, 4, "Q4_1"), (True, 4, "Q4_0"), (True, 8, "Q8_0")]
+)
+def test_gguf_transformers_reload_exact(tmp_path, tiny_tokenizer, sym, bits, kind):
+    run = make_run(tmp_path, tiny_tokenizer, wbits=bits, group_size=32, sym=sym)
+    out = tmp_path / "m.gguf"
+    r = export(run, out, ExportConfig(format="gguf", verify=True))
+    v = r["verify"]
+    assert r["gguf_types"] == [kind]
+    assert v["codes_identical"] and v["tokenizer_identical"] and v["passed"]
+    assert (
+        v["max_abs_weight_diff_vs_reference"] == 0.0 and v["max_abs_logit_diff_vs_reference"] == 0.0
+    )
+    import gguf
+
+    reader = gguf.GGUFReader(str(out))
+    t = {t.name: t for t in reader.tensors}
+    assert t["blk.0.attn_q.weight"].tensor_type.name == kind
+    assert t["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+    qm = load_quantized(run)
+    assert ("output.weight" in t) == (not qm.model.config.tie_word_embeddings)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    # gguf's own dequantizer reproduces slimkit's reference weight bit for bit
+    name = "model.layers.1.mlp.up_proj"
+    deq = gguf.quants.dequantize(
+        np.asarray(t["blk.1.ffn_up.weight"].data), t["blk.1.ffn_up.weight"].tensor_type
+    )
+    want = gg.GGUFExporter().reference_weight(qm.layers[name], ExportConfig(format="gguf"))
+    assert np.array_equal(deq, want.numpy())
+
+
+def test_gguf_without_rope_permutation_fails_verification(tmp_path, tiny_tokenizer, monkeypatch):
+    run = make_run(tmp_path, tiny_tokenizer, wbits=4, group_size=32)
+    monkeypatch.setattr(gg, "rope_permutation", lambda n, h: torch.arange(n))
+    with pytest.raises(SlimkitError, match="FAILED"):
+        export(run, tmp_path / "m.gguf", ExportConfig(format="gguf", verify=True))
+    assert (tmp_path / "m.gguf").exists()  # the files are kept for inspection
+
+
+def test_refusals_name_settings_that_fit(tmp_path, tiny_tokenizer):
+    run = make_run(tmp_path, tiny_tokenizer, name="g64", wbits=4, group_size=64)
+    with pytest.raises(SlimkitError, match="group-size 32"):
+        export(run, tmp_path / "m.gguf", ExportConfig(format="gguf"))
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.gguf.partial").exists()
+    run3 = make_run(tmp_path, tiny_tokenizer, name="w3", wbits=3, group_size=32)
+    with pytest.raises(SlimkitError, match="--format gptq"):
+        export(run3, tmp_path / "ct", ExportConfig(format="compressed-tensors"))
+    w4a4 = make_run(tmp_path, tiny_tokenizer, name="w4a4", wbits=4, group_size=32, abits=4)
+    for fmt in ("compressed-tensors", "gptq", "gguf"):
+        with pytest.raises(SlimkitError, match="--weights-only"):
+            export(w4a4, tmp_path / f"x-{fmt}", ExportConfig(format=fmt))
+    r = export(w4a4, tmp_path / "w", ExportConfig(format="gptq", weights_only=True, verify=True))
+    assert r["verify"]["passed"] and "Weights only" in (tmp_path / "w" / "README.md").read_text()
+    with pytest.raises(SlimkitError, match="not a quantized slimkit run"):
+        export(tmp_path / "nothing", tmp_path / "y", ExportConfig())
+
+
+def test_killed_export_leaves_no_final_output(tmp_path, tiny_tokenizer, monkeypatch):
+    from conftest import Crash, crash_on_call
+
+    from slimkit.export.gptq import GPTQExporter
+
+    run = make_run(tmp_path, tiny_tokenizer, wbits=4, group_size=32)
+    crash_on_call(monkeypatch, GPTQExporter, "write", 1)
+    with pytest.raises(Crash):
+        export(run, tmp_path / "g", ExportConfig(format="gptq"))
+    assert not (tmp_path / "g").exists()
+    monkeypatch.undo()
+    export(run, tmp_path / "g", ExportConfig(format="gptq"))  # a rerun replaces the leftover
+    assert (tmp_path / "g" / "model.safetensors").is_file()
+    assert not (tmp_path / "g.partial").exists()
+
+
+def test_cli_export_and_generate(tmp_path, tiny_tokenizer, capsys):
+    from slimkit.cli import main
+
+    run = make_run(tmp_path, tiny_tokenizer, wbits=4, group_size=32)
+    assert (
+        main(
+            ["export", str(run), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--verify"]
+        )
+        == 0
+    )
+    assert "PASSED" in capsys.readouterr().out
+    for target in (tmp_path / "m.gguf", run):
+        assert main(["generate", str(target), "--prompt", "The city", "--max-new-tokens", "4"]) == 0
+    outs = capsys.readouterr()
+    texts = [line for line in outs.out.splitlines() if line.startswith("The city")]
+    assert len(texts) == 2 and texts[0] == texts[1]  # the GGUF generates what the run generates
+    assert "dequantized" in outs.err
+    assert main(["export", str(run), "--format", "nope", "--out", str(tmp_path / "z")]) == 2
