@@ -10,6 +10,7 @@ import torch
 from conftest import random_ids, tiny_model
 
 import slimkit
+import slimkit.cli
 from slimkit.core.errors import SlimkitError
 from slimkit.export import ExportConfig, export, load_quantized
 from slimkit.export import gguf_format as gg
@@ -86,7 +87,9 @@ def test_act_order_g_idx_goes_to_gptq_static_groups_to_compressed_tensors(tmp_pa
         export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors"))
     r = export(run, tmp_path / "g", ExportConfig(format="gptq", verify=True))
     assert r["verify"]["passed"] and r["verify"]["max_abs_weight_diff_vs_reference"] == 0.0
-    assert json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]["desc_act"]
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"][
+        "desc_act"
+    ]
     run = make_run(tmp_path, tiny_tokenizer, name="sg", static_groups=True, **kw)
     r = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", verify=True))
     v = r["verify"]
@@ -227,3 +230,29 @@ def test_cli_export_and_generate(tmp_path, tiny_tokenizer, capsys):
     assert len(texts) == 2 and texts[0] == texts[1]  # the GGUF generates what the run generates
     assert "dequantized" in outs.err
     assert main(["export", str(run), "--format", "nope", "--out", str(tmp_path / "z")]) == 2
+
+
+def test_f16_baseline_gguf_is_the_base_model(tmp_path, tiny_tokenizer, tiny_model_dir):
+    """The speed baseline of `slimkit bench`: an F16 GGUF written from the run's base model."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.export.runtime import write_f16_gguf
+    from slimkit.llm.models import load_model
+
+    run = tmp_path / "run"
+    slimkit.cli.main(["quantize", str(tiny_model_dir), "--method", "rtn", "--wbits", "4",
+                      "--group-size", "32", "--out", str(run)])  # fmt: skip
+    export(run, tmp_path / "m.gguf", ExportConfig(format="gguf"))
+    base = write_f16_gguf(tmp_path / "m.gguf", tmp_path / "f16.gguf")
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(base)).tensors}
+    assert types == {"F16", "F32"}
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="f16.gguf", dtype=torch.float32
+    )
+    ref, _ = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.half().float() if p.dim() > 1 else p)
+        ids = random_ids(1, 16, len(tiny_tokenizer))
+        assert torch.allclose(loaded(ids).logits, ref(ids).logits, atol=1e-5)

@@ -89,7 +89,7 @@ class QuantizedModel:
     meta: dict  # quantization.json
     layers: dict[str, QuantizedWeight]
     act_params: dict[str, dict[str, torch.Tensor]]
-    run: dict  # run.json (may be empty)
+    run: dict  # report.json of the run (may be empty)
 
     @property
     def config(self) -> dict:
@@ -142,7 +142,7 @@ def load_quantized(run_dir: str | Path) -> QuantizedModel:
         params = {k.split(".")[-1]: v for k, v in state.items() if k.startswith(f"{name}.act_")}
         if params:
             act_params[name] = params
-    run = json.loads((p / "run.json").read_text()) if (p / "run.json").is_file() else {}
+    run = json.loads((p / "report.json").read_text()) if (p / "report.json").is_file() else {}
     return QuantizedModel(p, model, tok, meta, layers, act_params, run)
 
 

@@ -100,9 +100,11 @@ def write_f16_gguf(gguf_path: Path, out: Path) -> Path:
 
     r = gguf.GGUFReader(str(gguf_path))
     field = r.fields.get("slimkit.base_model")
-    if field is None:
-        raise SlimkitError(f"{gguf_path} was not written by slimkit: pass --baseline F16.gguf")
-    base = field.contents()
+    base = field.contents() if field is not None else ""
+    if not base:
+        raise SlimkitError(
+            f"{gguf_path} does not name the model it was made from: pass --baseline F16.gguf"
+        )
     model, tok = load_model(base)
     qm = QuantizedModel(Path(base), model, tok, {"config": {}}, {}, {}, {"model": base})
     GGUFExporter().write(qm, ExportConfig(format="gguf"), out)

@@ -193,7 +193,13 @@ def quantize_run(
 
 def load_for_eval(path_or_name: str):
     """A slimkit run directory (fake-quant weights + activation quantizers) or any model."""
+    from slimkit.export.runtime import describe, load_for_generation
+
     p = Path(path_or_name)
+    if describe(p) != "transformers":  # an export: compressed-tensors, GPTQ or GGUF
+        model, tok, how = load_for_generation(p)
+        log.info("%s: %s", p, how)
+        return model, tok, {"method": f"export ({describe(p)})"}
     if p.is_dir() and (p / "quantization.json").is_file():
         model, tok = load_model(str(p))
         meta = attach_saved_activation_quantizers(model, p)
