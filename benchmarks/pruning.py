@@ -47,6 +47,11 @@ ROWS: dict[str, tuple[str, list[str], bool]] = {
         ["--method", "structured", "--sparsity", "0.25"],
         True,
     ),
+    "structured-25-h33": (
+        "structured: 25 % of FFN channels and 1 of 3 KV head groups (3 of 9 heads) removed",
+        ["--method", "structured", "--sparsity", "0.25", "--heads", "0.34"],
+        True,
+    ),
 }
 
 
@@ -134,13 +139,16 @@ def summarize(results: dict, a) -> str:
             f"| {label} | {len(runs)} | {cells[0]} | {cells[1]} | {sp} | "
             f"{mean_std([r['seconds'] for r in runs], '{:.0f}')} | {runs[0]['size_mb']:.0f} |"
         )
-    dec = [v["decode"] for k, v in results.items() if "decode" in v]
-    if dec:
-        d = dec[0]
+    dec = [(k.rsplit("-s", 1)[0], v["decode"]) for k, v in results.items() if "decode" in v]
+    seen = set()
+    for row, d in dec:
+        if row in seen:
+            continue
+        seen.add(row)
         lines += [
             "",
             f"Greedy decode, 64 new tokens, batch 1, best of 3, same process: dense {d['dense_tok_s']:.1f} tok/s, "
-            f"structured-25 {d['pruned_tok_s']:.1f} tok/s (ratio {d['ratio']:.2f}).",
+            f"{row} {d['pruned_tok_s']:.1f} tok/s (ratio {d['ratio']:.2f}).",
         ]
     return "\n".join(lines) + "\n"
 

@@ -282,3 +282,42 @@ def test_structured_keeps_the_most_important_channels():
     kept = model.model.layers[0].mlp.down_proj.weight.detach()
     assert kept.shape[1] == 128 - 115
     assert any(torch.equal(kept[:, j], column) for j in range(kept.shape[1]))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_structured_head_pruning_removes_whole_kv_groups(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.prune import StructuredConfig
+
+    model = tiny_model(family)  # 4 query heads sharing 2 key/value heads
+    c = model.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    dense = sum(p.numel() for p in model.parameters())
+    ids = random_ids(4, 16)
+    model, report = prune(model, StructuredConfig(sparsity="0.0", heads=0.5, batch_size=2), ids)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 1)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    n = sum(p.numel() for p in loaded.parameters())
+    # per block: q and o lose 2 heads x hd x hidden each, k and v one head x hd x hidden each
+    assert dense - n == 2 * (2 * 2 * hd + 2 * hd) * c.hidden_size == dense - report["parameters"]
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_structured_head_pruning_keeps_the_important_group():
+    from slimkit.prune import StructuredConfig
+
+    model = tiny_model("llama", layers=1)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():  # group 0 = query heads 0-1 = o_proj input columns 0..31
+        attn.o_proj.weight[:, :32] *= 100
+    q_kept = attn.q_proj.weight[:32].detach().clone()
+    k_kept = attn.k_proj.weight[:16].detach().clone()
+    model, _ = prune(model, StructuredConfig(sparsity="0.0", heads=0.5, score="magnitude"))
+    assert torch.equal(attn.q_proj.weight, q_kept) and torch.equal(attn.k_proj.weight, k_kept)
+    with pytest.raises(SlimkitError, match="smallest step"):
+        prune(tiny_model("llama"), StructuredConfig(sparsity="0.0", heads=0.2, score="magnitude"))
+    with pytest.raises(SlimkitError, match="Llama family"):
+        prune(tiny_model("opt"), StructuredConfig(sparsity="0.0", heads=0.5, score="magnitude"))

@@ -33,6 +33,9 @@ class BlockMap:
     # FFN channels for structured pruning: (linears producing the hidden channels, the linear
     # consuming them, the config field holding the FFN width)
     ffn: tuple[tuple[str, ...], str, str] | None = None
+    # attention heads for structured pruning: (q, k, v, o) linears; only where the model reads
+    # the head count and head_dim from its config (Llama family)
+    attn: tuple[str, str, str, str] | None = None
     smooth_ok: Callable[[object], bool] = field(default=lambda config: True)
 
     def linears(self) -> list[str]:
@@ -63,6 +66,7 @@ _register(
         sequential=_LLAMA_SEQ,
         smooth=_LLAMA_SMOOTH,
         ffn=(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size"),
+        attn=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     )
 )
 _register(
