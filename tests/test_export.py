@@ -256,3 +256,20 @@ def test_f16_baseline_gguf_is_the_base_model(tmp_path, tiny_tokenizer, tiny_mode
             p.copy_(p.half().float() if p.dim() > 1 else p)
         ids = random_ids(1, 16, len(tiny_tokenizer))
         assert torch.allclose(loaded(ids).logits, ref(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["opt", "qwen2", "gpt2"])
+def test_other_families(tmp_path, family):
+    """OPT and Qwen2 (linear biases) export to compressed-tensors and GPTQ; GPT-2's Conv1D is refused."""
+    model = tiny_model(family)
+    model, _ = slimkit.quantize(model, slimkit.RTNConfig(wbits=4, group_size=32), random_ids(2, 16))
+    slimkit.save_quantized(model, None, tmp_path / "run")
+    if family == "gpt2":
+        with pytest.raises(SlimkitError, match="Conv1D"):
+            export(tmp_path / "run", tmp_path / "ct", ExportConfig())
+        return
+    for fmt in ("compressed-tensors", "gptq"):
+        r = export(tmp_path / "run", tmp_path / fmt, ExportConfig(format=fmt, verify=True))
+        assert r["verify"]["passed"] and r["verify"]["codes_identical"]
+    with pytest.raises(SlimkitError, match="Llama family"):
+        export(tmp_path / "run", tmp_path / "m.gguf", ExportConfig(format="gguf"))

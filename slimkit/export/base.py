@@ -131,6 +131,11 @@ def load_quantized(run_dir: str | Path) -> QuantizedModel:
             spec=QuantSpec(**spec),
         )
         module = get_module(model, name)
+        if module is not None and not isinstance(module, nn.Linear):
+            raise SlimkitError(
+                f"exports write nn.Linear layers; {name} is a {type(module).__name__} "
+                f"({model.config.model_type}), which no export format here handles yet"
+            )
         if module is None or tuple(module.weight.shape) != tuple(qw.codes.shape):
             raise SlimkitError(f"{p}: layer {name} of {QUANT_STATE} does not match the model")
         if not torch.equal(module.weight.detach().float(), qw.dequantize()):
