@@ -348,6 +348,88 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
+def _train_cmd(argv: list[str], prog: str, cfg_cls: type, description: str) -> int:
+    from slimkit.kd.train import run_training
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    known, _ = pre.parse_known_args(argv)
+    recipe = load_yaml(known.recipe) if known.recipe else {}
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--recipe", help="YAML file of option: value pairs (flags override it)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.partial's last epoch")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(p, cfg_cls)
+    ns = p.parse_args(argv)
+    setup_logging(ns.verbose)
+    (part,) = _split_recipe(recipe, [cfg_cls])
+    cfg = from_args(cfg_cls, ns, part)
+    r = run_training(cfg, out=ns.out, resume=ns.resume, overwrite=ns.overwrite,
+                     command=f"slimkit {prog.split()[-1]} " + shlex.join(argv))  # fmt: skip
+    if r:
+        print(f"{r['out']}: last top-1 {r['last']['top1']:.2f} %, best {r['best']['top1']:.2f} % "
+              f"(epoch {r['best']['epoch']}), {r['seconds']:.0f} s")  # fmt: skip
+    return 0
+
+
+def cmd_train_classifier(argv: list[str]) -> int:
+    from slimkit.kd.train import TrainConfig
+
+    return _train_cmd(argv, "slimkit train-classifier", TrainConfig,
+                      "Train a timm image classifier (e.g. a teacher) with cross-entropy.")  # fmt: skip
+
+
+def cmd_distill(argv: list[str]) -> int:
+    from slimkit.kd.train import DistillConfig
+
+    return _train_cmd(argv, "slimkit distill", DistillConfig,
+                      "Distil a frozen teacher into a student (KD, DKD, DIST, FitNet, OFA).")  # fmt: skip
+
+
+def cmd_cka(argv: list[str]) -> int:
+    import json
+
+    from slimkit.kd.cka import cka_matrix, plot_cka
+    from slimkit.kd.train import load_model_from_run
+    from slimkit.vision.data import load_images
+
+    p = argparse.ArgumentParser(
+        prog="slimkit cka", description="Linear CKA between every teacher and student stage."
+    )
+    p.add_argument(
+        "--teacher", required=True, help="run directory (or weights file with --teacher-arch)"
+    )
+    p.add_argument("--teacher-arch", default="")
+    p.add_argument(
+        "--student", required=True, help="run directory (or weights file with --student-arch)"
+    )
+    p.add_argument("--student-arch", default="")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--max-images", type=int, default=512, help="test images used")
+    p.add_argument("--plot", help="write the heat-map here (PNG)")
+    p.add_argument("--json", help="write the matrix here")
+    ns = p.parse_args(argv)
+    setup_logging()
+    data = load_images(ns.data, ns.img_size)
+    t = load_model_from_run(ns.teacher, ns.teacher_arch, data)
+    s = load_model_from_run(ns.student, ns.student_arch, data)
+    x = data.test.tensors[0][: ns.max_images]
+    m = cka_matrix(t, s, x)
+    print("CKA (rows: teacher stages 1-4, columns: student stages 1-4)")
+    for i, row in enumerate(m.tolist()):
+        print(f"T{i + 1} " + " ".join(f"{v:.3f}" for v in row))
+    print(f"mean diagonal {m.diagonal().mean():.3f}")
+    if ns.plot:
+        plot_cka(m, ns.plot, f"linear CKA on {ns.data} ({len(x)} test images)", Path(ns.teacher).name,
+                 Path(ns.student).name)  # fmt: skip
+    if ns.json:
+        Path(ns.json).write_text(json.dumps({"cka": m.tolist(), "images": len(x)}, indent=1) + "\n")
+    return 0
+
+
 COMMANDS = {
     "quantize": cmd_quantize,
     "prune": cmd_prune,
@@ -357,6 +439,9 @@ COMMANDS = {
     "export": cmd_export,
     "generate": cmd_generate,
     "bench": cmd_bench,
+    "train-classifier": cmd_train_classifier,
+    "distill": cmd_distill,
+    "cka": cmd_cka,
 }
 
 

