@@ -35,6 +35,8 @@ _register_tiny("tiny-vit", "vit", "ViT: patch 4, width 64, depth 8, 4 heads (tim
                patch_size=4, embed_dim=64, depth=8, num_heads=4)  # fmt: skip
 _register_tiny("tiny-resnet", "resnet18", "ResNet: one basic block per stage, widths 16/32/64/128",
                layers=[1, 1, 1, 1], channels=(16, 32, 64, 128), stem_width=16)  # fmt: skip
+_register_tiny("small-resnet", "resnet18", "ResNet: two basic blocks per stage, widths 32/64/128/256",
+               layers=[2, 2, 2, 2], channels=(32, 64, 128, 256), stem_width=32)  # fmt: skip
 _register_tiny("tiny-mixer", "mixer", "MLP-Mixer: patch 4, width 64, 8 blocks (timm MlpMixer)",
                patch_size=4, embed_dim=64, num_blocks=8)  # fmt: skip
 _register_tiny("tiny-swin", "swin", "Swin: patch 2, widths 16..128, one block per stage, window 2",
