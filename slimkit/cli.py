@@ -212,6 +212,9 @@ def cmd_eval(argv: list[str]) -> int:
 def cmd_list(argv: list[str]) -> int:
     from slimkit.data import CORPORA
     from slimkit.export import FORMATS
+    from slimkit.kd.losses import LOSSES
+    from slimkit.vision.data import IMAGE_SETS
+    from slimkit.vision.models import TINY
     from slimkit.llm.block_maps import BLOCK_MAPS
     from slimkit.llm.models import MODELS
     from slimkit.prune import PRUNE_METHODS
@@ -224,6 +227,9 @@ def cmd_list(argv: list[str]) -> int:
         "datasets": CORPORA,
         "families": BLOCK_MAPS,
         "formats": FORMATS,
+        "vision-models": TINY,
+        "images": IMAGE_SETS,
+        "losses": LOSSES,
     }
     p = argparse.ArgumentParser(prog="slimkit list")
     p.add_argument("what", choices=sorted(regs))

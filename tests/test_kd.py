@@ -225,3 +225,27 @@ def test_distill_under_torchrun_matches_one_process(tmp_path, teacher_run):
         load_file(tmp_path / "two" / "model.safetensors"),
     )
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_image_sets_are_deterministic_and_split_cleanly(tmp_path):
+    import numpy as np
+
+    from slimkit.vision.data import draw_shapes, load_images, random_shift, stratified_split
+
+    a, ya = draw_shapes(40, 16, seed=3)
+    b, yb = draw_shapes(40, 16, seed=3)
+    assert np.array_equal(a, b) and np.array_equal(ya, yb) and len(set(ya.tolist())) == 8
+    assert not np.array_equal(a, draw_shapes(40, 16, seed=4)[0])
+    y = np.repeat(np.arange(4), 25)
+    tr, te = stratified_split(y, 0.2)
+    assert len(set(tr) & set(te)) == 0 and len(tr) + len(te) == 100
+    assert all((y[te] == c).sum() == 5 for c in range(4))
+    d = load_images("digits", 16)
+    assert (d.num_classes, d.in_chans, d.img_size) == (10, 1, 16) and len(d.test) == 599
+    x = torch.arange(1.0, 17.0).reshape(1, 1, 4, 4)
+    assert torch.equal(random_shift(x, 0, torch.Generator()), x)
+    shifted = random_shift(x.repeat(8, 1, 1, 1), 1, torch.Generator().manual_seed(0))
+    assert all((s == 0).sum() in (0, 4, 7) for s in shifted)  # zero rows / columns came in
+    assert any((s == 0).sum() > 0 for s in shifted)
+    with pytest.raises(SlimkitError, match="not a directory"):
+        load_images(f"imagefolder:{tmp_path / 'none'}")
