@@ -213,12 +213,12 @@ def cmd_list(argv: list[str]) -> int:
     from slimkit.data import CORPORA
     from slimkit.export import FORMATS
     from slimkit.kd.losses import LOSSES
-    from slimkit.vision.data import IMAGE_SETS
-    from slimkit.vision.models import TINY
     from slimkit.llm.block_maps import BLOCK_MAPS
     from slimkit.llm.models import MODELS
     from slimkit.prune import PRUNE_METHODS
     from slimkit.quant.methods import METHODS
+    from slimkit.vision.data import IMAGE_SETS
+    from slimkit.vision.models import TINY
 
     regs = {
         "methods": METHODS,
