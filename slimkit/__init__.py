@@ -12,6 +12,7 @@ from slimkit import data
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.evaluate import perplexity
 from slimkit.llm.models import load_model
+from slimkit.lm import pangu_pi as _pangu_pi  # noqa: F401  (registers pangu_pi with the Auto classes)
 from slimkit.prune import MagnitudeConfig, SparseGPTConfig, WandaConfig, prune
 from slimkit.quant.api import quantize, save_quantized
 from slimkit.quant.methods import (

@@ -436,6 +436,68 @@ def cmd_cka(argv: list[str]) -> int:
     return 0
 
 
+def cmd_train_lm(argv: list[str]) -> int:
+    from slimkit.lm.train import LMTrainConfig, train_lm
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    known, _ = pre.parse_known_args(argv)
+    recipe = load_yaml(known.recipe) if known.recipe else {}
+    p = argparse.ArgumentParser(
+        prog="slimkit train-lm", description="Pre-train a small causal LM (PanGu-π or Llama)."
+    )
+    p.add_argument("--recipe", help="YAML file of option: value pairs (flags override it)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from OUT.partial's last checkpoint"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(p, LMTrainConfig)
+    ns = p.parse_args(argv)
+    setup_logging(ns.verbose)
+    (part,) = _split_recipe(recipe, [LMTrainConfig])
+    cfg = from_args(LMTrainConfig, ns, part)
+    r = train_lm(cfg, out=ns.out, resume=ns.resume, overwrite=ns.overwrite,
+                 command="slimkit train-lm " + shlex.join(argv))  # fmt: skip
+    if r:
+        print(f"{r['out']}: {r['parameters']:,} parameters, validation ppl {r['final_val_ppl']:.2f}, "
+              f"{r['tokens_per_second']:.0f} tokens/s")  # fmt: skip
+    return 0
+
+
+def cmd_analyze_collapse(argv: list[str]) -> int:
+    import json
+
+    from slimkit.data.text import eval_windows
+    from slimkit.llm.models import load_model
+    from slimkit.lm.collapse import collapse_profile, plot_profiles
+
+    p = argparse.ArgumentParser(prog="slimkit analyze-collapse",
+                                description="Per-layer feature collapse (d_rel, effective dimension d(0.8)).")  # fmt: skip
+    p.add_argument("models", nargs="+", help="model directories / names (compared in one plot)")
+    p.add_argument("--data", default="wiki-offline")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--windows", type=int, default=8, help="validation windows averaged")
+    p.add_argument("--plot", help="write the per-layer plot here (PNG)")
+    p.add_argument("--json", help="write the profiles here")
+    ns = p.parse_args(argv)
+    setup_logging()
+    profiles = {}
+    for name in ns.models:
+        model, tok = load_model(name)
+        w = eval_windows(tok, ns.data, ns.seq_len, max_windows=ns.windows, split="validation")
+        profiles[name] = collapse_profile(model, w)
+        print(f"{name}\nlayer  d_rel   d(0.8)  cos")
+        for r in profiles[name]:
+            print(f"{r['layer']:5d}  {r['d_rel']:.3f}  {r['d80']:6.1f}  {r['cos']:.3f}")
+    if ns.plot:
+        plot_profiles(profiles, ns.plot)
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(profiles, indent=1) + "\n")
+    return 0
+
+
 COMMANDS = {
     "quantize": cmd_quantize,
     "prune": cmd_prune,
@@ -448,6 +510,8 @@ COMMANDS = {
     "train-classifier": cmd_train_classifier,
     "distill": cmd_distill,
     "cka": cmd_cka,
+    "train-lm": cmd_train_lm,
+    "analyze-collapse": cmd_analyze_collapse,
 }
 
 

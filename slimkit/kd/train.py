@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from slimkit.core import dist
 from slimkit.core.config import save_yaml, to_dict
 from slimkit.core.errors import SlimkitError
+from slimkit.core.optim import warmup_cosine
 from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
 from slimkit.kd.distiller import Distiller
 from slimkit.kd.losses import LOSSES, LossSettings, parse_losses, total_loss
@@ -161,17 +161,9 @@ def _teacher(cfg: DistillConfig, data: ImageData) -> nn.Module:
 
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
-    warm = int(cfg.warmup_epochs * steps_per_epoch)
-    floor = cfg.min_lr / cfg.lr
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(total - warm, 1)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return f
+    return warmup_cosine(
+        cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr / cfg.lr
+    )
 
 
 @torch.no_grad()

@@ -71,6 +71,31 @@ _register(
 )
 _register(
     BlockMap(
+        family="pangu_pi",
+        model_types=("pangu_pi",),
+        blocks="model.layers",
+        pre_blocks=("model.embed_tokens", "model.rotary_emb"),
+        post_blocks=("model.norm", "lm_head"),
+        # the augmented shortcut reads the attention input (as_down) and its own GELU (as_up)
+        sequential=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.as_down"),
+            ("self_attn.as_up",),
+            ("self_attn.o_proj",),
+            ("mlp.gate_proj", "mlp.up_proj"),
+            ("mlp.down_proj",),
+        ),
+        smooth=(
+            (
+                "input_layernorm",
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.as_down"),
+            ),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
+        # no structured FFN map: SIAF's per-channel a_i, b_i would have to be sliced too
+    )
+)
+_register(
+    BlockMap(
         family="opt",
         model_types=("opt",),
         blocks="model.decoder.layers",

@@ -1,0 +1,278 @@
+"""Pre-training small causal LMs (PanGu-π or vanilla Llama) on slimkit's text corpora.
+
+Data: the corpus' train split, documents in key order joined with a blank line, tokenized once
+into a packed token stream (cached under ``$SLIMKIT_CACHE/tokens``). Step s draws its windows at
+offsets from a generator seeded with (seed, s), so a run resumed from a checkpoint sees exactly
+the batches an uninterrupted run sees. Evaluation: GPTQ-protocol perplexity on the first
+``eval_windows`` windows of the validation split.
+
+Under ``torchrun`` each rank takes an equal slice of every global batch (gloo on CPU, nccl on
+GPU); DDP averages gradients, so the loss curve matches one process with the same global batch.
+Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimkit.core import dist
+from slimkit.core.config import save_yaml, to_dict
+from slimkit.core.errors import SlimkitError
+from slimkit.core.optim import warmup_cosine
+from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
+from slimkit.data.text import _tokenize, eval_windows, load_documents
+from slimkit.llm.evaluate import perplexity
+from slimkit.llm.models import cache_dir
+from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
+
+log = logging.getLogger("slimkit")
+ARCHS = ("pangu-pi", "llama")
+
+
+@dataclass
+class LMTrainConfig:
+    arch: str = field(
+        default="pangu-pi",
+        metadata={
+            "help": "pangu-pi (SIAF/AS switchable) or llama (vanilla)",
+            "choices": list(ARCHS),
+        },
+    )
+    tokenizer: str = field(
+        default="smollm2-135m",
+        metadata={"help": "tokenizer: a registered model, HF id or directory"},
+    )
+    init: str = field(
+        default="", metadata={"help": "start from this model directory instead of a random init"}
+    )
+    hidden_size: int = field(default=128, metadata={"help": "model width d"})
+    intermediate_size: int = field(default=384, metadata={"help": "FFN width"})
+    layers: int = field(default=8, metadata={"help": "decoder blocks"})
+    heads: int = field(default=4, metadata={"help": "attention heads"})
+    kv_heads: int = field(default=2, metadata={"help": "key/value heads (GQA)"})
+    siaf: bool = field(default=True, metadata={"help": "series informed activation (pangu-pi)"})
+    siaf_terms: int = field(default=2, metadata={"help": "SIAF terms n"})
+    augmented_shortcut: bool = field(
+        default=True, metadata={"help": "augmented shortcut (pangu-pi)"}
+    )
+    as_ratio: int = field(default=32, metadata={"help": "AS bottleneck: width d / as_ratio"})
+    data: str = field(
+        default="wiki-offline", metadata={"help": "training corpus (slimkit list datasets)"}
+    )
+    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
+    batch_size: int = field(default=16, metadata={"help": "global sequences per optimizer step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    steps: int = field(default=500, metadata={"help": "optimizer steps"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=3e-4, metadata={"help": "final learning rate (cosine)"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay (betas 0.9, 0.95)"}
+    )
+    clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
+    eval_every: int = field(
+        default=100, metadata={"help": "evaluate every N steps (and at the end)"}
+    )
+    eval_windows: int = field(default=20, metadata={"help": "validation windows of seq_len tokens"})
+    checkpoint_every: int = field(default=50, metadata={"help": "checkpoint every N steps"})
+    bf16: str = field(
+        default="auto",
+        metadata={
+            "help": "bf16 autocast: auto (on CUDA), on, off",
+            "choices": ["auto", "on", "off"],
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "initialisation and data-order seed"})
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise SlimkitError(f"--arch must be one of {', '.join(ARCHS)}")
+        for name in (
+            "hidden_size",
+            "layers",
+            "heads",
+            "seq_len",
+            "batch_size",
+            "steps",
+            "grad_accum",
+        ):
+            if getattr(self, name) < 1:
+                raise SlimkitError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise SlimkitError(
+                "--hidden-size must be divisible by --heads, and --heads by --kv-heads"
+            )
+        if self.batch_size % self.grad_accum:
+            raise SlimkitError("--batch-size must be divisible by --grad-accum")
+
+    def model_config(self, vocab_size: int, tok) -> PanguPiConfig:
+        pangu = self.arch == "pangu-pi"
+        return PanguPiConfig(
+            vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+            max_position_embeddings=max(self.seq_len, 2048), tie_word_embeddings=True,
+            siaf=pangu and self.siaf, siaf_terms=self.siaf_terms,
+            augmented_shortcut=pangu and self.augmented_shortcut, as_ratio=self.as_ratio,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )  # fmt: skip
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from slimkit.llm.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def token_stream(tok, corpus: str, split: str = "train") -> torch.Tensor:
+    """The split tokenized once (documents in key order, blank-line separated), int32, cached."""
+    vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False)
+    key = hashlib.sha256(f"{corpus}|{split}|{vocab}".encode()).hexdigest()[:16]
+    path = cache_dir() / "tokens" / f"{corpus}-{split}-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    docs = load_documents(corpus, split)
+    ids: list[int] = []
+    for i in range(0, len(docs), 256):
+        ids += _tokenize(tok, "\n\n".join(d.text for d in docs[i : i + 256]) + "\n\n")
+    t = torch.tensor(ids, dtype=torch.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(t, tmp)
+    tmp.replace(path)
+    return t
+
+
+def batch_at(stream: torch.Tensor, step: int, cfg: LMTrainConfig) -> torch.Tensor:
+    """The global batch of step ``step``: int64 [batch_size, seq_len + 1] (inputs and targets)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    starts = torch.randint(0, len(stream) - cfg.seq_len - 1, (cfg.batch_size,), generator=g)
+    return torch.stack([stream[s : s + cfg.seq_len + 1] for s in starts.tolist()]).long()
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x[:, :-1], use_cache=False).logits.float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
+             command: str = "") -> dict:  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(cfg.init or cfg.tokenizer)
+    stream = token_stream(tok, cfg.data, "train")
+    if len(stream) < cfg.seq_len + 2:
+        raise SlimkitError(f"{cfg.data} has only {len(stream)} training tokens")
+    val = eval_windows(tok, cfg.data, cfg.seq_len, max_windows=cfg.eval_windows, split="validation")
+    rank0 = dist.rank() == 0
+    rd = RunDir(out, resume=resume, overwrite=overwrite) if rank0 else None
+    torch.manual_seed(cfg.seed)
+    if cfg.init:
+        model = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+    else:
+        model = PanguPiForCausalLM(cfg.model_config(len(tok), tok))
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    model.to(device).train()
+    wrapped = nn.parallel.DistributedDataParallel(model) if dist.is_dist() else model
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))  # fmt: skip
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(cfg.steps, cfg.warmup_steps, cfg.min_lr / cfg.lr)
+    )
+    bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
+    history: list[dict] = []
+    evals: list[dict] = []
+    start = 0
+    ckpt = rd.checkpoint_dir / "last.pt" if rd else None
+    if rd and rd.resumed and ckpt.is_file():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        history, evals, start = st["history"], st["evals"], st["step"]
+        log.info("resumed after step %d", start)
+    world, r = dist.world_size(), dist.rank()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise SlimkitError(
+            f"--batch-size must be divisible by ranks x --grad-accum ({world} x {cfg.grad_accum})"
+        )
+    n_params = sum(p.numel() for p in model.parameters())
+    t0, tokens_done = time.time(), 0
+    for step in range(start, cfg.steps):
+        batch = batch_at(stream, step, cfg)
+        mine = batch[r * cfg.batch_size // world : (r + 1) * cfg.batch_size // world].to(device)
+        micro = mine.chunk(cfg.grad_accum)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, mb in enumerate(micro):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = lm_loss(wrapped, mb) / len(micro)
+            if dist.is_dist() and i < len(micro) - 1:
+                with wrapped.no_sync():
+                    loss.backward()
+            else:
+                loss.backward()
+            total += float(loss.detach())
+        if not torch.isfinite(torch.tensor(total)):
+            raise SlimkitError(f"non-finite loss at step {step + 1}; lower --lr")
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        sched.step()
+        loss_all = dist.all_reduce_sum(torch.tensor([total])).item() / world
+        tokens_done += cfg.batch_size * cfg.seq_len
+        history.append({"step": step + 1, "loss": loss_all, "lr": sched.get_last_lr()[0]})
+        done = step + 1
+        if rank0 and (done % cfg.eval_every == 0 or done == cfg.steps):
+            ppl = perplexity(model, val, batch_size=4, device=device)
+            model.train()
+            evals.append({"step": done, "val_ppl": ppl["ppl"]})
+            el = time.time() - t0
+            log.info("step %d/%d loss %.4f val ppl %.2f | %.0f tok/s, ETA %.0f s", done, cfg.steps, loss_all,
+                     ppl["ppl"], tokens_done / el, el / (done - start) * (cfg.steps - done))  # fmt: skip
+        if rank0 and (done % cfg.checkpoint_every == 0 and done < cfg.steps):
+            rd.checkpoint_dir.mkdir(exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "history": history, "evals": evals, "step": done}, tmp)  # fmt: skip
+            tmp.replace(ckpt)
+    report = {}
+    if rank0:
+        model.save_pretrained(rd.path)
+        tok.save_pretrained(rd.path)
+        save_yaml(to_dict(cfg), rd.path / "config.yaml")
+        secs = time.time() - t0
+        report = {
+            "kind": "train-lm", "command": command, "parameters": n_params,
+            "tokens": (cfg.steps - start) * cfg.batch_size * cfg.seq_len, "tokens_per_second": tokens_done / secs,
+            "final_val_ppl": evals[-1]["val_ppl"], "evals": evals, "history": history,
+            "validation": {"corpus": cfg.data, "split": "validation", "windows": int(val.shape[0]), "seq_len": cfg.seq_len},
+            "global_batch_tokens": cfg.batch_size * cfg.seq_len, "world_size": world,
+            "seconds": secs, "peak_rss_gb": peak_rss_gb(), "versions": versions(),
+        }  # fmt: skip
+        write_json(rd.path / "report.json", report)
+        report["out"] = str(rd.commit())
+        log.info(
+            "wrote %s: %d parameters, val ppl %.2f",
+            report["out"],
+            n_params,
+            report["final_val_ppl"],
+        )
+    dist.barrier()
+    return report

@@ -1,0 +1,142 @@
+"""PanGu-π model, collapse diagnostics and the LM trainer (resume, DDP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from slimkit.lm.collapse import d_rel, effective_dim
+from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM, count_extra_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+
+
+def pangu(**kw):
+    torch.manual_seed(0)
+    return PanguPiForCausalLM(PanguPiConfig(**SHAPE, **kw)).eval()
+
+
+def test_auto_classes_round_trip(tmp_path):
+    m = pangu()
+    with torch.no_grad():  # make AS and SIAF non-trivial so the round trip carries them
+        for layer in m.model.layers:
+            layer.self_attn.as_up.weight.normal_()
+            layer.mlp.siaf_b.normal_()
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is PanguPiForCausalLM
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, m(ids).logits)
+
+
+def test_causal_mask_holds():
+    m = pangu()
+    ids = torch.randint(0, 128, (1, 16))
+    other = ids.clone()
+    other[0, 10:] = (other[0, 10:] + 7) % 128
+    with torch.no_grad():
+        a, b = m(ids).logits, m(other).logits
+    assert torch.equal(a[0, :10], b[0, :10]) and not torch.equal(a[0, 10:], b[0, 10:])
+
+
+def test_one_term_siaf_and_zero_shortcut_equal_vanilla_llama():
+    m = pangu(siaf_terms=1, siaf_init="identity")  # AS up-projection starts at zero
+    ref = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+    missing, unexpected = ref.load_state_dict(m.state_dict(), strict=False)
+    assert not missing and all(".as_" in k or ".siaf_" in k for k in unexpected)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, ref(ids).logits, atol=1e-6)
+        m.model.layers[0].self_attn.as_up.bias.fill_(0.1)  # the shortcut does act
+        assert not torch.allclose(m(ids).logits, ref(ids).logits, atol=1e-3)
+
+
+def test_extra_parameters_match_the_formulas():
+    cfg = PanguPiConfig(**SHAPE, siaf_terms=3, as_ratio=16)
+    base = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**SHAPE)).parameters())
+    extra = sum(p.numel() for p in PanguPiForCausalLM(cfg).parameters()) - base
+    d, f, w = 64, 96, 64 // 16
+    assert count_extra_parameters(cfg) == {"siaf": 2 * 2 * 3 * f, "as": 2 * (2 * d * w + w + d)}
+    assert extra == sum(count_extra_parameters(cfg).values())
+
+
+def test_collapse_metrics():
+    same = torch.randn(1, 8).repeat(10, 1)
+    assert d_rel(same) == pytest.approx(0.0, abs=1e-12)
+    rank1 = torch.randn(10, 1) * torch.randn(1, 8) + torch.randn(1, 8)
+    assert effective_dim(rank1) == 1
+    assert effective_dim(torch.randn(200, 16)) > 8
+
+
+def lm_args(out, *extra):
+    return ["train-lm", "--layers", "1", "--hidden-size", "32", "--intermediate-size", "64", "--heads", "2",
+            "--kv-heads", "1", "--seq-len", "32", "--batch-size", "4", "--steps", "6", "--eval-every", "3",
+            "--eval-windows", "2", "--checkpoint-every", "2", "--as-ratio", "8", "--out", str(out), *extra]  # fmt: skip
+
+
+def test_train_lm_resume_is_bit_identical(tmp_path, monkeypatch):
+    from conftest import Crash
+
+    import slimkit.lm.train as tr
+    from slimkit.cli import main
+
+    assert main(lm_args(tmp_path / "full")) == 0
+    calls = {"n": 0}
+    original = tr.lm_loss
+
+    def crash_at_step_five(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Crash
+        return original(*a, **k)
+
+    monkeypatch.setattr(tr, "lm_loss", crash_at_step_five)
+    with pytest.raises(Crash):
+        main(lm_args(tmp_path / "cut"))
+    monkeypatch.undo()
+    assert main(lm_args(tmp_path / "cut", "--resume")) == 0
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "cut"))
+    assert [h["loss"] for h in ra["history"]] == [h["loss"] for h in rb["history"]]
+
+
+def test_train_lm_under_torchrun_matches_one_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "slimkit", *lm_args(tmp_path / "one")]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
+           "-m", "slimkit", *lm_args(tmp_path / "two")]  # fmt: skip
+    for cmd in (one, two):
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    la, lb = [h["loss"] for h in ra["history"]], [h["loss"] for h in rb["history"]]
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4 and rb["world_size"] == 2
+
+
+def test_ptq_quantizes_the_shortcut_linears():
+    import slimkit
+    from slimkit.llm.block_maps import block_map_for
+
+    m = pangu(augmented_shortcut=True, as_ratio=16)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.as_up.weight.normal_(0, 0.02)
+    assert block_map_for(m).family == "pangu_pi"
+    ids = torch.randint(0, 128, (4, 16))
+    m, _ = slimkit.quantize(m, slimkit.GPTQConfig(wbits=4, group_size=-1), ids)
+    names = set(m._slimkit_quant["records"])
+    assert "model.layers.0.self_attn.as_down" in names and "model.layers.1.self_attn.as_up" in names
+    assert not any("siaf" in n for n in names)
