@@ -107,9 +107,10 @@ SHAPES = ("disc", "square", "triangle", "ring", "cross", "bar", "diamond", "star
 
 
 def draw_shapes(n: int, img_size: int = 32, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
-    """A harder offline set: 8 shape classes drawn at random position, size, rotation, with random
-    textures (flat, stripes, checks, noise), colour, background gradient and clutter (small
-    distractor strokes). Seeded: the same ``seed`` draws the same images."""
+    """A harder offline set: 8 shape classes drawn at random position, size and rotation, with
+    random textures (flat, stripes, checks, noise), colours (the shape always contrasts with the
+    background), a background gradient and clutter (short distractor strokes). Seeded: the same
+    ``seed`` draws the same images."""
     rng = np.random.default_rng(seed)
     s = img_size
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
@@ -117,8 +118,8 @@ def draw_shapes(n: int, img_size: int = 32, seed: int = 1234) -> tuple[np.ndarra
     labels = np.arange(n) % len(SHAPES)
     rng.shuffle(labels)
     for i, c in enumerate(labels):
-        cx, cy = rng.uniform(0.3, 0.7, 2)
-        r = rng.uniform(0.15, 0.3)
+        cx, cy = rng.uniform(0.35, 0.65, 2)
+        r = rng.uniform(0.22, 0.34)
         th = rng.uniform(0, 2 * math.pi)
         u = (xx - cx) * math.cos(th) + (yy - cy) * math.sin(th)
         v = -(xx - cx) * math.sin(th) + (yy - cy) * math.cos(th)
@@ -131,38 +132,41 @@ def draw_shapes(n: int, img_size: int = 32, seed: int = 1234) -> tuple[np.ndarra
             m = (v > -r * 0.6) & (v < r * 0.9 - 1.7 * abs(u))
         elif name == "ring":
             d = np.sqrt(u**2 + v**2)
-            m = (d < r) & (d > r * 0.6)
+            m = (d < r) & (d > r * 0.55)
         elif name == "cross":
-            m = ((abs(u) < r * 0.25) & (abs(v) < r)) | ((abs(v) < r * 0.25) & (abs(u) < r))
+            m = ((abs(u) < r * 0.28) & (abs(v) < r)) | ((abs(v) < r * 0.28) & (abs(u) < r))
         elif name == "bar":
             m = (abs(u) < r) & (abs(v) < r * 0.3)
         elif name == "diamond":
-            m = abs(u) + abs(v) < r
+            m = abs(u) / r + abs(v) / (0.5 * r) < 1  # elongated: not a rotated square
         else:  # star: radius modulated by angle
             ang = np.arctan2(v, u)
             m = np.sqrt(u**2 + v**2) < r * (0.55 + 0.45 * np.cos(5 * ang))
         kind = rng.integers(4)
-        f = rng.uniform(8, 20)
+        f = rng.uniform(10, 18)
         if kind == 0:
             tex = np.ones_like(xx)
         elif kind == 1:
-            tex = 0.6 + 0.4 * np.sign(np.sin(f * (xx * math.cos(th) + yy * math.sin(th))))
+            tex = 0.8 + 0.2 * np.sign(np.sin(f * (xx * math.cos(th) + yy * math.sin(th))))
         elif kind == 2:
-            tex = 0.6 + 0.4 * np.sign(np.sin(f * xx) * np.sin(f * yy))
+            tex = 0.8 + 0.2 * np.sign(np.sin(f * xx) * np.sin(f * yy))
         else:
-            tex = rng.uniform(0.4, 1.0, xx.shape).astype(np.float32)
-        fg = rng.uniform(0.2, 1.0, 3)[:, None, None] * tex
-        g = rng.uniform(-0.3, 0.3, 2)
-        bg = rng.uniform(0.0, 0.6, 3)[:, None, None] + (g[0] * xx + g[1] * yy)
+            tex = rng.uniform(0.7, 1.0, xx.shape).astype(np.float32)
+        fg_level, bg_level = rng.uniform(0.65, 1.0), rng.uniform(0.0, 0.35)
+        if rng.random() < 0.5:  # dark shape on a light ground
+            fg_level, bg_level = 1 - fg_level, 1 - bg_level
+        fg = (fg_level * rng.uniform(0.6, 1.0, 3))[:, None, None] * tex
+        g = rng.uniform(-0.15, 0.15, 2)
+        bg = (bg_level * rng.uniform(0.6, 1.0, 3))[:, None, None] + (g[0] * xx + g[1] * yy)
         img = np.where(m, fg, bg)
-        for _ in range(rng.integers(2, 6)):  # clutter: short random strokes
+        for _ in range(rng.integers(1, 4)):  # clutter: short random strokes
             x0, y0 = rng.uniform(0, 1, 2)
             a = rng.uniform(0, math.pi)
             d = np.abs((xx - x0) * math.sin(a) - (yy - y0) * math.cos(a))
             along = np.abs((xx - x0) * math.cos(a) + (yy - y0) * math.sin(a))
-            stroke = (d < 0.025) & (along < rng.uniform(0.05, 0.2))
+            stroke = (d < 0.02) & (along < rng.uniform(0.05, 0.15))
             img = np.where(stroke, rng.uniform(0, 1, 3)[:, None, None], img)
-        img = img + rng.normal(0, 0.05, img.shape)
+        img = img + rng.normal(0, 0.03, img.shape)
         images[i] = np.clip(img, 0, 1)
     return images, labels
 
