@@ -498,6 +498,29 @@ def cmd_analyze_collapse(argv: list[str]) -> int:
     return 0
 
 
+def cmd_compress_tokenizer(argv: list[str]) -> int:
+    from slimkit.lm.tokenizer import compress_run
+
+    p = argparse.ArgumentParser(
+        prog="slimkit compress-tokenizer",
+        description="Keep the most frequent pieces of a byte-level BPE tokenizer; remap the model.",
+    )
+    p.add_argument("model", help="registered name, HF id or local dir (tokenizer + model)")
+    p.add_argument("--data", default="wiki-offline", help="corpus whose train split is counted")
+    p.add_argument("--vocab", type=int, required=True, help="target vocabulary size")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer-only", action="store_true", help="do not write a remapped model")
+    ns = p.parse_args(argv)
+    setup_logging()
+    r = compress_run(ns.model, ns.data, ns.vocab, ns.out, with_model=not ns.tokenizer_only)
+    print(f"{ns.out}: vocabulary {r['vocab_before']} -> {r['vocab_after']} (covers "
+          f"{100 * r['train_token_coverage']:.1f} % of the training tokens); tokens per character on "
+          f"{ns.data} validation {r['tokens_per_char_before']:.4f} -> {r['tokens_per_char_after']:.4f}")  # fmt: skip
+    if "parameters_after" in r:
+        print(f"parameters {r['parameters_before']:,} -> {r['parameters_after']:,}")
+    return 0
+
+
 COMMANDS = {
     "quantize": cmd_quantize,
     "prune": cmd_prune,
@@ -512,6 +535,7 @@ COMMANDS = {
     "cka": cmd_cka,
     "train-lm": cmd_train_lm,
     "analyze-collapse": cmd_analyze_collapse,
+    "compress-tokenizer": cmd_compress_tokenizer,
 }
 
 

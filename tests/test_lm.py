@@ -140,3 +140,49 @@ def test_ptq_quantizes_the_shortcut_linears():
     names = set(m._slimkit_quant["records"])
     assert "model.layers.0.self_attn.as_down" in names and "model.layers.1.self_attn.as_up" in names
     assert not any("siaf" in n for n in names)
+
+
+def test_tokenizer_compression_round_trips_and_stays_closed(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from slimkit.cli import main
+    from slimkit.data.text import load_documents
+    from slimkit.lm.tokenizer import TOKEN_MAP
+
+    assert (
+        main(
+            [
+                "compress-tokenizer",
+                str(tiny_model_dir),
+                "--vocab",
+                "300",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
+    old = AutoTokenizer.from_pretrained(tiny_model_dir)
+    new = AutoTokenizer.from_pretrained(tmp_path / "c")
+    assert len(new) == 300 < len(old)
+    for d in load_documents("wiki-offline", "test")[:50] + load_documents("bbc-news", "test")[:10]:
+        assert new.decode(new(d.text).input_ids) == d.text  # exact on held-out text
+    assert new.decode(new("naïve ∑ 😀").input_ids) == "naïve ∑ 😀"
+    data = json.loads(new.backend_tokenizer.to_str())["model"]
+    vocab = data["vocab"]
+    assert all(a in vocab and b in vocab and a + b in vocab for a, b in data["merges"])
+    # the remapped model: same logits on the kept ids for a sequence of kept tokens
+    old_ids = json.loads((tmp_path / "c" / TOKEN_MAP).read_text())["old_ids"]
+    m_old = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    m_new = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
+    seq = torch.tensor([old_ids[5], old_ids[40], old_ids[200], old_ids[7]])
+    mapped = torch.tensor([5, 40, 200, 7])
+    with torch.no_grad():
+        a = m_old(seq[None]).logits[0][:, old_ids]
+        b = m_new(mapped[None]).logits[0]
+    assert torch.allclose(a, b, atol=1e-5)
+    rep = json.loads((tmp_path / "c" / "compress_report.json").read_text())
+    assert (
+        rep["parameters_after"] < rep["parameters_before"]
+        and rep["tokens_per_char_after"] >= rep["tokens_per_char_before"]
+    )
