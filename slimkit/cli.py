@@ -521,6 +521,24 @@ def cmd_compress_tokenizer(argv: list[str]) -> int:
     return 0
 
 
+def cmd_inherit(argv: list[str]) -> int:
+    from slimkit.lm.inherit import InheritConfig, inherit_run
+
+    p = argparse.ArgumentParser(
+        prog="slimkit inherit",
+        description="Initialise a smaller model from a larger one (layers, hidden, FFN, heads).",
+    )
+    p.add_argument("model", help="parent: registered name, HF id or local dir")
+    p.add_argument("--out", required=True)
+    add_arguments(p, InheritConfig)
+    ns = p.parse_args(argv)
+    setup_logging()
+    r = inherit_run(ns.model, from_args(InheritConfig, ns), ns.out)
+    print(f"{ns.out}: {r['child_parameters']:,} parameters inherited from {r['parent_parameters']:,} "
+          f"(blocks {r['kept']['layers']})")  # fmt: skip
+    return 0
+
+
 COMMANDS = {
     "quantize": cmd_quantize,
     "prune": cmd_prune,
@@ -536,6 +554,7 @@ COMMANDS = {
     "train-lm": cmd_train_lm,
     "analyze-collapse": cmd_analyze_collapse,
     "compress-tokenizer": cmd_compress_tokenizer,
+    "inherit": cmd_inherit,
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from slimkit.core.errors import SlimkitError
 from slimkit.lm.collapse import d_rel, effective_dim
 from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM, count_extra_parameters
 
@@ -186,3 +187,47 @@ def test_tokenizer_compression_round_trips_and_stays_closed(tiny_model_dir, tmp_
         rep["parameters_after"] < rep["parameters_before"]
         and rep["tokens_per_char_after"] >= rep["tokens_per_char_before"]
     )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "pangu"])
+def test_inheritance_with_nothing_removed_reproduces_the_parent(family):
+    from conftest import tiny_model
+
+    from slimkit.lm.inherit import InheritConfig, inherit
+
+    parent = pangu() if family == "pangu" else tiny_model(family)
+    child, rec = inherit(parent, InheritConfig(score="l1"))
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(child(ids).logits, parent(ids).logits, atol=1e-5)
+    assert rec["layers"] == list(range(parent.config.num_hidden_layers))
+
+
+def test_inheritance_builds_the_requested_smaller_model(tmp_path):
+    from conftest import random_ids, tiny_model
+
+    from slimkit.lm.inherit import InheritConfig, inherit, spread_layers
+
+    assert len(spread_layers(30, 10, 2)) == 10
+    assert spread_layers(30, 10, 2)[:2] == [0, 1] and spread_layers(30, 10, 2)[-2:] == [28, 29]
+    parent = tiny_model("llama", layers=4)
+    cfg = InheritConfig(layers=3, hidden=48, ffn=64, kv_groups=1, score="taylor", keep_ends=1)
+    child, rec = inherit(parent, cfg, random_ids(2, 16))
+    c = child.config
+    assert (
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_key_value_heads,
+        c.num_attention_heads,
+    ) == (3, 48, 64, 1, 2)
+    child.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in child.parameters())
+    assert rec["layers"][0] == 0 and rec["layers"][-1] == 3
+    # the copied weights are the parent's selected sub-matrices
+    h, f = torch.tensor(rec["hidden"]), torch.tensor(rec["ffn"][0])
+    want = parent.model.layers[0].mlp.down_proj.weight[h][:, f]
+    assert torch.equal(child.model.layers[0].mlp.down_proj.weight, want)
+    with pytest.raises(SlimkitError, match="calibration"):
+        inherit(parent, InheritConfig(layers=2, score="taylor"))
