@@ -231,3 +231,36 @@ def test_inheritance_builds_the_requested_smaller_model(tmp_path):
     assert torch.equal(child.model.layers[0].mlp.down_proj.weight, want)
     with pytest.raises(SlimkitError, match="calibration"):
         inherit(parent, InheritConfig(layers=2, score="taylor"))
+
+
+def test_multi_round_draws_without_replacement_and_resumes_exactly(tmp_path, monkeypatch):
+    from conftest import Crash
+
+    import slimkit.lm.train as tr
+    from slimkit.cli import main
+
+    args = ["--rounds", "2", "--keep", "0.5"]  # 6 first-round steps, then 3 drawn batches
+    assert main(lm_args(tmp_path / "full", *args)) == 0
+    rep = json.loads((tmp_path / "full" / "report.json").read_text())
+    plan = rep["plan"]
+    assert len(plan) == 9 and plan[:6] == list(range(6))
+    assert len(set(plan[6:])) == 3 and set(plan[6:]) <= set(range(6))
+    assert [h["round"] for h in rep["history"]] == [1] * 6 + [2] * 3
+    calls = {"n": 0}
+    original = tr.lm_loss
+
+    def crash_in_round_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6 + 6 + 2:  # 6 training steps, 6 scoring passes, then step 8
+            raise Crash
+        return original(*a, **k)
+
+    monkeypatch.setattr(tr, "lm_loss", crash_in_round_two)
+    with pytest.raises(Crash):
+        main(lm_args(tmp_path / "cut", *args))
+    monkeypatch.undo()
+    assert main(lm_args(tmp_path / "cut", *args, "--resume")) == 0
+    cut = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert cut["plan"] == plan and [h["loss"] for h in cut["history"]] == [
+        h["loss"] for h in rep["history"]
+    ]

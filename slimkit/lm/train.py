@@ -78,6 +78,13 @@ class LMTrainConfig:
         default=0.1, metadata={"help": "AdamW weight decay (betas 0.9, 0.95)"}
     )
     clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
+    rounds: int = field(
+        default=1, metadata={"help": "training rounds; later rounds re-draw batches by loss"}
+    )
+    keep: float = field(
+        default=0.5,
+        metadata={"help": "fraction of the first round's batches drawn for each later round"},
+    )
     eval_every: int = field(
         default=100, metadata={"help": "evaluate every N steps (and at the end)"}
     )
@@ -112,6 +119,15 @@ class LMTrainConfig:
             )
         if self.batch_size % self.grad_accum:
             raise SlimkitError("--batch-size must be divisible by --grad-accum")
+        if self.rounds < 1 or not 0 < self.keep <= 1:
+            raise SlimkitError("--rounds must be >= 1 and --keep in (0, 1]")
+
+    def round_steps(self) -> int:
+        """Optimizer steps of each round after the first."""
+        return max(int(round(self.keep * self.steps)), 1)
+
+    def total_steps(self) -> int:
+        return self.steps + (self.rounds - 1) * self.round_steps()
 
     def model_config(self, vocab_size: int, tok) -> PanguPiConfig:
         pangu = self.arch == "pangu-pi"
@@ -165,6 +181,44 @@ def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
+def _round_schedule(cfg: LMTrainConfig):
+    """Warm-up + cosine restarted at every round [our default: each round is a full schedule]."""
+    first = warmup_cosine(cfg.steps, cfg.warmup_steps, cfg.min_lr / cfg.lr)
+    later = warmup_cosine(
+        cfg.round_steps(), min(cfg.warmup_steps, cfg.round_steps() // 10), cfg.min_lr / cfg.lr
+    )
+
+    def f(step: int) -> float:
+        if step < cfg.steps:
+            return first(step)
+        return later((step - cfg.steps) % cfg.round_steps())
+
+    return f
+
+
+@torch.no_grad()
+def draw_next_round(
+    model: nn.Module, stream: torch.Tensor, cfg: LMTrainConfig, round_no: int, device
+) -> list[int]:
+    """Multi-round sampling: the loss of every first-round batch under the current (frozen)
+    model, p_i = softmax(l)_i, ``keep`` x N batches drawn without replacement."""
+    was = model.training
+    model.eval()
+    losses = torch.tensor(
+        [float(lm_loss(model, batch_at(stream, b, cfg).to(device))) for b in range(cfg.steps)]
+    )
+    model.train(was)
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + round_no)
+    drawn = torch.multinomial(
+        torch.softmax(losses.double(), 0), cfg.round_steps(), replacement=False, generator=g
+    )
+    if dist.is_dist():
+        drawn = dist.broadcast(drawn)
+    log.info("round %d: %d of %d batches drawn by loss (mean loss %.3f, drawn %.3f)", round_no,
+             len(drawn), cfg.steps, losses.mean(), losses[drawn].mean())  # fmt: skip
+    return drawn.tolist()
+
+
 def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
              command: str = "") -> dict:  # fmt: skip
     from transformers import AutoModelForCausalLM
@@ -199,13 +253,16 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
     history: list[dict] = []
     evals: list[dict] = []
     start = 0
+    plan = list(range(cfg.steps))  # batch ids, step by step; later rounds are appended
     ckpt = rd.checkpoint_dir / "last.pt" if rd else None
+    if resume and dist.is_dist():
+        raise SlimkitError("resume a torchrun job as a single process, or restart it")
     if rd and rd.resumed and ckpt.is_file():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
-        history, evals, start = st["history"], st["evals"], st["step"]
+        history, evals, start, plan = st["history"], st["evals"], st["step"], st["plan"]
         log.info("resumed after step %d", start)
     world, r = dist.world_size(), dist.rank()
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -213,9 +270,15 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
             f"--batch-size must be divisible by ranks x --grad-accum ({world} x {cfg.grad_accum})"
         )
     n_params = sum(p.numel() for p in model.parameters())
+    total_steps = cfg.total_steps()
     t0, tokens_done = time.time(), 0
-    for step in range(start, cfg.steps):
-        batch = batch_at(stream, step, cfg)
+    for step in range(start, total_steps):
+        if step == len(plan):  # a round ended: draw the next one
+            plan += draw_next_round(
+                model, stream, cfg, 1 + (step - cfg.steps) // cfg.round_steps() + 1, device
+            )
+        round_no = 1 if step < cfg.steps else 2 + (step - cfg.steps) // cfg.round_steps()
+        batch = batch_at(stream, plan[step], cfg)
         mine = batch[r * cfg.batch_size // world : (r + 1) * cfg.batch_size // world].to(device)
         micro = mine.chunk(cfg.grad_accum)
         opt.zero_grad(set_to_none=True)
@@ -237,20 +300,25 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
         sched.step()
         loss_all = dist.all_reduce_sum(torch.tensor([total])).item() / world
         tokens_done += cfg.batch_size * cfg.seq_len
-        history.append({"step": step + 1, "loss": loss_all, "lr": sched.get_last_lr()[0]})
+        history.append(
+            {"step": step + 1, "round": round_no, "loss": loss_all, "lr": sched.get_last_lr()[0]}
+        )
         done = step + 1
-        if rank0 and (done % cfg.eval_every == 0 or done == cfg.steps):
+        round_end = done == cfg.steps or (
+            done > cfg.steps and (done - cfg.steps) % cfg.round_steps() == 0
+        )
+        if rank0 and (done % cfg.eval_every == 0 or round_end):
             ppl = perplexity(model, val, batch_size=4, device=device)
             model.train()
-            evals.append({"step": done, "val_ppl": ppl["ppl"]})
+            evals.append({"step": done, "round": round_no, "val_ppl": ppl["ppl"]})
             el = time.time() - t0
-            log.info("step %d/%d loss %.4f val ppl %.2f | %.0f tok/s, ETA %.0f s", done, cfg.steps, loss_all,
-                     ppl["ppl"], tokens_done / el, el / (done - start) * (cfg.steps - done))  # fmt: skip
-        if rank0 and (done % cfg.checkpoint_every == 0 and done < cfg.steps):
+            log.info("step %d/%d (round %d) loss %.4f val ppl %.2f | %.0f tok/s, ETA %.0f s", done, total_steps,
+                     round_no, loss_all, ppl["ppl"], tokens_done / el, el / (done - start) * (total_steps - done))  # fmt: skip
+        if rank0 and (done % cfg.checkpoint_every == 0 and done < total_steps):
             rd.checkpoint_dir.mkdir(exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "history": history, "evals": evals, "step": done}, tmp)  # fmt: skip
+                        "history": history, "evals": evals, "step": done, "plan": plan}, tmp)  # fmt: skip
             tmp.replace(ckpt)
     report = {}
     if rank0:
@@ -260,8 +328,8 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
         secs = time.time() - t0
         report = {
             "kind": "train-lm", "command": command, "parameters": n_params,
-            "tokens": (cfg.steps - start) * cfg.batch_size * cfg.seq_len, "tokens_per_second": tokens_done / secs,
-            "final_val_ppl": evals[-1]["val_ppl"], "evals": evals, "history": history,
+            "tokens": (total_steps - start) * cfg.batch_size * cfg.seq_len, "rounds": cfg.rounds, "tokens_per_second": tokens_done / secs,
+            "final_val_ppl": evals[-1]["val_ppl"], "evals": evals, "plan": plan, "history": history,
             "validation": {"corpus": cfg.data, "split": "validation", "windows": int(val.shape[0]), "seq_len": cfg.seq_len},
             "global_batch_tokens": cfg.batch_size * cfg.seq_len, "world_size": world,
             "seconds": secs, "peak_rss_gb": peak_rss_gb(), "versions": versions(),
