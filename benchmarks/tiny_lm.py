@@ -1,0 +1,373 @@
+"""Tiny-LM recipes at CPU scale: PanGu-π modules, inheritance, multi-round training, tokenizer size.
+
+Every arm trains with `slimkit train-lm` on wiki-offline with the same token budget, seeds 0..n-1
+(initialisation and data order), and is evaluated on the first --eval-windows windows of the
+validation split. Arms:
+
+(a) architecture, equal parameter count: vanilla Llama vs +SIAF (n=2) vs +AS (d/16) vs PanGu-π
+    (both); the FFN width of each PanGu-π arm is lowered so its parameter count matches the
+    vanilla model's (within one FFN channel per block); per-layer collapse metrics of seed 0.
+(b) random init vs inheritance from SmolLM2-135M (tokenizer compressed to --vocab first, then
+    `slimkit inherit` to the small shape; the random arm has the same shape).
+(c) one round vs two rounds (--keep 0.5) with the same number of optimizer steps in total.
+(d) original SmolLM2 tokenizer (49,152) vs the compressed one: parameters and validation bits
+    per character (perplexities of different tokenizers are not comparable).
+Throughput: slimkit's trainer vs a minimal PyTorch loop on the same model, same batch, in one process.
+
+    python benchmarks/tiny_lm.py                       # all parts, 3 seeds
+    python benchmarks/tiny_lm.py --parts a --seeds 0,1,2
+
+Results: benchmarks/results/tiny_lm.json (a rerun skips finished runs), tiny_lm.md, tiny_lm_collapse.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import ROOT, machine_line, mean_std  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = ROOT / "benchmarks" / ".cache" / "tiny_lm"
+SHAPE = {"hidden_size": 128, "layers": 8, "heads": 4, "kv_heads": 2, "intermediate_size": 384}
+
+
+def sk(args: list[str], log: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "w") as f:
+        r = subprocess.run(
+            [sys.executable, "-m", "slimkit", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    if r.returncode:
+        raise SystemExit(f"failed: slimkit {' '.join(args)} (see {log})")
+
+
+def n_params(arch: str, ffn: int, vocab: int, siaf: bool, aug: bool) -> int:
+    from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
+
+    cfg = PanguPiConfig(vocab_size=vocab, hidden_size=SHAPE["hidden_size"], intermediate_size=ffn,
+                        num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
+                        num_key_value_heads=SHAPE["kv_heads"], tie_word_embeddings=True,
+                        siaf=arch == "pangu-pi" and siaf, augmented_shortcut=arch == "pangu-pi" and aug, as_ratio=16)  # fmt: skip
+    import torch
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in PanguPiForCausalLM(cfg).parameters())
+
+
+def matched_ffn(vocab: int, siaf: bool, aug: bool) -> int:
+    target = n_params("llama", SHAPE["intermediate_size"], vocab, False, False)
+    return min(range(SHAPE["intermediate_size"] - 64, SHAPE["intermediate_size"] + 1),
+               key=lambda f: abs(n_params("pangu-pi", f, vocab, siaf, aug) - target))  # fmt: skip
+
+
+def train(name: str, args: list[str], a, res: dict) -> dict:
+    if name in res:
+        return res[name]
+    out = CACHE / "runs" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    sk(["train-lm", *args, "--seq-len", str(a.seq_len), "--batch-size", str(a.batch), "--eval-windows",
+        str(a.eval_windows), "--eval-every", str(10**9), "--checkpoint-every", "100", "--out", str(out),
+        "--overwrite"], out.with_suffix(".log"))  # fmt: skip
+    rep = json.loads((out / "report.json").read_text())
+    r = {"val_ppl": rep["final_val_ppl"], "parameters": rep["parameters"], "tokens_per_second": rep["tokens_per_second"],
+         "seconds": time.time() - t0, "final_loss": rep["history"][-1]["loss"]}  # fmt: skip
+    r["bits_per_char"] = math.log2(r["val_ppl"]) * tokens_per_char(out)
+    res[name] = r
+    return r
+
+
+_TPC: dict = {}
+
+
+def tokens_per_char(model_dir: Path) -> float:
+    """Validation tokens per character of the run's tokenizer (the eval protocol's text)."""
+    from transformers import AutoTokenizer
+
+    from slimkit.lm.tokenizer import tokens_per_char as tpc
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    key = len(tok)
+    if key not in _TPC:
+        _TPC[key] = tpc(tok, "wiki-offline", "validation")
+    return _TPC[key]
+
+
+def compressed_tokenizer(a) -> Path:
+    out = CACHE / f"smollm2-tok{a.vocab}"
+    if not (out / "compress_report.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sk(["compress-tokenizer", "smollm2-135m", "--data", "wiki-offline", "--vocab", str(a.vocab), "--out", str(out)],
+           out.with_suffix(".log"))  # fmt: skip
+    return out
+
+
+def shape_args(ffn: int | None = None) -> list[str]:
+    s = {**SHAPE, **({"intermediate_size": ffn} if ffn else {})}
+    return [f"--{k.replace('_', '-')}={v}" for k, v in s.items()]
+
+
+def part_a(a, res, seeds):
+    tok = str(compressed_tokenizer(a))
+    arms = {"vanilla": ("llama", True, True), "siaf": ("pangu-pi", True, False),
+            "as": ("pangu-pi", False, True), "pangu-pi": ("pangu-pi", True, True)}  # fmt: skip
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tok))
+    for s in seeds:
+        for arm, (arch, siaf, aug) in arms.items():
+            ffn = SHAPE["intermediate_size"] if arm == "vanilla" else matched_ffn(vocab, siaf, aug)
+            flags = ["--arch", arch, "--tokenizer", tok, *shape_args(ffn), "--siaf" if siaf else "--no-siaf",
+                     "--augmented-shortcut" if aug else "--no-augmented-shortcut", "--as-ratio", "16",
+                     "--steps", str(a.steps), "--seed", str(s)]  # fmt: skip
+            r = train(f"a-{arm}-s{s}", flags, a, res)
+            r["ffn"] = ffn
+            yield
+
+
+def collapse(a, res):
+    from slimkit.data.text import eval_windows
+    from slimkit.llm.models import load_model
+    from slimkit.lm.collapse import collapse_profile, plot_profiles
+
+    profiles = {}
+    for arm in ("vanilla", "siaf", "as", "pangu-pi"):
+        d = CACHE / "runs" / f"a-{arm}-s0"
+        if not (d / "report.json").is_file():
+            return
+        model, tok = load_model(str(d))
+        w = eval_windows(tok, "wiki-offline", a.seq_len, max_windows=8, split="validation")
+        profiles[arm] = collapse_profile(model, w)
+    plot_profiles(profiles, str(RESULTS / "tiny_lm_collapse.png"))
+    res["collapse"] = profiles
+
+
+def part_b(a, res, seeds):
+    tok = compressed_tokenizer(a)
+    child = CACHE / "inherit-init"
+    if not (child / "inherit.json").is_file():
+        sk(["inherit", str(tok), "--layers", str(SHAPE["layers"]), "--hidden", str(SHAPE["hidden_size"]),
+            "--ffn", str(SHAPE["intermediate_size"]), "--kv-groups", "2", "--score", "taylor", "--out", str(child)],
+           child.with_suffix(".log"))  # fmt: skip
+    cfg = json.loads((child / "config.json").read_text())
+    shape = ["--hidden-size", str(cfg["hidden_size"]), "--layers", str(cfg["num_hidden_layers"]), "--heads",
+             str(cfg["num_attention_heads"]), "--kv-heads", str(cfg["num_key_value_heads"]),
+             "--intermediate-size", str(cfg["intermediate_size"])]  # fmt: skip
+    for s in seeds:
+        lr = [
+            "--lr",
+            "1e-3",
+            "--min-lr",
+            "1e-4",
+        ]  # the same for both arms: gentler for inherited weights
+        train(
+            f"b-random-s{s}",
+            [
+                "--arch",
+                "llama",
+                "--tokenizer",
+                str(tok),
+                *shape,
+                "--steps",
+                str(a.steps),
+                "--seed",
+                str(s),
+                *lr,
+            ],
+            a,
+            res,
+        )
+        yield
+        train(
+            f"b-inherit-s{s}",
+            ["--init", str(child), "--steps", str(a.steps), "--seed", str(s), *lr],
+            a,
+            res,
+        )
+        yield
+
+
+def part_c(a, res, seeds):
+    tok = str(compressed_tokenizer(a))
+    first = int(round(a.steps / 1.5))
+    for s in seeds:
+        base = ["--arch", "pangu-pi", "--tokenizer", tok, *shape_args(), "--seed", str(s)]
+        train(f"c-one-s{s}", [*base, "--steps", str(a.steps)], a, res)
+        yield
+        train(
+            f"c-two-s{s}", [*base, "--steps", str(first), "--rounds", "2", "--keep", "0.5"], a, res
+        )
+        yield
+
+
+def part_d(a, res, seeds):
+    tok = str(compressed_tokenizer(a))
+    for s in seeds:
+        for name, t in (("original", "smollm2-135m"), ("compressed", tok)):
+            train(f"d-{name}-s{s}", ["--arch", "pangu-pi", "--tokenizer", t, *shape_args(), "--steps", str(a.steps),
+                                      "--seed", str(s)], a, res)  # fmt: skip
+            yield
+
+
+def throughput(a, res):
+    """slimkit's train_lm inner step vs a minimal loop, same model and batches, alternated."""
+    import torch
+
+    from slimkit.lm.pangu_pi import PanguPiForCausalLM
+    from slimkit.lm.train import LMTrainConfig, batch_at, lm_loss, load_tokenizer, token_stream
+
+    tok = load_tokenizer(str(compressed_tokenizer(a)))
+    stream = token_stream(tok, "wiki-offline")
+    cfg = LMTrainConfig(
+        tokenizer=str(compressed_tokenizer(a)), seq_len=a.seq_len, batch_size=a.batch
+    )
+    model = PanguPiForCausalLM(cfg.model_config(len(tok), tok)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    n = 10
+
+    def plain():
+        t0 = time.perf_counter()
+        for s in range(n):
+            x = batch_at(stream, s, cfg)
+            logits = model(x[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return n * a.batch * a.seq_len / (time.perf_counter() - t0)
+
+    def slim():
+        t0 = time.perf_counter()
+        for s in range(n):
+            x = batch_at(stream, s, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss = lm_loss(model, x)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        return n * a.batch * a.seq_len / (time.perf_counter() - t0)
+
+    best = {"plain": 0.0, "slimkit": 0.0}
+    for _ in range(3):
+        best["plain"] = max(best["plain"], plain())
+        best["slimkit"] = max(best["slimkit"], slim())
+    res["throughput"] = {**best, "ratio": best["slimkit"] / best["plain"]}
+
+
+def summarize(res: dict, a) -> str:
+    def rows(prefix, arms, key="val_ppl", fmt="{:.2f}"):
+        out = []
+        for arm in arms:
+            rs = [v for k, v in res.items() if k.startswith(f"{prefix}-{arm}-s")]
+            if rs:
+                out.append(f"| {arm} | {len(rs)} | {rs[0]['parameters']:,} | {mean_std([r[key] for r in rs], fmt)} | "
+                           f"{mean_std([r['bits_per_char'] for r in rs], '{:.3f}')} | {mean_std([r['tokens_per_second'] for r in rs], '{:.0f}')} |")  # fmt: skip
+        return out
+
+    head = [
+        "| arm | n | parameters | validation ppl | bits / char | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines = [
+        "# Tiny-LM recipes on wiki-offline (CPU scale)",
+        "",
+        f"Shape: hidden {SHAPE['hidden_size']}, {SHAPE['layers']} blocks, {SHAPE['heads']} heads / {SHAPE['kv_heads']} KV, FFN "
+        f"{SHAPE['intermediate_size']}; {a.steps} steps of {a.batch} x {a.seq_len} tokens (same budget in every arm), AdamW "
+        f"(0.9, 0.95) lr 3e-3 -> 3e-4 cosine, tokenizer: SmolLM2's compressed to {a.vocab} pieces unless stated. "
+        f"Validation: first {a.eval_windows} windows of {a.seq_len} tokens of the wiki-offline validation split. "
+        "Mean ± sample std over seeds (n).",
+        "",
+        f"Command: `python benchmarks/tiny_lm.py {' '.join(sys.argv[1:])}`".rstrip(),
+        machine_line(),
+        "",
+        "## (a) PanGu-π modules at equal parameter count", "", *head,
+        *rows("a", ["vanilla", "siaf", "as", "pangu-pi"]),
+    ]  # fmt: skip
+    if "collapse" in res:
+        lines += ["", "Per-layer collapse (seed 0; d_rel / d(0.8), layer 0 = embeddings):", "",
+                  "| layer | " + " | ".join(res["collapse"]) + " |", "|---" * (len(res["collapse"]) + 1) + "|"]  # fmt: skip
+        n = len(next(iter(res["collapse"].values())))
+        for i in range(n):
+            lines.append(
+                f"| {i} | "
+                + " | ".join(
+                    f"{p[i]['d_rel']:.3f} / {p[i]['d80']:.1f}" for p in res["collapse"].values()
+                )
+                + " |"
+            )
+        lines += ["", "Plot: tiny_lm_collapse.png"]
+    lines += [
+        "",
+        "## (b) random initialisation vs inheritance from SmolLM2-135M",
+        "",
+        *head,
+        *rows("b", ["random", "inherit"]),
+    ]
+    lines += [
+        "",
+        "## (c) one round vs two rounds (same optimizer steps)",
+        "",
+        *head,
+        *rows("c", ["one", "two"]),
+    ]
+    lines += ["", "## (d) tokenizer size", "", *head, *rows("d", ["original", "compressed"])]
+    if "throughput" in res:
+        t = res["throughput"]
+        lines += ["", f"Throughput, same model and batches, best of 3 x 10 steps: minimal loop {t['plain']:.0f} tok/s, "
+                  f"slimkit step {t['slimkit']:.0f} tok/s (ratio {t['ratio']:.2f})."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--parts", default="a,b,c,d,t")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--results", default=str(RESULTS / "tiny_lm.json"))
+    a = p.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    path = Path(a.results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    res = json.loads(path.read_text()) if path.exists() else {}
+
+    def save():
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        path.with_suffix(".md").write_text(summarize(res, a))
+
+    parts = a.parts.split(",")
+    gens = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
+    for part in parts:
+        if part in gens:
+            for _ in gens[part](a, res, seeds):
+                save()
+            if part == "a" and "collapse" not in res:
+                collapse(a, res)
+                save()
+    if "t" in parts and "throughput" not in res:
+        throughput(a, res)
+        save()
+    print(summarize(res, a))
+
+
+if __name__ == "__main__":
+    main()
