@@ -271,7 +271,7 @@ def cmd_export(argv: list[str]) -> int:
     r = export(ns.run, ns.out, cfg, overwrite=ns.overwrite)
     print(
         f"{ns.out}: {FORMATS.meta(cfg.format)['help']}, {r['size_bytes'] / 1e6:.1f} MB "
-        f"(fake-quant source {r['source_size_bytes'] / 1e6:.1f} MB)"
+        f"(source run {r['source_size_bytes'] / 1e6:.1f} MB)"
     )
     v = r.get("verify")
     if v:

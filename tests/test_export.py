@@ -273,3 +273,61 @@ def test_other_families(tmp_path, family):
         assert r["verify"]["passed"] and r["verify"]["codes_identical"]
     with pytest.raises(SlimkitError, match="Llama family"):
         export(tmp_path / "run", tmp_path / "m.gguf", ExportConfig(format="gguf"))
+
+
+def test_sparse24_bitmask_export_round_trip(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from slimkit.cli import main
+    from slimkit.export.sparse24 import read_sparse24, two_four_mask
+    from slimkit.llm.models import load_model
+
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_model_dir),
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "2:4",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    r = export(run, tmp_path / "sp", ExportConfig(format="sparse-24", dtype="float32", verify=True))
+    assert r["verify"]["passed"] and r["verify"]["sparse_weights_identical"]
+    assert r["verify"]["max_abs_logit_diff_vs_reference"] == 0.0
+    pruned, _ = load_model(str(run))
+    state = load_file(tmp_path / "sp" / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj"
+    w = pruned.get_submodule(name).weight.detach()
+    assert state[f"{name}.compressed"].shape == (w.shape[0], w.shape[1] // 2)
+    bits = np.unpackbits(state[f"{name}.bitmask"].numpy(), axis=-1, bitorder="little")[
+        :, : w.shape[1]
+    ]
+    assert np.array_equal(bits.astype(bool), two_four_mask(w).numpy())  # independent decode
+    assert torch.equal(read_sparse24(tmp_path / "sp")[name], w)
+    cfg = json.loads((tmp_path / "sp" / "config.json").read_text())["quantization_config"][
+        "sparsity_config"
+    ]
+    assert cfg["format"] == "sparse-24-bitmask" and cfg["sparsity_structure"] == "2:4"
+    assert r["size_bytes"] < 0.75 * r["source_size_bytes"]
+
+
+def test_sparse24_refuses_unstructured_and_quantized_runs(tmp_path, tiny_model_dir):
+    from slimkit.cli import main
+
+    base = ["prune", str(tiny_model_dir), "--method", "magnitude"]
+    assert main([*base, "--sparsity", "0.5", "--out", str(tmp_path / "u")]) == 0
+    with pytest.raises(SlimkitError, match="not 2:4 sparse"):
+        export(tmp_path / "u", tmp_path / "x", ExportConfig(format="sparse-24"))
+    assert main([*base, "--sparsity", "2:4", "--then", "rtn", "--wbits", "4", "--group-size", "32",
+                 "--out", str(tmp_path / "q")]) == 0  # fmt: skip
+    with pytest.raises(SlimkitError, match="marlin-24"):
+        export(tmp_path / "q", tmp_path / "y", ExportConfig(format="sparse-24"))
+    with pytest.raises(SlimkitError, match="not a pruned"):
+        export(tiny_model_dir, tmp_path / "z", ExportConfig(format="sparse-24"))

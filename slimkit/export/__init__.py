@@ -15,7 +15,7 @@ from pathlib import Path
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.rundir import versions
-from slimkit.export import compressed_tensors, gguf_format, gptq  # noqa: F401  (register formats)
+from slimkit.export import compressed_tensors, gguf_format, gptq, sparse24  # noqa: F401  (register formats)
 from slimkit.export.base import FORMATS, ExportConfig, QuantizedModel, load_quantized, verify
 
 log = logging.getLogger("slimkit")
@@ -43,7 +43,7 @@ def export(
         raise SlimkitError(f"{out} exists; pass --overwrite to replace it")
     exporter = FORMATS.get(cfg.format)()
     t0 = time.perf_counter()
-    qm: QuantizedModel = load_quantized(run_dir)
+    qm: QuantizedModel = exporter.load_source(run_dir)
     exporter.check(qm, cfg)
     tmp = out.with_name(out.name + ".partial")
     if tmp.is_dir():
@@ -66,7 +66,9 @@ def export(
         **info,
         "dtype": cfg.dtype,
         "method": qm.meta["method"],
-        "quantization": {k: qm.config[k] for k in ("wbits", "group_size", "sym", "abits")},
+        "quantization": {
+            k: qm.config[k] for k in ("wbits", "group_size", "sym", "abits") if k in qm.config
+        },
         "weights_only": cfg.weights_only,
         "layers": len(qm.layers),
         "size_bytes": disk_size(out),
@@ -105,13 +107,22 @@ def _extra_versions() -> dict[str, str]:
 
 def export_card(qm: QuantizedModel, r: dict) -> str:
     q = r["quantization"]
+    if q:
+        title = (f"W{q['wbits']}A{16 if r['weights_only'] else q['abits']} g{q['group_size']} "
+                 f"({r['method']}), {r['format']}")  # fmt: skip
+        how = (
+            f"Exported by slimkit from the run `{r['source_run']}` without re-quantization: the integer "
+            "codes, scales and zero points are the ones the method produced "
+            f"(scales stored as {'float16' if r['format'] != 'compressed-tensors' else r['dtype']})."
+        )
+    else:
+        title = f"2:4 sparse ({r['method']}), {r['format']}"
+        how = (f"Exported by slimkit from the pruned run `{r['source_run']}`: the kept weights (in "
+               f"{r['dtype']}) and their 2:4 positions as a bitmask.")  # fmt: skip
     lines = [
-        f"# {qm.run.get('model', qm.path.name)}: W{q['wbits']}A{16 if r['weights_only'] else q['abits']} "
-        f"g{q['group_size']} ({r['method']}), {r['format']}",
+        f"# {qm.run.get('model', qm.path.name)}: {title}",
         "",
-        f"Exported by slimkit from the run `{r['source_run']}` without re-quantization: the integer "
-        "codes, scales and zero points are the ones the method produced "
-        f"(scales stored as {'float16' if r['format'] != 'compressed-tensors' else r['dtype']}).",
+        how,
         "",
         f"- size on disk: {r['size_bytes'] / 1e6:.1f} MB (fake-quant fp32 source: "
         f"{r['source_size_bytes'] / 1e6:.1f} MB)",

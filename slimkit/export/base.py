@@ -157,6 +157,10 @@ class Exporter:
     name = ""
     single_file = False  # GGUF writes one file, the others a directory
 
+    def load_source(self, run_dir: str | Path) -> QuantizedModel:
+        """The run this format exports (a quantized run unless the format says otherwise)."""
+        return load_quantized(run_dir)
+
     def check(self, qm: QuantizedModel, cfg: ExportConfig) -> None:
         """Raise SlimkitError naming the settings that would fit when ``qm`` does not fit."""
         raise NotImplementedError
