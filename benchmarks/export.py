@@ -4,7 +4,8 @@ evaluated as loaded by its reader, and (GGUF) timed in llama.cpp beside the F16 
 Runs: GPTQ W4A16 g64 (compressed-tensors, GPTQ v1), GPTQ W3A16 g64 (GPTQ v1), GPTQ W4A16 g32
 asymmetric (GGUF Q4_1, compressed-tensors), GPTQ W4A16 g32 symmetric (Q4_0) and RTN W8A16 g32
 symmetric (Q8_0). The embedded model already lies on a 4-bit grid with blocks of 32 (it ships as
-Q4_1), so the g32 rows show export fidelity, size and speed, not quantization quality.
+Q4_1), so the g32 rows show export fidelity, size and speed, not quantization quality. A SparseGPT
+2:4 run (`slimkit prune`) is exported as compressed-tensors sparse-24-bitmask.
 Each run is one `slimkit quantize` (wiki-offline calibration),
 each export one `slimkit export --verify`, each evaluation one `slimkit eval` of the artifact
 (the tokenizer and weights the reader rebuilds, not slimkit's in-memory model).
@@ -38,8 +39,9 @@ RUNS = {
     "gptq-w4g32": ("gptq", ["--wbits", "4", "--group-size", "32"], ["gguf", "compressed-tensors"]),
     "gptq-w4g32-sym": ("gptq", ["--wbits", "4", "--group-size", "32", "--sym"], ["gguf"]),
     "rtn-w8g32-sym": ("rtn", ["--wbits", "8", "--group-size", "32", "--sym"], ["gguf"]),
+    "sparsegpt-24": ("sparsegpt", ["--sparsity", "2:4"], ["sparse-24"]),  # `slimkit prune`
 }
-FORMATS = {"compressed-tensors": "", "gptq": "", "gguf": ".gguf"}
+FORMATS = {"compressed-tensors": "", "gptq": "", "gguf": ".gguf", "sparse-24": ""}
 
 
 def evaluate(path: Path, a, out_json: Path) -> dict:
@@ -53,7 +55,13 @@ def run_one(run: str, fmt: str, a, results: dict) -> dict:
     method, flags, _ = RUNS[run]
     run_dir = CACHE / "runs" / run
     key = f"{run}-run"
-    if key not in results:
+    if key not in results and fmt == "sparse-24":
+        sh(slimkit_cmd("prune", MODEL, "--method", method, *flags, "--calib", "wiki-offline", "--n-calib",
+                       str(a.n_calib), "--calib-seq-len", "512", "--ppl", ",".join(CORPORA), "--seq-len", "512",
+                       "--max-windows", str(a.eval_windows), "--out", str(run_dir), "--overwrite"))  # fmt: skip
+        rep = json.loads((run_dir / "report.json").read_text())
+        results[key] = {"ppl": {c: rep["eval"][c]["quant"]["ppl"] for c in CORPORA}}
+    elif key not in results:
         results[key] = run_quantize(
             MODEL, method, flags, run_dir, seed=0, n_calib=a.n_calib, seq_len=512,
             eval_windows=a.eval_windows, corpora=CORPORA,
