@@ -1,0 +1,136 @@
+"""SAM: numerical equality with the reference implementation, checkpoint layout, predictor errors."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from slimkit.core.errors import SlimkitError
+from slimkit.sam.checkpoint import load_sam
+from slimkit.sam.model import build_sam
+from slimkit.sam.predictor import SamPredictor
+
+sa = pytest.importorskip("segment_anything")
+
+
+def reference_like(model):
+    """The reference package's Sam with the same shape and the same (random) weights."""
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    c = model.cfg
+    g = c.img_size // c.patch
+    ref = Sam(
+        image_encoder=ImageEncoderViT(depth=c.depth, embed_dim=c.dim, img_size=c.img_size, mlp_ratio=4,
+                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=c.heads,
+                                      patch_size=c.patch, qkv_bias=True, use_rel_pos=True,
+                                      global_attn_indexes=c.global_blocks, window_size=c.window, out_chans=c.prompt_dim),
+        prompt_encoder=PromptEncoder(embed_dim=c.prompt_dim, image_embedding_size=(g, g),
+                                     input_image_size=(c.img_size, c.img_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=c.prompt_dim, iou_head_depth=3,
+                                 iou_head_hidden_dim=256,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=c.prompt_dim,
+                                                               mlp_dim=c.decoder_mlp, num_heads=c.decoder_heads)),
+        pixel_mean=list(c.pixel_mean), pixel_std=list(c.pixel_std),
+    ).eval()  # fmt: skip
+    return ref
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    mine = build_sam("vit_mini")
+    ref = reference_like(mine)
+    g = torch.Generator().manual_seed(1)
+    sd = ref.state_dict()
+    with torch.no_grad():  # non-trivial values everywhere (pos_embed and rel_pos start at zero)
+        for v in sd.values():
+            if v.is_floating_point():
+                v.add_(0.05 * torch.randn(v.shape, generator=g))
+    mine.load_state_dict(sd, strict=True)
+    return mine, ref
+
+
+def test_same_masks_and_iou_as_the_reference_predictor(pair):
+    mine, ref = pair
+    img = (np.random.default_rng(0).random((180, 240, 3)) * 255).astype(np.uint8)
+    a, b = SamPredictor(mine), sa.SamPredictor(ref)
+    a.set_image(img)
+    b.set_image(img)
+    assert torch.allclose(a.features, b.features, atol=1e-5)
+    prompts = [
+        dict(point_coords=np.array([[50, 60]]), point_labels=np.array([1])),
+        dict(
+            point_coords=np.array([[50, 60], [200, 150]]),
+            point_labels=np.array([1, 0]),
+            multimask_output=False,
+        ),
+        dict(box=np.array([20, 30, 180, 170])),
+        dict(
+            point_coords=np.array([[100, 100]]),
+            point_labels=np.array([1]),
+            box=np.array([20, 30, 180, 170]),
+        ),
+    ]
+    for kw in prompts:
+        m1, i1, l1 = a.predict(**kw)
+        m2, i2, l2 = b.predict(**kw)
+        assert (
+            m1.shape == m2.shape
+            and np.allclose(i1, i2, atol=1e-5)
+            and np.allclose(l1, l2, atol=1e-4)
+        )
+        assert (m1 != m2).mean() < 1e-4  # thresholding at 0 may flip a pixel at round-off
+    # the previous low-res logits as a mask prompt
+    _, _, low = a.predict(
+        point_coords=np.array([[50, 60]]), point_labels=np.array([1]), multimask_output=False
+    )
+    kw = dict(point_coords=np.array([[50, 60]]), point_labels=np.array([1]), mask_input=low)
+    assert np.allclose(a.predict(**kw)[1], b.predict(**kw)[1], atol=1e-5)
+
+
+def test_vit_b_has_the_official_layout_and_round_trips(tmp_path):
+    ref = sa.sam_model_registry["vit_b"]()
+    mine = build_sam("vit_b")
+    a, b = mine.state_dict(), ref.state_dict()
+    assert len(a) == len(b) == 314 and all(tuple(a[k].shape) == tuple(b[k].shape) for k in b)
+    assert a["image_encoder.blocks.0.attn.rel_pos_h"].shape == (27, 64)
+    assert a["image_encoder.blocks.2.attn.rel_pos_h"].shape == (127, 64)
+    assert (
+        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" in a and "pixel_mean" not in a
+    )
+    torch.save(b, tmp_path / "sam_vit_b.pth")
+    loaded = load_sam(tmp_path / "sam_vit_b.pth")  # architecture guessed from the encoder width
+    assert all(torch.equal(loaded.state_dict()[k], b[k]) for k in b)
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, pair):
+    mine, _ = pair
+    torch.save(mine.state_dict(), tmp_path / "mini.pth")
+    with pytest.raises(SlimkitError, match=r"shape .* expects"):
+        load_sam(tmp_path / "mini.pth", arch="vit_b")
+    with pytest.raises(SlimkitError, match="unknown SAM architecture"):
+        load_sam(tmp_path / "mini.pth", arch="vit_q")
+    with pytest.raises(SlimkitError, match="does not exist"):
+        load_sam(tmp_path / "none.pth")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pth")
+    with pytest.raises(SlimkitError, match="weights_only"):
+        load_sam(tmp_path / "pickled.pth")
+    p = SamPredictor(mine)
+    with pytest.raises(SlimkitError, match="set_image first"):
+        p.predict(point_coords=np.array([[1, 1]]), point_labels=np.array([1]))
+    with pytest.raises(SlimkitError, match="empty"):
+        p.set_image(np.zeros((0, 10, 3), np.uint8))
+    p.set_image(np.zeros((40, 60, 3), np.uint8))
+    with pytest.raises(SlimkitError, match="outside"):
+        p.predict(point_coords=np.array([[70, 10]]), point_labels=np.array([1]))
+    with pytest.raises(SlimkitError, match="at least one prompt"):
+        p.predict()
