@@ -539,6 +539,12 @@ def cmd_inherit(argv: list[str]) -> int:
     return 0
 
 
+def cmd_sam(argv: list[str]) -> int:
+    from slimkit.sam.cli import main as sam_main
+
+    return sam_main(argv)
+
+
 COMMANDS = {
     "quantize": cmd_quantize,
     "prune": cmd_prune,
@@ -555,6 +561,7 @@ COMMANDS = {
     "analyze-collapse": cmd_analyze_collapse,
     "compress-tokenizer": cmd_compress_tokenizer,
     "inherit": cmd_inherit,
+    "sam": cmd_sam,
 }
 
 

@@ -134,3 +134,137 @@ def test_bad_inputs_get_clear_errors(tmp_path, pair):
         p.predict(point_coords=np.array([[70, 10]]), point_labels=np.array([1]))
     with pytest.raises(SlimkitError, match="at least one prompt"):
         p.predict()
+
+
+def oracle(gt: np.ndarray):
+    """+10 inside the instance under the point, -10 outside; IoU 1 (spec T3a)."""
+
+    def predict(points):
+        out = []
+        for x, y in points:
+            inst = gt == gt[int(y), int(x)]
+            out.append(np.where(inst, 10.0, -10.0))
+        lg = torch.tensor(np.stack(out), dtype=torch.float32)[:, None].repeat(1, 3, 1, 1)
+        return lg, torch.ones(len(points), 3)
+
+    return predict
+
+
+def scene(h=128, w=160):
+    gt = np.zeros((h, w), dtype=int)
+    gt[10:50, 10:70] = 1
+    gt[60:120, 20:60] = 2
+    gt[30:100, 90:150] = 3
+    gt[2:14, 138:152] = 4  # small: no sparse point hits it, dense points do
+    return gt
+
+
+def test_hierarchical_lattice_size_and_skipped_points():
+    from slimkit.sam.everything import dense_candidates, grid_points, outside_region
+
+    sparse = grid_points(8, 1024, 1024)
+    cand = dense_candidates(sparse, 1024, 1024, 32)
+    assert len(sparse) == 64 and len(cand) == 897 and len({tuple(p) for p in cand}) == 897
+    # on a synthetic confident field, exactly the candidates inside it are skipped
+    region = np.zeros((1024, 1024), dtype=bool)
+    region[:512, :300] = True
+    kept = outside_region(cand, region)
+    want = [p for p in cand if not (p[1] < 512 and p[0] < 300)]
+    assert len(kept) == len(want) and np.allclose(np.sort(kept, 0), np.sort(np.array(want), 0))
+
+
+def test_everything_dense_and_hierarchical_on_an_oracle():
+    from slimkit.sam.everything import (
+        EverythingConfig,
+        dense_candidates,
+        grid_points,
+        outside_region,
+        segment_everything,
+    )
+
+    gt = scene()
+    h, w = gt.shape
+    dense = segment_everything(
+        oracle(gt), (h, w), EverythingConfig(mode="dense", points_per_side=16)
+    )
+    hier = segment_everything(
+        oracle(gt), (h, w), EverythingConfig(mode="hierarchical", points_per_side=16)
+    )
+    found = lambda r: sorted({int(np.bincount(gt[m["segmentation"]]).argmax()) for m in r["masks"]})  # noqa: E731
+    assert found(dense) == found(hier)
+    assert dense["prompts"] == 256
+    sparse = grid_points(4, w, h)
+    confident = np.zeros_like(gt, dtype=bool)
+    for x, y in sparse:
+        confident |= gt == gt[int(y), int(x)]
+    expected = len(outside_region(dense_candidates(sparse, w, h, 16), confident))
+    assert hier["prompts_per_pass"] == [16, expected] and hier["prompts"] < dense["prompts"]
+    for r in (dense, hier):  # NMS left one mask per instance, exact
+        assert len(r["masks"]) == len(found(r))
+        for m in r["masks"]:
+            inst = int(np.bincount(gt[m["segmentation"]]).argmax())
+            assert np.array_equal(m["segmentation"], gt == inst)
+
+
+def test_rle_round_trip():
+    from slimkit.sam.everything import rle_decode, rle_encode
+
+    rng = np.random.default_rng(0)
+    for m in (rng.random((7, 5)) > 0.5, np.ones((3, 4), bool), np.zeros((2, 2), bool)):
+        r = rle_encode(m)
+        assert sum(r["counts"]) == m.size and np.array_equal(rle_decode(r), m)
+    assert rle_encode(np.array([[0, 1], [1, 1]], bool))["counts"] == [1, 3]  # column-major: 0,1,1,1
+
+
+def test_cli_everything_and_predict_write_their_outputs(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from slimkit.cli import main
+
+    img = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8)).save(img)
+    out = tmp_path / "ev"
+    args = ["sam", "everything", str(img), "--random-weights", "--points-per-side", "8", "--pred-iou-thresh", "-100",
+            "--stability-score-thresh", "0", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rep = json.loads((out / "masks.json").read_text())
+    assert (
+        rep["prompts"] == rep["prompts_per_pass"][0] + rep["prompts_per_pass"][1]
+        and rep["prompts_per_pass"][0] == 4
+    )
+    assert (out / "overlay.png").is_file() and len(list(out.glob("mask_*.png"))) == rep["masks"]
+    assert (
+        main(
+            [
+                "sam",
+                "predict",
+                str(img),
+                "--random-weights",
+                "--box",
+                "5,5,40,30",
+                "--out",
+                str(tmp_path / "m.png"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["sam", "predict", str(img), "--out", str(tmp_path / "m.png"), "--point", "1,1"]) == 2
+    )  # no weights
+    assert (
+        main(
+            [
+                "sam",
+                "predict",
+                str(tmp_path / "none.png"),
+                "--random-weights",
+                "--point",
+                "1,1",
+                "--out",
+                "x.png",
+            ]
+        )
+        == 2
+    )
