@@ -106,6 +106,57 @@ def _mnist5k(img_size: int = 32) -> ImageData:
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "bar", "diamond", "star")
 
 
+def shape_mask(
+    name: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float, th: float
+) -> np.ndarray:
+    """Boolean mask of one of ``SHAPES`` centred at (cx, cy), size r, rotated by th (unit coords)."""
+    u = (xx - cx) * math.cos(th) + (yy - cy) * math.sin(th)
+    v = -(xx - cx) * math.sin(th) + (yy - cy) * math.cos(th)
+    if name == "disc":
+        return u**2 + v**2 < r**2
+    if name == "square":
+        return (abs(u) < r * 0.8) & (abs(v) < r * 0.8)
+    if name == "triangle":
+        return (v > -r * 0.6) & (v < r * 0.9 - 1.7 * abs(u))
+    if name == "ring":
+        d = np.sqrt(u**2 + v**2)
+        return (d < r) & (d > r * 0.55)
+    if name == "cross":
+        return ((abs(u) < r * 0.28) & (abs(v) < r)) | ((abs(v) < r * 0.28) & (abs(u) < r))
+    if name == "bar":
+        return (abs(u) < r) & (abs(v) < r * 0.3)
+    if name == "diamond":
+        return abs(u) / r + abs(v) / (0.5 * r) < 1  # elongated: not a rotated square
+    ang = np.arctan2(v, u)  # star: radius modulated by angle
+    return np.sqrt(u**2 + v**2) < r * (0.55 + 0.45 * np.cos(5 * ang))
+
+
+def texture(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, th: float) -> np.ndarray:
+    """Flat, stripes, checks or noise, in [0.7, 1]."""
+    kind, f = rng.integers(4), rng.uniform(10, 18)
+    if kind == 0:
+        return np.ones_like(xx)
+    if kind == 1:
+        return 0.8 + 0.2 * np.sign(np.sin(f * (xx * math.cos(th) + yy * math.sin(th))))
+    if kind == 2:
+        return 0.8 + 0.2 * np.sign(np.sin(f * xx) * np.sin(f * yy))
+    return rng.uniform(0.7, 1.0, xx.shape).astype(np.float32)
+
+
+def clutter(
+    rng: np.random.Generator, img: np.ndarray, xx: np.ndarray, yy: np.ndarray, n: int
+) -> np.ndarray:
+    """``n`` short random strokes of random colour."""
+    for _ in range(n):
+        x0, y0 = rng.uniform(0, 1, 2)
+        a = rng.uniform(0, math.pi)
+        d = np.abs((xx - x0) * math.sin(a) - (yy - y0) * math.cos(a))
+        along = np.abs((xx - x0) * math.cos(a) + (yy - y0) * math.sin(a))
+        stroke = (d < 0.02) & (along < rng.uniform(0.05, 0.15))
+        img = np.where(stroke, rng.uniform(0, 1, 3)[:, None, None], img)
+    return img
+
+
 def draw_shapes(n: int, img_size: int = 32, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
     """A harder offline set: 8 shape classes drawn at random position, size and rotation, with
     random textures (flat, stripes, checks, noise), colours (the shape always contrasts with the
@@ -121,51 +172,15 @@ def draw_shapes(n: int, img_size: int = 32, seed: int = 1234) -> tuple[np.ndarra
         cx, cy = rng.uniform(0.35, 0.65, 2)
         r = rng.uniform(0.22, 0.34)
         th = rng.uniform(0, 2 * math.pi)
-        u = (xx - cx) * math.cos(th) + (yy - cy) * math.sin(th)
-        v = -(xx - cx) * math.sin(th) + (yy - cy) * math.cos(th)
-        name = SHAPES[c]
-        if name == "disc":
-            m = u**2 + v**2 < r**2
-        elif name == "square":
-            m = (abs(u) < r * 0.8) & (abs(v) < r * 0.8)
-        elif name == "triangle":
-            m = (v > -r * 0.6) & (v < r * 0.9 - 1.7 * abs(u))
-        elif name == "ring":
-            d = np.sqrt(u**2 + v**2)
-            m = (d < r) & (d > r * 0.55)
-        elif name == "cross":
-            m = ((abs(u) < r * 0.28) & (abs(v) < r)) | ((abs(v) < r * 0.28) & (abs(u) < r))
-        elif name == "bar":
-            m = (abs(u) < r) & (abs(v) < r * 0.3)
-        elif name == "diamond":
-            m = abs(u) / r + abs(v) / (0.5 * r) < 1  # elongated: not a rotated square
-        else:  # star: radius modulated by angle
-            ang = np.arctan2(v, u)
-            m = np.sqrt(u**2 + v**2) < r * (0.55 + 0.45 * np.cos(5 * ang))
-        kind = rng.integers(4)
-        f = rng.uniform(10, 18)
-        if kind == 0:
-            tex = np.ones_like(xx)
-        elif kind == 1:
-            tex = 0.8 + 0.2 * np.sign(np.sin(f * (xx * math.cos(th) + yy * math.sin(th))))
-        elif kind == 2:
-            tex = 0.8 + 0.2 * np.sign(np.sin(f * xx) * np.sin(f * yy))
-        else:
-            tex = rng.uniform(0.7, 1.0, xx.shape).astype(np.float32)
+        m = shape_mask(SHAPES[c], xx, yy, cx, cy, r, th)
+        tex = texture(rng, xx, yy, th)
         fg_level, bg_level = rng.uniform(0.65, 1.0), rng.uniform(0.0, 0.35)
         if rng.random() < 0.5:  # dark shape on a light ground
             fg_level, bg_level = 1 - fg_level, 1 - bg_level
         fg = (fg_level * rng.uniform(0.6, 1.0, 3))[:, None, None] * tex
         g = rng.uniform(-0.15, 0.15, 2)
         bg = (bg_level * rng.uniform(0.6, 1.0, 3))[:, None, None] + (g[0] * xx + g[1] * yy)
-        img = np.where(m, fg, bg)
-        for _ in range(rng.integers(1, 4)):  # clutter: short random strokes
-            x0, y0 = rng.uniform(0, 1, 2)
-            a = rng.uniform(0, math.pi)
-            d = np.abs((xx - x0) * math.sin(a) - (yy - y0) * math.cos(a))
-            along = np.abs((xx - x0) * math.cos(a) + (yy - y0) * math.sin(a))
-            stroke = (d < 0.02) & (along < rng.uniform(0.05, 0.15))
-            img = np.where(stroke, rng.uniform(0, 1, 3)[:, None, None], img)
+        img = clutter(rng, np.where(m, fg, bg), xx, yy, rng.integers(1, 4))
         img = img + rng.normal(0, 0.03, img.shape)
         images[i] = np.clip(img, 0, 1)
     return images, labels
