@@ -268,3 +268,40 @@ def test_cli_everything_and_predict_write_their_outputs(tmp_path):
         )
         == 2
     )
+
+
+def test_scenes_and_a_short_training_run_resume_exactly(tmp_path, monkeypatch):
+    from conftest import Crash
+    from safetensors.torch import load_file
+
+    import slimkit.sam.train as st
+    from slimkit.cli import main
+
+    img, masks = st.draw_scene(64, 3)
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8 and len(masks) >= 1
+    total = np.sum([m.astype(int) for m in masks], 0)
+    assert total.max() <= 1  # visible parts never overlap
+    args = ["sam", "train", "--steps", "4", "--batch-size", "2", "--prompts-per-image", "2", "--scenes", "8",
+            "--checkpoint-every", "2", "--val-scenes", "2", "--warmup-steps", "1"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    calls = {"n": 0}
+    original = st._step_loss
+
+    def crash_at_step_three(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Crash
+        return original(*a, **k)
+
+    monkeypatch.setattr(st, "_step_loss", crash_at_step_three)
+    with pytest.raises(Crash):
+        main([*args, "--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a, b = (
+        load_file(tmp_path / "full" / "model.safetensors"),
+        load_file(tmp_path / "cut" / "model.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model = st.load_trained(tmp_path / "full")  # and it serves `slimkit sam everything`
+    assert model.cfg.img_size == 256

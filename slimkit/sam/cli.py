@@ -30,6 +30,12 @@ def _model(ns):
     from slimkit.sam.model import build_sam
 
     if ns.checkpoint:
+        if (Path(ns.checkpoint) / "sam_config.json").is_file() or Path(
+            ns.checkpoint
+        ).name == "model.safetensors":
+            from slimkit.sam.train import load_trained
+
+            return load_trained(ns.checkpoint)
         return load_sam(ns.checkpoint, ns.arch)
     if not ns.random_weights:
         raise SlimkitError(
@@ -122,8 +128,42 @@ def cmd_everything(argv: list[str]) -> int:
     return 0
 
 
+def cmd_train(argv: list[str]) -> int:
+    import shlex
+
+    from slimkit.core.config import load_yaml
+    from slimkit.sam.train import SamTrainConfig, train_sam
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    known, _ = pre.parse_known_args(argv)
+    recipe = load_yaml(known.recipe) if known.recipe else {}
+    p = argparse.ArgumentParser(
+        prog="slimkit sam train", description="Train a small promptable model on generated scenes."
+    )
+    p.add_argument("--recipe")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    add_arguments(p, SamTrainConfig)
+    ns = p.parse_args(argv)
+    setup_logging()
+    cfg = from_args(SamTrainConfig, ns, recipe)
+    r = train_sam(
+        cfg,
+        out=ns.out,
+        resume=ns.resume,
+        overwrite=ns.overwrite,
+        command="slimkit sam train " + shlex.join(argv),
+    )
+    print(
+        f"{r['out']}: validation mIoU with one point {r['validation']['miou_1pt']:.3f} ({r['seconds']:.0f} s)"
+    )
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    cmds = {"predict": cmd_predict, "everything": cmd_everything}
+    cmds = {"predict": cmd_predict, "everything": cmd_everything, "train": cmd_train}
     if not argv or argv[0] not in cmds:
         raise SlimkitError(
             "usage: slimkit sam {predict,everything} IMAGE --checkpoint CKPT --out OUT ..."
