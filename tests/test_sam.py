@@ -305,3 +305,23 @@ def test_scenes_and_a_short_training_run_resume_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     model = st.load_trained(tmp_path / "full")  # and it serves `slimkit sam everything`
     assert model.cfg.img_size == 256
+
+
+def test_vit_t_has_the_mobilesam_tinysam_layout(tmp_path):
+    """Key count, sizes and the checkpoint round trip of the TinyViT-5M model (the spec's
+    measurements of the official modules: 439 keys, 10.13 M / 6.07 M / 4.06 M parameters)."""
+    m = build_sam("vit_t")
+    sd = m.state_dict()
+    assert len(sd) == 439
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    assert round(count(m) / 1e6, 2) == 10.13 and round(count(m.image_encoder) / 1e6, 2) == 6.07
+    assert round(count(m.mask_decoder) / 1e6, 2) == 4.06 and count(m.prompt_encoder) == 6220
+    assert sd["image_encoder.layers.2.blocks.0.attn.attention_biases"].shape == (5, 196)  # 14 x 14 window
+    assert "image_encoder.layers.1.blocks.0.attn.attention_bias_idxs" not in sd  # rebuilt, not stored
+    assert {"image_encoder.head.weight", "image_encoder.norm_head.weight"} <= set(sd)
+    torch.save({"model": sd}, tmp_path / "tinysam.pth")
+    loaded = load_sam(tmp_path / "tinysam.pth")
+    assert all(torch.equal(loaded.state_dict()[k], sd[k]) for k in sd)
+    with torch.no_grad():
+        e = loaded.image_encoder(torch.zeros(1, 3, 1024, 1024))
+    assert e.shape == (1, 256, 64, 64)

@@ -62,7 +62,7 @@ def guess_arch(sd: dict[str, torch.Tensor]) -> str:
         raise SlimkitError(
             "not a SAM checkpoint (no image_encoder.patch_embed.proj.weight); TinyViT (vit_t) checkpoints are not supported yet"
         )
-    dims = {cfg.dim: name for name, cfg in SAM_CONFIGS.items()}
+    dims = {cfg.dim: name for name, cfg in SAM_CONFIGS.items() if not cfg.extra}
     if w.shape[0] not in dims:
         raise SlimkitError(f"no SAM architecture with encoder width {w.shape[0]}")
     return dims[w.shape[0]]

@@ -474,6 +474,7 @@ SAM_CONFIGS = {
     "vit_l": SamConfig(dim=1024, depth=24, heads=16, global_blocks=(5, 11, 17, 23)),
     "vit_h": SamConfig(dim=1280, depth=32, heads=16, global_blocks=(7, 15, 23, 31)),
     # a small SAM-structured model for CPU training and tests: 256 px input, 16 x 16 embedding
+    "vit_t": SamConfig(dim=320, extra={"encoder": "tinyvit"}),  # MobileSAM / TinySAM
     "vit_mini": SamConfig(img_size=256, dim=128, depth=4, heads=4, window=4, global_blocks=(1, 3),
                           prompt_dim=64, decoder_heads=4, decoder_mlp=256),
 }  # fmt: skip
@@ -487,4 +488,10 @@ def build_sam(arch: str = "vit_b", **overrides) -> Sam:
             f"unknown SAM architecture {arch!r}; choose one of: {', '.join(SAM_CONFIGS)}"
         )
     cfg = SamConfig(**{**SAM_CONFIGS[arch].__dict__, **overrides})
+    if cfg.extra.get("encoder") == "tinyvit":
+        from slimkit.sam.tinyvit import TinyViT
+
+        return Sam(
+            cfg, image_encoder=TinyViT(img_size=cfg.img_size, out_chans=cfg.prompt_dim)
+        ).eval()
     return Sam(cfg).eval()
