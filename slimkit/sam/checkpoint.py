@@ -57,11 +57,11 @@ def load_into(model: Sam, sd: dict[str, torch.Tensor], source: str = "checkpoint
 
 
 def guess_arch(sd: dict[str, torch.Tensor]) -> str:
+    if "image_encoder.patch_embed.seq.0.c.weight" in sd:
+        return "vit_t"  # MobileSAM / TinySAM
     w = sd.get("image_encoder.patch_embed.proj.weight")
     if w is None:
-        raise SlimkitError(
-            "not a SAM checkpoint (no image_encoder.patch_embed.proj.weight); TinyViT (vit_t) checkpoints are not supported yet"
-        )
+        raise SlimkitError("not a SAM checkpoint (no image_encoder.patch_embed weights)")
     dims = {cfg.dim: name for name, cfg in SAM_CONFIGS.items() if not cfg.extra}
     if w.shape[0] not in dims:
         raise SlimkitError(f"no SAM architecture with encoder width {w.shape[0]}")
