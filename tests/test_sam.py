@@ -316,8 +316,13 @@ def test_vit_t_has_the_mobilesam_tinysam_layout(tmp_path):
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     assert round(count(m) / 1e6, 2) == 10.13 and round(count(m.image_encoder) / 1e6, 2) == 6.07
     assert round(count(m.mask_decoder) / 1e6, 2) == 4.06 and count(m.prompt_encoder) == 6220
-    assert sd["image_encoder.layers.2.blocks.0.attn.attention_biases"].shape == (5, 196)  # 14 x 14 window
-    assert "image_encoder.layers.1.blocks.0.attn.attention_bias_idxs" not in sd  # rebuilt, not stored
+    assert sd["image_encoder.layers.2.blocks.0.attn.attention_biases"].shape == (
+        5,
+        196,
+    )  # 14 x 14 window
+    assert (
+        "image_encoder.layers.1.blocks.0.attn.attention_bias_idxs" not in sd
+    )  # rebuilt, not stored
     assert {"image_encoder.head.weight", "image_encoder.norm_head.weight"} <= set(sd)
     torch.save({"model": sd}, tmp_path / "tinysam.pth")
     loaded = load_sam(tmp_path / "tinysam.pth")
@@ -325,3 +330,44 @@ def test_vit_t_has_the_mobilesam_tinysam_layout(tmp_path):
     with torch.no_grad():
         e = loaded.image_encoder(torch.zeros(1, 3, 1024, 1024))
     assert e.shape == (1, 256, 64, 64)
+
+
+def test_coco_folder_polygons_and_rle_decode_and_train(tmp_path):
+    import json
+
+    from PIL import Image
+
+    mu = pytest.importorskip("pycocotools.mask")
+    from slimkit.cli import main
+    from slimkit.sam.coco import decode_segmentation, load_coco_folder
+
+    m = np.zeros((40, 60), np.uint8)
+    m[5:20, 10:40] = 1
+    m[25:35, 3:9] = 1
+    rle = mu.encode(np.asfortranarray(m))
+    assert np.array_equal(
+        decode_segmentation({"size": rle["size"], "counts": rle["counts"].decode()}, 40, 60), m > 0
+    )
+    poly = [[10, 5, 40, 5, 40, 20, 10, 20]]
+    assert (
+        decode_segmentation(poly, 40, 60)[12, 20] and not decode_segmentation(poly, 40, 60)[30, 50]
+    )
+    images, anns = [], []
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((40, 60, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+        images.append({"id": i, "file_name": f"{i}.png", "height": 40, "width": 60})
+        anns.append(
+            {
+                "id": 2 * i,
+                "image_id": i,
+                "segmentation": {"size": [40, 60], "counts": rle["counts"].decode()},
+            }
+        )
+        anns.append({"id": 2 * i + 1, "image_id": i, "segmentation": poly})
+    (tmp_path / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    items = load_coco_folder(tmp_path, 256)
+    assert len(items) == 3 and len(items[0][1]) == 2 and items[0][0].shape == (256, 256, 3)
+    assert main(["sam", "train", "--data", f"coco:{tmp_path}", "--steps", "2", "--batch-size", "1",
+                 "--warmup-steps", "1", "--out", str(tmp_path / "run")]) == 0  # fmt: skip

@@ -68,6 +68,12 @@ def draw_scene(size: int, seed: int, n_min: int = 3, n_max: int = 8, min_area: i
 class SamTrainConfig:
     arch: str = field(default="vit_mini", metadata={"help": "SAM architecture (vit_mini for CPU)"})
     init: str = field(default="", metadata={"help": "start from this checkpoint"})
+    data: str = field(
+        default="scenes",
+        metadata={
+            "help": "scenes (generated) or coco:PATH (annotations.json + images; every 10th image validates)"
+        },
+    )
     scenes: int = field(default=2000, metadata={"help": "training scenes (seeds 0..N-1)"})
     steps: int = field(default=1500, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=4, metadata={"help": "images per step"})
@@ -160,7 +166,7 @@ def _step_loss(
 
 
 @torch.no_grad()
-def evaluate_points(model: Sam, n: int, size: int) -> dict:
+def evaluate_points(model: Sam, scenes) -> dict:
     """Validation mIoU with one positive point at the centre-most pixel of every instance."""
     from scipy import ndimage
 
@@ -169,8 +175,7 @@ def evaluate_points(model: Sam, n: int, size: int) -> dict:
     model.eval()
     pred = SamPredictor(model)
     ious = []
-    for i in range(n):
-        img, masks = draw_scene(size, VAL_SEED + i)
+    for img, masks in scenes:
         pred.set_image(img)
         for m in masks:
             d = ndimage.distance_transform_edt(m)
@@ -214,11 +219,29 @@ def train_sam(
         history, start = st["history"], st["step"]
         log.info("resumed after step %d", start)
     cache: dict[int, tuple] = {}
+    if cfg.data.startswith("coco:"):
+        from slimkit.sam.coco import load_coco_folder
+
+        items = load_coco_folder(cfg.data.split(":", 1)[1], size)
+        val_items = items[::10] if len(items) >= 10 else items[:1]
+        train_items = [it for i, it in enumerate(items) if len(items) < 10 or i % 10]
+        n_scenes = len(train_items)
+
+        def scene(i: int):
+            return train_items[i]
+    elif cfg.data == "scenes":
+        n_scenes = cfg.scenes
+        val_items = (draw_scene(size, VAL_SEED + i) for i in range(cfg.val_scenes))
+
+        def scene(i: int):
+            return cache.setdefault(i, draw_scene(size, i))
+    else:
+        raise SlimkitError(f"--data must be scenes or coco:PATH (got {cfg.data!r})")
     t0 = time.time()
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
-        ids = rng.integers(0, cfg.scenes, cfg.batch_size)
-        batch = [cache.setdefault(int(i), draw_scene(size, int(i))) for i in ids]
+        ids = rng.integers(0, n_scenes, cfg.batch_size)
+        batch = [scene(int(i)) for i in ids]
         if len(cache) > 4096:
             cache.clear()
         loss = _step_loss(model, [b[0] for b in batch], [b[1] for b in batch], cfg, rng)
@@ -247,7 +270,7 @@ def train_sam(
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "history": history, "step": done}, tmp)  # fmt: skip
             tmp.replace(ckpt)
-    val = evaluate_points(model, cfg.val_scenes, size)
+    val = evaluate_points(model, val_items)
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()},
         str(rd.path / "model.safetensors"),
