@@ -111,6 +111,31 @@ def write_f16_gguf(gguf_path: Path, out: Path) -> Path:
     return out
 
 
+def _probe_llama_cpp(path: Path) -> None:
+    """Load and evaluate a few tokens in a child process, so that a llama.cpp build that dies on
+    this CPU (e.g. AMX / AVX-512 code in a VM that does not allow it) gives a clear message."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "from llama_cpp import Llama; m = Llama(model_path=%r, n_ctx=64, n_threads=1, verbose=False); "
+        "m.eval(m.tokenize(b'The city'))" % str(path)
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode < 0:
+        name = signal.Signals(-r.returncode).name
+        raise SlimkitError(
+            f"llama.cpp died with {name} on {path.name}: this llama-cpp-python build uses CPU "
+            "instructions this machine cannot run. Rebuild it for this CPU, e.g. CMAKE_ARGS="
+            '"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF '
+            '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install --force-reinstall --no-cache-dir '
+            "llama-cpp-python"
+        )
+    if r.returncode:
+        raise SlimkitError(f"llama.cpp could not run {path}: {r.stderr.strip()[-500:]}")
+
+
 def bench_gguf(
     path: str | Path,
     baseline: str | Path | None = None,
@@ -136,6 +161,8 @@ def bench_gguf(
             log.info("writing the F16 baseline %s", baseline)
             write_f16_gguf(p, Path(baseline))
     files = {"model": p, "f16": Path(baseline)}
+    for f in files.values():
+        _probe_llama_cpp(f)
     llms = {
         k: Llama(
             model_path=str(f),
