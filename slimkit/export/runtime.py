@@ -119,8 +119,8 @@ def _probe_llama_cpp(path: Path) -> None:
     import sys
 
     code = (
-        "from llama_cpp import Llama; m = Llama(model_path=%r, n_ctx=64, n_threads=1, verbose=False); "
-        "m.eval(m.tokenize(b'The city'))" % str(path)
+        f"from llama_cpp import Llama; m = Llama(model_path={str(path)!r}, n_ctx=64, n_threads=1, "
+        "verbose=False); m.eval(m.tokenize(b'The city'))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if r.returncode < 0:
