@@ -48,7 +48,7 @@ BASELINES = ("rtn", "gptq", "sq-rtn", "gptq-long")
 NOCFP = ["--no-cfp"]
 ROWS = {  # name: (label, method, flags)
     "rtn": ("RTN", "rtn", []),
-    "gptq": ("GPTQ", "gptq", []),
+    "gptq": ("GPTQ", "gptq", ["--no-static-groups"]),
     "sq-rtn": ("SmoothQuant + RTN", "smoothquant", ["--weight-method", "rtn"]),
     "k1": ("block recon. K=1 (LWC)", "cbq", ["--window", "1", "--overlap", "0", "--rounding", "nearest", *NOCFP]),
     "k2": ("+ windows K=2, O=1", "cbq", ["--rounding", "nearest", *NOCFP]),
@@ -57,7 +57,7 @@ ROWS = {  # name: (label, method, flags)
     "adaround": ("CBQ with full AdaRound", "cbq", ["--rounding", "full"]),
     "cbq-rtninit": ("CBQ, rounding from nearest", "cbq", ["--rounding-init", "nearest"]),
     "cbq-long": ("CBQ, default preset (2 epochs, 32 x 512)", "cbq", []),
-    "gptq-long": ("GPTQ, 32 x 512 calibration", "gptq", []),
+    "gptq-long": ("GPTQ, 32 x 512 calibration", "gptq", ["--no-static-groups"]),
 }  # fmt: skip
 # flags that override the common calibration / schedule flags of a row (passed last)
 OVERRIDES = {

@@ -37,7 +37,12 @@ class GPTQConfig(QuantConfig):
         default=True, metadata={"help": "quantize columns by descending diag(H)"}
     )
     static_groups: bool = field(
-        default=False, metadata={"help": "fit group scales on the original weight before the sweep"}
+        default=True,
+        metadata={
+            "help": "fit group scales on the original weight before the sweep, so groups stay consecutive "
+            "columns (exportable to every format); --no-static-groups gives GPTQ's dynamic act-order "
+            "groups (a g_idx: GPTQ v1 export only)"
+        },
     )
     keep_zeros: bool = field(
         default=False,
