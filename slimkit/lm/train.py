@@ -232,7 +232,11 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
     rd = RunDir(out, resume=resume, overwrite=overwrite) if rank0 else None
     torch.manual_seed(cfg.seed)
     if cfg.init:
-        model = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+        from slimkit.llm.models import resolve_model_path
+
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(cfg.init), dtype=torch.float32
+        )
     else:
         model = PanguPiForCausalLM(cfg.model_config(len(tok), tok))
     device = (
