@@ -331,3 +331,38 @@ def test_sparse24_refuses_unstructured_and_quantized_runs(tmp_path, tiny_model_d
         export(tmp_path / "q", tmp_path / "y", ExportConfig(format="sparse-24"))
     with pytest.raises(SlimkitError, match="not a pruned"):
         export(tiny_model_dir, tmp_path / "z", ExportConfig(format="sparse-24"))
+
+
+def test_pack_unpack_property_over_random_shapes_and_grids():
+    """canonical -> pack -> unpack -> canonical is the identity for every bits / group / symmetry,
+    over random shapes (GPTQ packing with the independent reader; compressed-tensors packing with
+    its own unpacker), and the dequantized weights equal slimkit's fake-quant exactly."""
+    from compressed_tensors.compressors.pack_quantized.helpers import (
+        pack_to_int32,
+        unpack_from_int32,
+    )
+
+    from slimkit.quant.quantizer import QuantSpec, quantize_weight
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(24):
+        bits = [2, 3, 4, 8][trial % 4]
+        group = [-1, 32, 64, 128][(trial // 4) % 4]
+        sym = bool(trial % 3 == 0)
+        out = 8 * int(torch.randint(1, 9, (1,), generator=g))
+        inp = 128 * int(torch.randint(1, 4, (1,), generator=g))
+        w = torch.randn(out, inp, generator=g)
+        qw = quantize_weight(w, QuantSpec(bits=bits, group_size=group, sym=sym))
+        # GPTQ layout (rows = input dim of the transposed codes)
+        packed = pack_rows(qw.codes.T.contiguous(), bits)
+        assert torch.equal(
+            torch.from_numpy(unpack_rows_bitstream(packed.numpy(), bits, inp)).T, qw.codes
+        )
+        # compressed-tensors layout (4 and 8 bit are the ones it exports)
+        if bits in (4, 8):
+            signed = (qw.codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+            back = unpack_from_int32(pack_to_int32(signed, bits), bits, torch.Size(qw.codes.shape))
+            assert torch.equal(back, signed)
+        idx = qw.g_idx.long()
+        deq = qw.scale[:, idx] * (qw.codes.float() - qw.zero[:, idx])
+        assert torch.equal(deq, qw.dequantize())
