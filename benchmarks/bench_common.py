@@ -22,6 +22,21 @@ def sh(cmd: list[str]) -> subprocess.CompletedProcess:
     return r
 
 
+def slimkit_logged(args: list[str], log: Path, threads: int | None = None) -> float:
+    """One `slimkit` process with its output in ``log``; returns wall seconds, exits on failure."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run(
+            slimkit_cmd(*args), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+        )
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}): slimkit {' '.join(args)}; see {log}")
+    return time.time() - t0
+
+
 def slimkit_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "slimkit", *args]
 

@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, machine_line, mean_std  # noqa: E402
+from bench_common import ROOT, machine_line, mean_std, slimkit_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "kd"
@@ -44,19 +41,7 @@ SUBSET = {"digits": 300, "mnist-5k": 500, "shapes": 600}
 
 
 def run(args: list[str], log: Path) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    t0 = time.time()
-    with open(log, "w") as f:
-        r = subprocess.run(
-            [sys.executable, "-m", "slimkit", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    if r.returncode:
-        raise SystemExit(f"failed ({r.returncode}): slimkit {' '.join(args)}; see {log}")
-    return time.time() - t0
+    return slimkit_logged(args, log, threads=1)  # --jobs processes of one thread each
 
 
 def teacher(data: str, kind: str, a) -> Path:

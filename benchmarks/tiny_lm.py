@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, machine_line, mean_std  # noqa: E402
+from bench_common import ROOT, machine_line, mean_std, slimkit_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "tiny_lm"
@@ -40,17 +38,7 @@ SHAPE = {"hidden_size": 128, "layers": 8, "heads": 4, "kv_heads": 2, "intermedia
 
 
 def sk(args: list[str], log: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log, "w") as f:
-        r = subprocess.run(
-            [sys.executable, "-m", "slimkit", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    if r.returncode:
-        raise SystemExit(f"failed: slimkit {' '.join(args)} (see {log})")
+    slimkit_logged(args, log)
 
 
 def n_params(arch: str, ffn: int, vocab: int, siaf: bool, aug: bool) -> int:

@@ -253,6 +253,26 @@ def copy_side_files(qm: QuantizedModel, out: Path) -> None:
         shutil.copy2(qm.path / "config.yaml", out / "recipe.yaml")
 
 
+def plain_model(out: Path, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """The transformers model of ``out/config.json`` (quantization config dropped) with the
+    already-decoded fp32 ``state``; strict apart from a tied LM head."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(out)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SlimkitError(
+            f"{out}: {what} checkpoint does not match its config ({(missing or unexpected)[:3]})"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
 def reference_model(qm: QuantizedModel, exporter: Exporter, cfg: ExportConfig) -> nn.Module:
     """slimkit's fake-quant model with exactly the numbers the format stores (fp32 arithmetic)."""
     ref = copy.deepcopy(qm.model)

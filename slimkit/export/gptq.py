@@ -26,6 +26,7 @@ from slimkit.export.base import (
     QuantizedModel,
     check_activations,
     copy_side_files,
+    plain_model,
 )
 from slimkit.export.compressed_tensors import dense_tensors
 from slimkit.export.packing import pack_rows, unpack_rows_bitstream
@@ -177,27 +178,12 @@ def read_gptq(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 def load_gptq(out: Path) -> nn.Module:
     """A GPTQ v1 directory dequantized into a plain transformers model (fp32, CPU)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(out)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = load_file(str(out / "model.safetensors"))
     dense = {}
     for name, (codes, zeros, scales, g_idx) in read_gptq(out).items():
         g = torch.as_tensor(g_idx).long()
         s, z = torch.as_tensor(scales)[:, g], torch.as_tensor(zeros)[:, g].float()
         dense[f"{name}.weight"] = s * (torch.as_tensor(codes).float() - z)
-    for k, v in state.items():
+    for k, v in load_file(str(out / "model.safetensors")).items():
         if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
             dense[k] = v.float()
-    missing, unexpected = model.load_state_dict(dense, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise SlimkitError(
-            f"{out}: GPTQ checkpoint does not match its config ({(missing or unexpected)[:3]})"
-        )
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+    return plain_model(out, dense, "GPTQ")

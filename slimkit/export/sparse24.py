@@ -23,7 +23,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
-from slimkit.export.base import FORMATS, ExportConfig, Exporter, QuantizedModel, copy_side_files
+from slimkit.export.base import (
+    FORMATS,
+    ExportConfig,
+    Exporter,
+    QuantizedModel,
+    copy_side_files,
+    plain_model,
+)
 from slimkit.export.compressed_tensors import dense_tensors
 from slimkit.llm.block_maps import get_module
 
@@ -169,21 +176,7 @@ def read_sparse24(out: Path) -> dict[str, torch.Tensor]:
 
 
 def load_sparse24(out: Path) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(out)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {k: v.float() for k, v in load_file(str(out / "model.safetensors")).items()
              if not k.endswith((".bitmask", ".compressed", ".shape"))}  # fmt: skip
     state.update({f"{n}.weight": w.float() for n, w in read_sparse24(out).items()})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise SlimkitError(
-            f"{out}: sparse checkpoint does not match its config ({(missing or unexpected)[:3]})"
-        )
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+    return plain_model(out, state, "sparse")

@@ -82,11 +82,3 @@ class SamPredictor:
         up = self.model.postprocess(low, self.input_size, self.original_size)
         masks = up if return_logits else up > self.model.mask_threshold
         return masks[0].numpy(), iou[0].numpy(), low[0].numpy()
-
-
-def predict_torch_batch(
-    model: Sam, features, coords, labels, input_size, original_size, multimask=True
-):
-    """Batched point prompts (already in input coordinates): (B, C, H, W) logits and (B, C) IoU."""
-    low, iou = model.decode(features, (coords, labels), None, None, multimask)
-    return model.postprocess(low, input_size, original_size), iou, low

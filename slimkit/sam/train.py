@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
 from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
-from slimkit.sam.model import SAM_CONFIGS, Sam, SamConfig, build_sam
+from slimkit.sam.model import SAM_CONFIGS, Sam, build_sam
 from slimkit.vision.data import SHAPES, clutter, shape_mask, texture
 
 log = logging.getLogger("slimkit")
@@ -302,9 +302,6 @@ def load_trained(path: str | Path) -> Sam:
         raise SlimkitError(f"{d} has no sam_config.json (not a slimkit sam train run)")
     c = json.loads(cfg_file.read_text())
     arch = c.pop("arch")
-    c["global_blocks"] = tuple(c["global_blocks"])
-    model = Sam(
-        SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
-    ).eval()
-    del arch
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
+    model = build_sam(arch, **fields)
     return load_into(model, read_state_dict(d / "model.safetensors"), str(d))
