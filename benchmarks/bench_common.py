@@ -24,7 +24,10 @@ def sh(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def slimkit_logged(args: list[str], log: Path, threads: int | None = None) -> float:
     """One `slimkit` process with its output in ``log``; returns wall seconds, exits on failure."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.time()
@@ -52,9 +55,16 @@ def cpu_name() -> str:
 
 
 def machine_line() -> str:
+    import torch
+
+    gpu = (
+        f"GPU {torch.cuda.get_device_name()} (runs use it), "
+        if torch.cuda.is_available()
+        else "no GPU, "
+    )
     return (
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({cpu_name()}), torch threads 2; "
-        f"date {time.strftime('%Y-%m-%d')}."
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({cpu_name()}), {gpu}"
+        f"torch {torch.__version__}; date {time.strftime('%Y-%m-%d')}."
     )
 
 

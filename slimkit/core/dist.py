@@ -33,8 +33,32 @@ def init_from_env() -> bool:
     if int(os.environ["WORLD_SIZE"]) <= 1:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # one GPU per rank: NCCL refuses two ranks on one device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     td.init_process_group(backend=backend)
     return True
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto``: this rank's GPU when CUDA is available, else the CPU; or an explicit
+    ``cpu`` / ``cuda`` / ``cuda:N`` (a clear error when that device does not exist)."""
+    from slimkit.core.errors import SlimkitError
+
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not spec.startswith("cuda"):
+        raise SlimkitError(f"--device must be auto, cpu, cuda or cuda:N (got {spec!r})")
+    if not torch.cuda.is_available():
+        raise SlimkitError(f"--device {spec}: CUDA is not available here (use --device cpu)")
+    dev = torch.device(spec)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.index >= torch.cuda.device_count():
+        raise SlimkitError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,9 @@ class TrainConfig:
     seed: int = field(
         default=0, metadata={"help": "initialisation, data order and augmentation seed"}
     )
+    device: str = field(
+        default="auto", metadata={"help": "auto (this rank's GPU if any, else CPU), cpu, cuda[:N]"}
+    )
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -170,9 +173,10 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
 def evaluate(model: nn.Module, ds, batch_size: int = 256) -> dict:
     model.eval()
     x, y = ds.tensors
+    dev = next(model.parameters()).device
     correct1 = correct5 = 0
     for i in range(0, len(y), batch_size):
-        logits = model(x[i : i + batch_size])
+        logits = model(x[i : i + batch_size].to(dev)).cpu()
         top = logits.topk(min(5, logits.shape[1]), 1).indices
         yy = y[i : i + batch_size, None]
         correct1 += (top[:, :1] == yy).any(1).sum().item()
@@ -212,9 +216,13 @@ def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, ove
     settings = cfg.settings() if is_kd else LossSettings(label_smoothing=cfg.label_smoothing)
     settings.label_smoothing = cfg.label_smoothing
     distiller = Distiller(student, teacher, losses, data.num_classes, data.in_chans, cfg.img_size)
+    device = dist.resolve_device(cfg.device)
+    distiller.to(device)
     model: nn.Module = distiller
     if dist.is_dist():
-        model = nn.parallel.DistributedDataParallel(distiller)
+        model = nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None
+        )
     params = [p for p in distiller.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -235,7 +243,10 @@ def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, ove
     cached_t = None
     if teacher is not None and cfg.shift == 0 and mixer is None and not distiller.need_hints:
         cached_t = torch.cat(
-            [distiller.teacher_logits(x_all[i : i + 512]) for i in range(0, n, 512)]
+            [
+                distiller.teacher_logits(x_all[i : i + 512].to(device)).cpu()
+                for i in range(0, n, 512)
+            ]
         )
         log.info("teacher logits cached for %d training images (no augmentation)", n)
     history: list[dict] = []
@@ -273,7 +284,8 @@ def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, ove
                 np.random.seed((cfg.seed * 100_003 + epoch * 1000 + s) % 2**32)  # global RNGs
                 x, y = mixer(x, y)
             sl = slice(r * len(idx) // world, (r + 1) * len(idx) // world)
-            b = model(x[sl], y[sl], None if t_logits is None else t_logits[sl])
+            t_sl = None if t_logits is None else t_logits[sl].to(device)
+            b = model(x[sl].to(device), y[sl].to(device), t_sl)
             loss, parts = total_loss(losses, b, settings)
             if not torch.isfinite(loss):
                 raise SlimkitError(
@@ -312,7 +324,7 @@ def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, ove
     if rank0:
         final = ema if ema is not None else student
         save_file(
-            {k: v.contiguous() for k, v in final.state_dict().items()},
+            {k: v.detach().cpu().contiguous() for k, v in final.state_dict().items()},
             str(rd.path / "model.safetensors"),
         )
         save_yaml(to_dict(cfg), rd.path / "config.yaml")
@@ -339,6 +351,7 @@ def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, ove
                 if n_.startswith(("branches", "connectors"))
             ),  # fmt: skip
             "seconds": time.time() - t0,
+            "device": str(device),
             "peak_rss_gb": peak_rss_gb(),
             "versions": versions(),
         }

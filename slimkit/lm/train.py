@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,9 @@ class LMTrainConfig:
     )
     eval_windows: int = field(default=20, metadata={"help": "validation windows of seq_len tokens"})
     checkpoint_every: int = field(default=50, metadata={"help": "checkpoint every N steps"})
+    device: str = field(
+        default="auto", metadata={"help": "auto (this rank's GPU if any, else CPU), cpu, cuda[:N]"}
+    )
     bf16: str = field(
         default="auto",
         metadata={
@@ -147,6 +151,9 @@ def load_tokenizer(name: str):
 
     from slimkit.llm.models import resolve_model_path
 
+    d = Path(name)
+    if d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(d)  # a tokenizer directory (no model config needed)
     return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
@@ -154,7 +161,8 @@ def token_stream(tok, corpus: str, split: str = "train") -> torch.Tensor:
     """The split tokenized once (documents in key order, blank-line separated), int32, cached."""
     vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False)
     key = hashlib.sha256(f"{corpus}|{split}|{vocab}".encode()).hexdigest()[:16]
-    path = cache_dir() / "tokens" / f"{corpus}-{split}-{key}.pt"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", corpus)[-60:]  # file:PATH corpora hold slashes
+    path = cache_dir() / "tokens" / f"{safe}-{split}-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     docs = load_documents(corpus, split)
@@ -239,13 +247,15 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
         )
     else:
         model = PanguPiForCausalLM(cfg.model_config(len(tok), tok))
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    device = dist.resolve_device(cfg.device)
     model.to(device).train()
-    wrapped = nn.parallel.DistributedDataParallel(model) if dist.is_dist() else model
+    wrapped = (
+        nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if dist.is_dist()
+        else model
+    )
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -26,6 +26,12 @@ def _image(path: str) -> np.ndarray:
 
 
 def _model(ns):
+    from slimkit.core.dist import resolve_device
+
+    return _load_model(ns).to(resolve_device(ns.device))
+
+
+def _load_model(ns):
     from slimkit.sam.checkpoint import load_sam
     from slimkit.sam.model import build_sam
 
@@ -52,6 +58,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--random-weights",
         action="store_true",
         help="no checkpoint: random weights (pipeline check)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (the GPU if any, else CPU), cpu, cuda[:N]"
     )
     p.add_argument("--out", required=True)
 

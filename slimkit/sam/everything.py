@@ -119,8 +119,8 @@ def _run(
         for n, k in zip(*torch.nonzero(keep, as_tuple=True)):
             lg = logits[n, k]
             if confident is not None:
-                confident |= (lg > cfg.high_score_thresh).numpy()
-            res.masks.append((lg > 0, float(iou[n, k]), float(stab[n, k]), pts[n].tolist()))
+                confident |= (lg > cfg.high_score_thresh).cpu().numpy()
+            res.masks.append((lg.gt(0).cpu(), float(iou[n, k]), float(stab[n, k]), pts[n].tolist()))
     return res
 
 
@@ -229,7 +229,8 @@ def sam_predict_fn(model, image: np.ndarray) -> tuple[PredictFn, float]:
         c = torch.as_tensor(points, dtype=torch.float32).clone()
         c[:, 0] *= nw / w
         c[:, 1] *= nh / h
-        labels = torch.ones(len(points), 1, dtype=torch.int64)
+        c = c.to(pred.device)
+        labels = torch.ones(len(points), 1, dtype=torch.int64, device=pred.device)
         low, iou = model.decode(pred.features, (c[:, None], labels), None, None, True)
         return model.postprocess(low, pred.input_size, (h, w)), iou
 

@@ -56,8 +56,8 @@ def _rel_pos(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
     n = 2 * max(q_size, k_size) - 1
     if table.shape[0] != n:
         table = F.interpolate(table.T[None], size=n, mode="linear")[0].T
-    q = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
-    k = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    q = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
+    k = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
     rel = (q - k) + (k_size - 1) * max(q_size / k_size, 1.0)
     return table[rel.long()]
 

@@ -19,6 +19,7 @@ def resized_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
 class SamPredictor:
     def __init__(self, model: Sam):
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.features: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -33,7 +34,7 @@ class SamPredictor:
         self.original_size = image.shape[:2]
         self.input_size = resized_shape(*self.original_size, self.model.cfg.img_size)
         resized = np.array(resize(to_pil_image(image.astype(np.uint8)), self.input_size))
-        x = torch.as_tensor(resized).permute(2, 0, 1)[None].float()
+        x = torch.as_tensor(resized).permute(2, 0, 1)[None].float().to(self.device)
         self.features = self.model.image_encoder(self.model.preprocess(x))
 
     def _coords(self, xy: np.ndarray) -> torch.Tensor:
@@ -42,7 +43,7 @@ class SamPredictor:
         c = torch.as_tensor(np.asarray(xy, dtype=np.float32)).clone()
         c[..., 0] *= nw / w
         c[..., 1] *= nh / h
-        return c
+        return c.to(self.device)
 
     @torch.no_grad()
     def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
@@ -61,7 +62,7 @@ class SamPredictor:
                 raise SlimkitError(f"point {pc[out][0].tolist()} lies outside the {w} x {h} image")
             points = (
                 self._coords(pc)[None],
-                torch.as_tensor(np.asarray(point_labels), dtype=torch.int64)[None],
+                torch.as_tensor(np.asarray(point_labels), dtype=torch.int64)[None].to(self.device),
             )
         boxes = None
         if box is not None:
@@ -74,11 +75,11 @@ class SamPredictor:
         masks_in = (
             None
             if mask_input is None
-            else torch.as_tensor(mask_input, dtype=torch.float32).reshape(
-                1, 1, *np.shape(mask_input)[-2:]
-            )
+            else torch.as_tensor(mask_input, dtype=torch.float32)
+            .reshape(1, 1, *np.shape(mask_input)[-2:])
+            .to(self.device)
         )
         low, iou = self.model.decode(self.features, points, boxes, masks_in, multimask_output)
         up = self.model.postprocess(low, self.input_size, self.original_size)
         masks = up if return_logits else up > self.model.mask_threshold
-        return masks[0].numpy(), iou[0].numpy(), low[0].numpy()
+        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low[0].cpu().numpy()

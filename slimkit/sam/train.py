@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
 from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
@@ -90,6 +91,9 @@ class SamTrainConfig:
         default=50, metadata={"help": "validation scenes (one point per instance)"}
     )
     seed: int = field(default=0, metadata={"help": "initialisation and prompt seed"})
+    device: str = field(
+        default="auto", metadata={"help": "auto (the GPU if any, else CPU), cpu, cuda[:N]"}
+    )
 
     def __post_init__(self) -> None:
         if self.arch not in SAM_CONFIGS:
@@ -142,7 +146,8 @@ def mask_losses(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tens
 def _step_loss(
     model: Sam, images: list[np.ndarray], masks: list[list[np.ndarray]], cfg: SamTrainConfig, rng
 ) -> torch.Tensor:
-    x = torch.stack([torch.as_tensor(im).permute(2, 0, 1).float() for im in images])
+    dev = model.pixel_mean.device
+    x = torch.stack([torch.as_tensor(im).permute(2, 0, 1).float() for im in images]).to(dev)
     feats = model.image_encoder(model.preprocess(x))
     losses = []
     low_size = model.prompt_encoder.mask_input_size
@@ -154,12 +159,15 @@ def _step_loss(
             points = (
                 None
                 if pt is None
-                else (torch.as_tensor(pt)[None], torch.ones(1, 1, dtype=torch.int64))
+                else (
+                    torch.as_tensor(pt)[None].to(dev),
+                    torch.ones(1, 1, dtype=torch.int64, device=dev),
+                )
             )
-            boxes = None if box is None else torch.as_tensor(box)[None]
+            boxes = None if box is None else torch.as_tensor(box)[None].to(dev)
             low, iou = model.decode(feats[b : b + 1], points, boxes, None, True)
             target = F.interpolate(
-                torch.as_tensor(gt, dtype=torch.float32)[None, None], low_size, mode="area"
+                torch.as_tensor(gt, dtype=torch.float32)[None, None].to(dev), low_size, mode="area"
             )[0]
             losses.append(mask_losses(low, (target > 0.5).float(), iou))
     return torch.stack(losses).mean()
@@ -199,11 +207,13 @@ def train_sam(
 
     rd = RunDir(out, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
+    device = dist.resolve_device(cfg.device)
     model = build_sam(cfg.arch).train()
     if cfg.init:
         from slimkit.sam.checkpoint import load_into, read_state_dict
 
         load_into(model, read_state_dict(cfg.init), cfg.init)
+    model.to(device)
     size = model.cfg.img_size
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -272,14 +282,14 @@ def train_sam(
             tmp.replace(ckpt)
     val = evaluate_points(model, val_items)
     save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         str(rd.path / "model.safetensors"),
     )
     (rd.path / "sam_config.json").write_text(
         json.dumps({"arch": cfg.arch, **asdict(model.cfg)}, indent=1) + "\n"
     )
     report = {"command": command, "config": asdict(cfg), "validation": val, "history": history,
-              "seconds": time.time() - t0, "peak_rss_gb": peak_rss_gb(), "versions": versions()}  # fmt: skip
+              "seconds": time.time() - t0, "device": str(device), "peak_rss_gb": peak_rss_gb(), "versions": versions()}  # fmt: skip
     write_json(rd.path / "report.json", report)
     report["out"] = str(rd.commit())
     log.info(
