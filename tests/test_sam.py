@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import numpy as np
@@ -330,6 +331,42 @@ def test_vit_t_has_the_mobilesam_tinysam_layout(tmp_path):
     with torch.no_grad():
         e = loaded.image_encoder(torch.zeros(1, 3, 1024, 1024))
     assert e.shape == (1, 256, 64, 64)
+
+
+def test_vit_t_matches_the_mobilesam_reference():
+    """The TinyViT-5M SAM against an independent MobileSAM implementation (ultralytics'
+    ``build_mobile_sam``, which loads the official mobile_sam.pt): the same random weights load
+    key for key, and image embeddings, masks and IoU predictions agree."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics.models.sam.build import build_mobile_sam
+
+    torch.manual_seed(0)
+    ref = build_mobile_sam()
+    sd = ref.state_dict()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-trivial values everywhere (attention biases start at zero)
+        for k, v in sd.items():
+            if v.is_floating_point() and "running_var" not in k:
+                v.add_(0.05 * torch.randn(v.shape, generator=g))
+    ref.train()
+    ref.eval()  # the reference caches its attention biases when switched to eval()
+    mine = build_sam("vit_t").eval()
+    assert set(sd) == set(mine.state_dict())
+    mine.load_state_dict(sd, strict=True)
+    x = torch.randn(1, 3, 1024, 1024, generator=g)
+    pts = (torch.tensor([[[200.0, 300.0], [700.0, 650.0]]]), torch.tensor([[1, 0]]))
+    box = torch.tensor([[100.0, 150.0, 800.0, 900.0]])
+    with torch.no_grad():
+        e_ref, e_mine = ref.image_encoder(x), mine.image_encoder(x)
+        assert (e_ref - e_mine).abs().max() < 1e-4 * e_ref.abs().max()
+        sparse, dense = ref.prompt_encoder(points=pts, boxes=box, masks=None)
+        low_ref, iou_ref = ref.mask_decoder(
+            e_ref, ref.prompt_encoder.get_dense_pe(), sparse, dense, True
+        )
+        low, iou = mine.decode(e_mine, pts, box, None, True)
+    assert torch.allclose(iou, iou_ref, atol=1e-4)
+    assert (low - low_ref).abs().max() < 1e-3 * low_ref.abs().max()
+    assert ((low > 0) == (low_ref > 0)).float().mean() > 0.999
 
 
 def test_coco_folder_polygons_and_rle_decode_and_train(tmp_path):
