@@ -285,8 +285,9 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
         )
     n_params = sum(p.numel() for p in model.parameters())
     total_steps = cfg.total_steps()
-    t0, tokens_done = time.time(), 0
+    t0, tokens_done, step_seconds = time.time(), 0, 0.0
     for step in range(start, total_steps):
+        ts = time.perf_counter()
         if step == len(plan):  # a round ended: draw the next one
             plan += draw_next_round(
                 model, stream, cfg, 1 + (step - cfg.steps) // cfg.round_steps() + 1, device
@@ -317,6 +318,7 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
         history.append(
             {"step": step + 1, "round": round_no, "loss": loss_all, "lr": sched.get_last_lr()[0]}
         )
+        step_seconds += time.perf_counter() - ts
         done = step + 1
         round_end = done == cfg.steps or (
             done > cfg.steps and (done - cfg.steps) % cfg.round_steps() == 0
@@ -343,6 +345,7 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
         report = {
             "kind": "train-lm", "command": command, "parameters": n_params,
             "tokens": (total_steps - start) * cfg.batch_size * cfg.seq_len, "rounds": cfg.rounds, "tokens_per_second": tokens_done / secs,
+            "step_tokens_per_second": tokens_done / max(step_seconds, 1e-9),
             "final_val_ppl": evals[-1]["val_ppl"], "evals": evals, "plan": plan, "history": history,
             "validation": {"corpus": cfg.data, "split": "validation", "windows": int(val.shape[0]), "seq_len": cfg.seq_len},
             "global_batch_tokens": cfg.batch_size * cfg.seq_len, "world_size": world,
