@@ -118,15 +118,19 @@ def main() -> None:
     val = json.loads((run / "report.json").read_text())["validation"]
     arms = [("dense", None)] + [("hierarchical", float(t)) for t in a.taus.split(",")]
     rows = {f"{m}" + (f" tau={t}" if t is not None else ""): [] for m, t in arms}
+
+    def each_image(predict, img, mode, tau):
+        cfg = EverythingConfig(mode=mode, points_per_side=32, pred_iou_thresh=a.pred_iou_thresh,
+                               stability_score_thresh=a.stability_thresh, high_score_thresh=tau or 8.5)  # fmt: skip
+        t0 = time.perf_counter()
+        res = segment_everything(predict, img.shape[:2], cfg)
+        return res, time.perf_counter() - t0
+
     for i in range(a.images):
         img, gt = draw_scene(model.cfg.img_size, TEST_SEED + i)
         predict, enc = sam_predict_fn(model, img)
         for (mode, tau), name in zip(arms, rows):
-            cfg = EverythingConfig(mode=mode, points_per_side=32, pred_iou_thresh=a.pred_iou_thresh,
-                                   stability_score_thresh=a.stability_thresh, high_score_thresh=tau or 8.5)  # fmt: skip
-            t0 = time.perf_counter()
-            res = segment_everything(predict, img.shape[:2], cfg)
-            secs = time.perf_counter() - t0
+            res, secs = each_image(predict, img, mode, tau)
             recall, miou = score(res["masks"], gt)
             rows[name].append({"prompts": res["prompts"], "seconds": secs, "encoder_seconds": enc,
                                "recall": recall, "miou": miou, "masks": len(res["masks"])})  # fmt: skip
@@ -137,11 +141,7 @@ def main() -> None:
         predict, enc = sam_predict_fn(model, img)
         dense_masks = None
         for (mode, tau), name in zip(arms, rows):
-            cfg = EverythingConfig(mode=mode, points_per_side=32, pred_iou_thresh=a.pred_iou_thresh,
-                                   stability_score_thresh=a.stability_thresh, high_score_thresh=tau or 8.5)  # fmt: skip
-            t0 = time.perf_counter()
-            res = segment_everything(predict, img.shape[:2], cfg)
-            secs = time.perf_counter() - t0
+            res, secs = each_image(predict, img, mode, tau)
             dense_masks = res["masks"] if mode == "dense" else dense_masks
             photo_rows[name].append({"photo": pname, "prompts": res["prompts"], "seconds": secs,
                                      "masks": len(res["masks"]), "agreement": agreement(dense_masks, res["masks"])})  # fmt: skip

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from slimkit.core import dist
-from slimkit.core.config import add_arguments, from_args, load_yaml
+from slimkit.core.config import add_arguments, from_args, load_yaml, parse_run_command, split_recipe
 from slimkit.core.errors import SlimkitError
 from slimkit.core.logs import setup_logging
 
@@ -23,25 +23,6 @@ PRESETS = {  # calibration / pipeline presets for `quantize --preset`
     "default": {"n_calib": 128, "calib_seq_len": 512},
     "paper": {"n_calib": 128, "calib_seq_len": 2048},
 }
-
-
-def _split_recipe(recipe: dict, classes: list[type]) -> list[dict]:
-    import dataclasses
-
-    parts = [{} for _ in classes]
-    for k, v in recipe.items():
-        for i, c in enumerate(classes):
-            if k in {f.name for f in dataclasses.fields(c)}:
-                parts[i][k] = v
-                break
-        else:
-            allowed = sorted(
-                {f.name for c in classes for f in dataclasses.fields(c)} | {"method", "model"}
-            )
-            raise SlimkitError(
-                f"recipe key {k!r} is not an option of this method; allowed: {allowed}"
-            )
-    return parts
 
 
 def cmd_quantize(argv: list[str]) -> int:
@@ -92,9 +73,9 @@ def cmd_quantize(argv: list[str]) -> int:
         raise SlimkitError(
             "name a model: slimkit quantize MODEL --out DIR (see `slimkit list models`)"
         )
-    q_part, c_part, e_part = _split_recipe(recipe, [cfg_cls, CalibConfig, EvalConfig])
+    q_part, c_part, e_part = split_recipe(recipe, [cfg_cls, CalibConfig, EvalConfig])
     if ns.preset:  # generic calibration preset, then the method's own (recipe and flags win)
-        pq, pc, _ = _split_recipe(
+        pq, pc, _ = split_recipe(
             {**PRESETS[ns.preset], **getattr(cfg_cls, "PRESETS", {}).get(ns.preset, {})},
             [cfg_cls, CalibConfig, EvalConfig],
         )
@@ -357,21 +338,7 @@ def cmd_bench(argv: list[str]) -> int:
 def _train_cmd(argv: list[str], prog: str, cfg_cls: type, description: str) -> int:
     from slimkit.kd.train import run_training
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe")
-    known, _ = pre.parse_known_args(argv)
-    recipe = load_yaml(known.recipe) if known.recipe else {}
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--recipe", help="YAML file of option: value pairs (flags override it)")
-    p.add_argument("--out", required=True, help="run directory to create")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.partial's last epoch")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("-v", "--verbose", action="store_true")
-    add_arguments(p, cfg_cls)
-    ns = p.parse_args(argv)
-    setup_logging(ns.verbose)
-    (part,) = _split_recipe(recipe, [cfg_cls])
-    cfg = from_args(cfg_cls, ns, part)
+    ns, cfg = parse_run_command(argv, prog, cfg_cls, description)
     r = run_training(cfg, out=ns.out, resume=ns.resume, overwrite=ns.overwrite,
                      command=f"slimkit {prog.split()[-1]} " + shlex.join(argv))  # fmt: skip
     if r:
@@ -439,25 +406,8 @@ def cmd_cka(argv: list[str]) -> int:
 def cmd_train_lm(argv: list[str]) -> int:
     from slimkit.lm.train import LMTrainConfig, train_lm
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe")
-    known, _ = pre.parse_known_args(argv)
-    recipe = load_yaml(known.recipe) if known.recipe else {}
-    p = argparse.ArgumentParser(
-        prog="slimkit train-lm", description="Pre-train a small causal LM (PanGu-π or Llama)."
-    )
-    p.add_argument("--recipe", help="YAML file of option: value pairs (flags override it)")
-    p.add_argument("--out", required=True, help="run directory to create")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from OUT.partial's last checkpoint"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("-v", "--verbose", action="store_true")
-    add_arguments(p, LMTrainConfig)
-    ns = p.parse_args(argv)
-    setup_logging(ns.verbose)
-    (part,) = _split_recipe(recipe, [LMTrainConfig])
-    cfg = from_args(LMTrainConfig, ns, part)
+    ns, cfg = parse_run_command(argv, "slimkit train-lm", LMTrainConfig,
+                                "Pre-train a small causal LM (PanGu-π or Llama).")  # fmt: skip
     r = train_lm(cfg, out=ns.out, resume=ns.resume, overwrite=ns.overwrite,
                  command="slimkit train-lm " + shlex.join(argv))  # fmt: skip
     if r:

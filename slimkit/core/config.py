@@ -97,3 +97,45 @@ def from_args(cls: type, ns: argparse.Namespace, base: dict[str, Any] | None = N
         if v is not None:
             values[f.name] = v
     return from_dict(cls, values, where="options")
+
+
+def split_recipe(recipe: dict, classes: list[type]) -> list[dict]:
+    parts = [{} for _ in classes]
+    for k, v in recipe.items():
+        for i, c in enumerate(classes):
+            if k in {f.name for f in dataclasses.fields(c)}:
+                parts[i][k] = v
+                break
+        else:
+            allowed = sorted(
+                {f.name for c in classes for f in dataclasses.fields(c)} | {"method", "model"}
+            )
+            raise SlimkitError(
+                f"recipe key {k!r} is not an option of this method; allowed: {allowed}"
+            )
+    return parts
+
+
+def parse_run_command(argv: list[str], prog: str, cfg_cls: type, description: str):
+    """The shared command line of the trainers: ``--recipe`` YAML (flags override it), ``--out``,
+    ``--resume``, ``--overwrite``, ``-v`` and one flag per field of ``cfg_cls``.
+    Returns (namespace, config); logging is set up."""
+    from slimkit.core.logs import setup_logging
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    known, _ = pre.parse_known_args(argv)
+    recipe = load_yaml(known.recipe) if known.recipe else {}
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--recipe", help="YAML file of option: value pairs (flags override it)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from OUT.partial's last checkpoint"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(p, cfg_cls)
+    ns = p.parse_args(argv)
+    setup_logging(ns.verbose)
+    (part,) = split_recipe(recipe, [cfg_cls])
+    return ns, from_args(cfg_cls, ns, part)

@@ -140,31 +140,13 @@ def cmd_everything(argv: list[str]) -> int:
 def cmd_train(argv: list[str]) -> int:
     import shlex
 
-    from slimkit.core.config import load_yaml
+    from slimkit.core.config import parse_run_command
     from slimkit.sam.train import SamTrainConfig, train_sam
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe")
-    known, _ = pre.parse_known_args(argv)
-    recipe = load_yaml(known.recipe) if known.recipe else {}
-    p = argparse.ArgumentParser(
-        prog="slimkit sam train", description="Train a small promptable model on generated scenes."
-    )
-    p.add_argument("--recipe")
-    p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    add_arguments(p, SamTrainConfig)
-    ns = p.parse_args(argv)
-    setup_logging()
-    cfg = from_args(SamTrainConfig, ns, recipe)
-    r = train_sam(
-        cfg,
-        out=ns.out,
-        resume=ns.resume,
-        overwrite=ns.overwrite,
-        command="slimkit sam train " + shlex.join(argv),
-    )
+    ns, cfg = parse_run_command(argv, "slimkit sam train", SamTrainConfig,
+                                "Train a small promptable model on generated scenes or a COCO folder.")  # fmt: skip
+    r = train_sam(cfg, out=ns.out, resume=ns.resume, overwrite=ns.overwrite,
+                  command="slimkit sam train " + shlex.join(argv))  # fmt: skip
     print(
         f"{r['out']}: validation mIoU with one point {r['validation']['miou_1pt']:.3f} ({r['seconds']:.0f} s)"
     )
