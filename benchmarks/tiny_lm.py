@@ -8,7 +8,8 @@ validation split. Arms:
     (both); the FFN width of each PanGu-π arm is lowered so its parameter count matches the
     vanilla model's (within one FFN channel per block); per-layer collapse metrics of seed 0.
 (b) random init vs inheritance from SmolLM2-135M (tokenizer compressed to --vocab first, then
-    `slimkit inherit` to the small shape; the random arm has the same shape).
+    `slimkit inherit` to the small shape with the Taylor score, and with learnable masks; the
+    random arm has the same shape).
 (c) one round vs two rounds (--keep 0.5) with the same number of optimizer steps in total.
 (d) original SmolLM2 tokenizer (49,152) vs the compressed one: parameters and validation bits
     per character (perplexities of different tokenizers are not comparable).
@@ -144,11 +145,12 @@ def collapse(a, res):
 
 def part_b(a, res, seeds):
     tok = compressed_tokenizer(a)
-    child = CACHE / "inherit-init"
-    if not (child / "inherit.json").is_file():
-        sk(["inherit", str(tok), "--layers", str(SHAPE["layers"]), "--hidden", str(SHAPE["hidden_size"]),
-            "--ffn", str(SHAPE["intermediate_size"]), "--kv-groups", "2", "--score", "taylor", "--out", str(child)],
-           child.with_suffix(".log"))  # fmt: skip
+    child, masked = CACHE / "inherit-init", CACHE / "inherit-mask-init"
+    for d, score in ((child, "taylor"), (masked, "mask")):
+        if not (d / "inherit.json").is_file():
+            sk(["inherit", str(tok), "--layers", str(SHAPE["layers"]), "--hidden", str(SHAPE["hidden_size"]),
+                "--ffn", str(SHAPE["intermediate_size"]), "--kv-groups", "2", "--score", score, "--out", str(d)],
+               d.with_suffix(".log"))  # fmt: skip
     cfg = json.loads((child / "config.json").read_text())
     shape = ["--hidden-size", str(cfg["hidden_size"]), "--layers", str(cfg["num_hidden_layers"]), "--heads",
              str(cfg["num_attention_heads"]), "--kv-heads", str(cfg["num_key_value_heads"]),
@@ -181,6 +183,13 @@ def part_b(a, res, seeds):
         train(
             f"b-inherit-s{s}",
             ["--init", str(child), "--steps", str(a.steps), "--seed", str(s), *lr],
+            a,
+            res,
+        )
+        yield
+        train(
+            f"b-inherit-mask-s{s}",
+            ["--init", str(masked), "--steps", str(a.steps), "--seed", str(s), *lr],
             a,
             res,
         )
@@ -302,7 +311,7 @@ def summarize(res: dict, a) -> str:
         "## (b) random initialisation vs inheritance from SmolLM2-135M",
         "",
         *head,
-        *rows("b", ["random", "inherit"]),
+        *rows("b", ["random", "inherit", "inherit-mask"]),
     ]
     lines += [
         "",

@@ -198,6 +198,9 @@ def test_inheritance_with_nothing_removed_reproduces_the_parent(family):
     parent = pangu() if family == "pangu" else tiny_model(family)
     child, rec = inherit(parent, InheritConfig(score="l1"))
     ids = torch.randint(0, 128, (2, 12))
+    masked, _ = inherit(parent, InheritConfig(score="mask", mask_steps=3), ids)
+    with torch.no_grad():
+        assert torch.allclose(masked(ids).logits, parent(ids).logits, atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(child(ids).logits, parent(ids).logits, atol=1e-5)
     assert rec["layers"] == list(range(parent.config.num_hidden_layers))
@@ -231,6 +234,43 @@ def test_inheritance_builds_the_requested_smaller_model(tmp_path):
     assert torch.equal(child.model.layers[0].mlp.down_proj.weight, want)
     with pytest.raises(SlimkitError, match="calibration"):
         inherit(parent, InheritConfig(layers=2, score="taylor"))
+
+
+def test_learnable_masks_keep_the_live_neurons():
+    """Half the FFN neurons of a (briefly trained) model are dead: learned gates must drop them."""
+    from conftest import tiny_model
+
+    from slimkit.lm.inherit import InheritConfig, inherit
+
+    torch.manual_seed(0)
+    m = tiny_model("llama", layers=2, vocab=32)
+    F = m.config.intermediate_size
+    dead = torch.randperm(F)[: F // 2]
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.mlp.gate_proj.weight[dead] = 0
+            layer.mlp.up_proj.weight[dead] = 0
+            layer.mlp.down_proj.weight[:, dead] = 0
+    data = (torch.arange(33)[None] * 3 + torch.randint(0, 32, (64, 1))) % 32  # learnable sequences
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for i in range(80):  # dead neurons get zero gradients and stay dead
+        ids = data[i % 8 * 8 : i % 8 * 8 + 8]
+        loss = torch.nn.functional.cross_entropy(
+            m(ids[:, :-1]).logits.reshape(-1, 32), ids[:, 1:].reshape(-1)
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss < 1.0
+    child, rec = inherit(
+        m.eval(), InheritConfig(ffn=F // 2, score="mask", mask_steps=80), data[:16]
+    )
+    live = set(range(F)) - set(dead.tolist())
+    # a live neuron whose removal lowers the loss may rightly go first; a random pick keeps ~50 %
+    assert all(len(live & set(rec["ffn"][i])) >= 0.9 * len(live) for i in (0, 1)), rec["ffn"]
+    assert child.config.intermediate_size == F // 2
+    with pytest.raises(SlimkitError, match="calibration"):
+        inherit(m, InheritConfig(ffn=F // 2, score="mask"))
 
 
 def test_multi_round_draws_without_replacement_and_resumes_exactly(tmp_path, monkeypatch):
