@@ -313,7 +313,7 @@ def test_vit_t_has_the_mobilesam_tinysam_layout(tmp_path):
     measurements of the official modules: 439 keys, 10.13 M / 6.07 M / 4.06 M parameters)."""
     m = build_sam("vit_t")
     sd = m.state_dict()
-    assert len(sd) == 439
+    assert len(sd) == 439 and len(build_sam("tinyvit-5m").state_dict()) == 439
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     assert round(count(m) / 1e6, 2) == 10.13 and round(count(m.image_encoder) / 1e6, 2) == 6.07
     assert round(count(m.mask_decoder) / 1e6, 2) == 4.06 and count(m.prompt_encoder) == 6220

@@ -53,7 +53,10 @@ def _load_model(ns):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("image")
     p.add_argument("--checkpoint", help="SAM state dict (.pth / .safetensors)")
-    p.add_argument("--arch", help="vit_b | vit_l | vit_h | vit_mini (default: from the checkpoint)")
+    p.add_argument(
+        "--arch",
+        help="vit_b | vit_l | vit_h | vit_t (= tinyvit-5m: MobileSAM, TinySAM) | vit_mini (default: from the checkpoint)",
+    )
     p.add_argument(
         "--random-weights",
         action="store_true",

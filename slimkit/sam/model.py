@@ -480,12 +480,22 @@ SAM_CONFIGS = {
 }  # fmt: skip
 
 
+# other names users meet in the MobileSAM / TinySAM releases
+SAM_ALIASES = {
+    "tinyvit-5m": "vit_t",
+    "tinyvit_5m": "vit_t",
+    "mobilesam": "vit_t",
+    "tinysam": "vit_t",
+}
+
+
 def build_sam(arch: str = "vit_b", **overrides) -> Sam:
     from slimkit.core.errors import SlimkitError
 
+    arch = SAM_ALIASES.get(arch.lower(), arch)
     if arch not in SAM_CONFIGS:
         raise SlimkitError(
-            f"unknown SAM architecture {arch!r}; choose one of: {', '.join(SAM_CONFIGS)}"
+            f"unknown SAM architecture {arch!r}; choose one of: {', '.join([*SAM_CONFIGS, *SAM_ALIASES])}"
         )
     cfg = SamConfig(**{**SAM_CONFIGS[arch].__dict__, **overrides})
     if cfg.extra.get("encoder") == "tinyvit":

@@ -31,7 +31,7 @@ from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
 from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
-from slimkit.sam.model import SAM_CONFIGS, Sam, build_sam
+from slimkit.sam.model import SAM_ALIASES, SAM_CONFIGS, Sam, build_sam
 from slimkit.vision.data import SHAPES, clutter, shape_mask, texture
 
 log = logging.getLogger("slimkit")
@@ -96,9 +96,10 @@ class SamTrainConfig:
     )
 
     def __post_init__(self) -> None:
+        self.arch = SAM_ALIASES.get(self.arch.lower(), self.arch)
         if self.arch not in SAM_CONFIGS:
             raise SlimkitError(
-                f"unknown SAM architecture {self.arch!r}; choose one of: {', '.join(SAM_CONFIGS)}"
+                f"unknown SAM architecture {self.arch!r}; choose one of: {', '.join([*SAM_CONFIGS, *SAM_ALIASES])}"
             )
         if min(self.steps, self.batch_size, self.scenes, self.prompts_per_image) < 1:
             raise SlimkitError(
