@@ -227,7 +227,7 @@ def cmd_demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="slimkit demo", description="Quantize the embedded model and compare perplexity."
     )
-    p.add_argument("--out", default="runs/demo-gptq-w4g64")
+    p.add_argument("--out", default="runs/demo-cbq-w4g64")
     ns = p.parse_args(argv)
     setup_logging()
     run_demo(ns.out)
