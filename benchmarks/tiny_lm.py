@@ -10,7 +10,8 @@ validation split. Arms:
 (b) random init vs inheritance from SmolLM2-135M (tokenizer compressed to --vocab first, then
     `slimkit inherit` to the small shape with the Taylor score, and with learnable masks; the
     random arm has the same shape).
-(c) one round vs two rounds (--keep 0.5) with the same number of optimizer steps in total.
+(c) one round vs two rounds (--keep 0.5) with the same number of optimizer steps in total; the
+    second round drawn by softmax(loss) (the paper) or uniformly (ablation: same data reuse).
 (d) original SmolLM2 tokenizer (49,152) vs the compressed one: parameters and validation bits
     per character (perplexities of different tokenizers are not comparable).
 Throughput: slimkit's trainer vs a minimal PyTorch loop on the same model, same batch, in one process.
@@ -207,6 +208,9 @@ def part_c(a, res, seeds):
             f"c-two-s{s}", [*base, "--steps", str(first), "--rounds", "2", "--keep", "0.5"], a, res
         )
         yield
+        two = [*base, "--steps", str(first), "--rounds", "2", "--keep", "0.5"]
+        train(f"c-two-uniform-s{s}", [*two, "--round-sampling", "uniform"], a, res)
+        yield
 
 
 def part_d(a, res, seeds):
@@ -318,7 +322,7 @@ def summarize(res: dict, a) -> str:
         "## (c) one round vs two rounds (same optimizer steps)",
         "",
         *head,
-        *rows("c", ["one", "two"]),
+        *rows("c", ["one", "two", "two-uniform"]),
     ]
     lines += ["", "## (d) tokenizer size", "", *head, *rows("d", ["original", "compressed"])]
     if "throughput" in res:

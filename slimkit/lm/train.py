@@ -86,6 +86,13 @@ class LMTrainConfig:
         default=0.5,
         metadata={"help": "fraction of the first round's batches drawn for each later round"},
     )
+    round_sampling: str = field(
+        default="loss",
+        metadata={
+            "help": "later rounds draw batches by softmax(loss) (the paper) or uniformly (ablation)",
+            "choices": ["loss", "uniform"],
+        },
+    )
     eval_every: int = field(
         default=100, metadata={"help": "evaluate every N steps (and at the end)"}
     )
@@ -125,6 +132,8 @@ class LMTrainConfig:
             raise SlimkitError("--batch-size must be divisible by --grad-accum")
         if self.rounds < 1 or not 0 < self.keep <= 1:
             raise SlimkitError("--rounds must be >= 1 and --keep in (0, 1]")
+        if self.round_sampling not in ("loss", "uniform"):
+            raise SlimkitError("--round-sampling must be loss or uniform")
 
     def round_steps(self) -> int:
         """Optimizer steps of each round after the first."""
@@ -217,13 +226,16 @@ def draw_next_round(
     )
     model.train(was)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + round_no)
-    drawn = torch.multinomial(
-        torch.softmax(losses.double(), 0), cfg.round_steps(), replacement=False, generator=g
+    probs = (
+        torch.softmax(losses.double(), 0)
+        if cfg.round_sampling == "loss"
+        else torch.full_like(losses.double(), 1.0 / len(losses))
     )
+    drawn = torch.multinomial(probs, cfg.round_steps(), replacement=False, generator=g)
     if dist.is_dist():
         drawn = dist.broadcast(drawn)
-    log.info("round %d: %d of %d batches drawn by loss (mean loss %.3f, drawn %.3f)", round_no,
-             len(drawn), cfg.steps, losses.mean(), losses[drawn].mean())  # fmt: skip
+    log.info("round %d: %d of %d batches drawn (%s; mean loss %.3f, drawn %.3f)", round_no,
+             len(drawn), cfg.steps, cfg.round_sampling, losses.mean(), losses[drawn].mean())  # fmt: skip
     return drawn.tolist()
 
 
