@@ -30,7 +30,7 @@ from slimkit.core import dist
 from slimkit.core.config import save_yaml, to_dict
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
-from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
+from slimkit.core.rundir import RunDir, peak_rss_gb, save_checkpoint, versions, write_json
 from slimkit.kd.distiller import Distiller
 from slimkit.kd.losses import LOSSES, LossSettings, parse_losses, total_loss
 from slimkit.vision.data import ImageData, load_images, random_shift, stratified_subset
@@ -184,12 +184,6 @@ def evaluate(model: nn.Module, ds, batch_size: int = 256) -> dict:
     return {"top1": 100 * correct1 / len(y), "top5": 100 * correct5 / len(y)}
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
 def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
                  command: str = "") -> dict:  # fmt: skip
     """Train (``TrainConfig``) or distil (``DistillConfig``) into the run directory ``out``."""
@@ -316,8 +310,7 @@ def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, ove
             eta = (time.time() - t0) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
             log.info("epoch %d/%d loss %.4f top1 %.2f top5 %.2f (ETA %.0f s)", epoch + 1, cfg.epochs,
                      rec["loss"], acc["top1"], acc["top5"], eta)  # fmt: skip
-            rd.checkpoint_dir.mkdir(exist_ok=True)
-            _save_checkpoint(ckpt, {"distiller": distiller.state_dict(), "opt": opt.state_dict(),
+            save_checkpoint(ckpt, {"distiller": distiller.state_dict(), "opt": opt.state_dict(),
                                     "sched": sched.state_dict(), "ema": ema.state_dict() if ema else None,
                                     "history": history, "epoch": epoch + 1})  # fmt: skip
     report = {}

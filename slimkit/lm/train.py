@@ -28,7 +28,7 @@ from slimkit.core import dist
 from slimkit.core.config import save_yaml, to_dict
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
-from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
+from slimkit.core.rundir import RunDir, peak_rss_gb, save_checkpoint, versions, write_json
 from slimkit.data.text import _tokenize, eval_windows, load_documents
 from slimkit.llm.evaluate import perplexity
 from slimkit.llm.models import cache_dir
@@ -343,11 +343,8 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
             log.info("step %d/%d (round %d) loss %.4f val ppl %.2f | %.0f tok/s, ETA %.0f s", done, total_steps,
                      round_no, loss_all, ppl["ppl"], tokens_done / el, el / (done - start) * (total_steps - done))  # fmt: skip
         if rank0 and (done % cfg.checkpoint_every == 0 and done < total_steps):
-            rd.checkpoint_dir.mkdir(exist_ok=True)
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "history": history, "evals": evals, "step": done, "plan": plan}, tmp)  # fmt: skip
-            tmp.replace(ckpt)
+            save_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                   "history": history, "evals": evals, "step": done, "plan": plan})  # fmt: skip
     report = {}
     if rank0:
         model.save_pretrained(rd.path)

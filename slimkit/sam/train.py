@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
-from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
+from slimkit.core.rundir import RunDir, peak_rss_gb, save_checkpoint, versions, write_json
 from slimkit.sam.model import SAM_ALIASES, SAM_CONFIGS, Sam, build_sam
 from slimkit.vision.data import SHAPES, clutter, shape_mask, texture
 
@@ -276,11 +276,8 @@ def train_sam(
                 el / (done - start) * (cfg.steps - done),
             )
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            rd.checkpoint_dir.mkdir(exist_ok=True)
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "history": history, "step": done}, tmp)  # fmt: skip
-            tmp.replace(ckpt)
+            save_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                   "history": history, "step": done})  # fmt: skip
     val = evaluate_points(model, val_items)
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
