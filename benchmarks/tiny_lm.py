@@ -8,8 +8,9 @@ validation split. Arms:
     (both); the FFN width of each PanGu-π arm is lowered so its parameter count matches the
     vanilla model's (within one FFN channel per block); per-layer collapse metrics of seed 0.
 (b) random init vs inheritance from SmolLM2-135M (tokenizer compressed to --vocab first, then
-    `slimkit inherit` to the small shape with the Taylor score, and with learnable masks; the
-    random arm has the same shape).
+    `slimkit inherit` to 8 blocks, hidden 192, FFN 384, 2 KV groups (head_dim 64 kept) with the
+    Taylor score, and with learnable masks; the random arm is the child's exact architecture with
+    fresh weights).
 (c) one round vs two rounds (--keep 0.5) with the same number of optimizer steps in total; the
     second round drawn by softmax(loss) (the paper) or uniformly (ablation: same data reuse).
 (d) original SmolLM2 tokenizer (49,152) vs the compressed one: parameters and validation bits
@@ -144,57 +145,50 @@ def collapse(a, res):
     res["collapse"] = profiles
 
 
+B_SHAPE = {
+    "hidden": 192,
+    "kv_groups": 2,
+}  # SmolLM2 keeps head_dim 64 and 3 query heads per KV group:
+# 2 groups = 6 heads, and the hidden size must be a multiple of the head count
+
+
+def random_like(child: Path, out: Path) -> Path:
+    """The child's exact architecture and tokenizer with fresh random weights (the random arm)."""
+    if not (out / "config.json").is_file():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(child))
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(child).save_pretrained(out)
+    return out
+
+
 def part_b(a, res, seeds):
     tok = compressed_tokenizer(a)
     child, masked = CACHE / "inherit-init", CACHE / "inherit-mask-init"
     for d, score in ((child, "taylor"), (masked, "mask")):
         if not (d / "inherit.json").is_file():
-            sk(["inherit", str(tok), "--layers", str(SHAPE["layers"]), "--hidden", str(SHAPE["hidden_size"]),
-                "--ffn", str(SHAPE["intermediate_size"]), "--kv-groups", "2", "--score", score, "--out", str(d)],
-               d.with_suffix(".log"))  # fmt: skip
-    cfg = json.loads((child / "config.json").read_text())
-    shape = ["--hidden-size", str(cfg["hidden_size"]), "--layers", str(cfg["num_hidden_layers"]), "--heads",
-             str(cfg["num_attention_heads"]), "--kv-heads", str(cfg["num_key_value_heads"]),
-             "--intermediate-size", str(cfg["intermediate_size"])]  # fmt: skip
+            sk(["inherit", str(tok), "--layers", str(SHAPE["layers"]), "--hidden", str(B_SHAPE["hidden"]),
+                "--ffn", str(SHAPE["intermediate_size"]), "--kv-groups", str(B_SHAPE["kv_groups"]), "--score", score,
+                "--out", str(d)], d.with_suffix(".log"))  # fmt: skip
+    rand = random_like(child, CACHE / "random-init")
+    lr = [
+        "--lr",
+        "1e-3",
+        "--min-lr",
+        "1e-4",
+    ]  # the same for every arm: gentler for inherited weights
     for s in seeds:
-        lr = [
-            "--lr",
-            "1e-3",
-            "--min-lr",
-            "1e-4",
-        ]  # the same for both arms: gentler for inherited weights
-        train(
-            f"b-random-s{s}",
-            [
-                "--arch",
-                "llama",
-                "--tokenizer",
-                str(tok),
-                *shape,
-                "--steps",
-                str(a.steps),
-                "--seed",
-                str(s),
-                *lr,
-            ],
-            a,
-            res,
-        )
-        yield
-        train(
-            f"b-inherit-s{s}",
-            ["--init", str(child), "--steps", str(a.steps), "--seed", str(s), *lr],
-            a,
-            res,
-        )
-        yield
-        train(
-            f"b-inherit-mask-s{s}",
-            ["--init", str(masked), "--steps", str(a.steps), "--seed", str(s), *lr],
-            a,
-            res,
-        )
-        yield
+        for arm, init in (("random", rand), ("inherit", child), ("inherit-mask", masked)):
+            train(
+                f"b-{arm}-s{s}",
+                ["--init", str(init), "--steps", str(a.steps), "--seed", str(s), *lr],
+                a,
+                res,
+            )
+            yield
 
 
 def part_c(a, res, seeds):
@@ -313,6 +307,10 @@ def summarize(res: dict, a) -> str:
     lines += [
         "",
         "## (b) random initialisation vs inheritance from SmolLM2-135M",
+        "",
+        f"Shape of this part: 8 blocks, hidden {B_SHAPE['hidden']}, FFN 384, {B_SHAPE['kv_groups']} KV groups of 3 query "
+        "heads, head_dim 64 (SmolLM2's); lr 1e-3 -> 1e-4 in every arm. inherit: Taylor scores; inherit-mask: "
+        "learnable masks; random: the same architecture, fresh weights.",
         "",
         *head,
         *rows("b", ["random", "inherit", "inherit-mask"]),

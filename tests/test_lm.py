@@ -234,6 +234,8 @@ def test_inheritance_builds_the_requested_smaller_model(tmp_path):
     assert torch.equal(child.model.layers[0].mlp.down_proj.weight, want)
     with pytest.raises(SlimkitError, match="calibration"):
         inherit(parent, InheritConfig(layers=2, score="taylor"))
+    with pytest.raises(SlimkitError, match="multiple of"):
+        inherit(parent, InheritConfig(hidden=50, kv_groups=2, score="l1"))
 
 
 def test_learnable_masks_keep_the_live_neurons():

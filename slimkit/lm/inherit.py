@@ -188,6 +188,12 @@ def inherit(
         raise SlimkitError(
             f"child sizes must not exceed the parent's (layers {L}, hidden {H}, ffn {F}, kv groups {n_kv})"
         )
+    if Hc % (Gc * group):
+        raise SlimkitError(
+            f"hidden size {Hc} must be a multiple of the child's {Gc * group} attention heads "
+            f"({Gc} KV groups x {group} query heads; transformers checks this even with head_dim set): "
+            f"choose --hidden as a multiple of {Gc * group} or other --kv-groups"
+        )
     if (cfg.score in ("taylor", "mask") or cfg.layer_select == "importance") and calib is None:
         raise SlimkitError(
             "the taylor and mask scores and importance layer selection need calibration windows"
