@@ -273,6 +273,8 @@ def test_learnable_masks_keep_the_live_neurons():
     assert child.config.intermediate_size == F // 2
     with pytest.raises(SlimkitError, match="calibration"):
         inherit(m, InheritConfig(ffn=F // 2, score="mask"))
+    with pytest.raises(SlimkitError, match="mask-steps"):
+        InheritConfig(score="mask", mask_steps=0)
 
 
 def test_multi_round_draws_without_replacement_and_resumes_exactly(tmp_path, monkeypatch):

@@ -76,6 +76,12 @@ class InheritConfig:
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise SlimkitError(f"--score must be one of {', '.join(SCORES)}")
+        if self.score == "mask" and (
+            self.mask_steps < 1 or self.mask_lr <= 0 or self.mask_penalty < 0
+        ):
+            raise SlimkitError(
+                "--score mask needs --mask-steps >= 1, --mask-lr > 0 and --mask-penalty >= 0"
+            )
 
 
 def _attn_mlp(layer):
