@@ -135,6 +135,46 @@ def test_cfp_folding_leaves_fp_logits_unchanged():
     assert torch.allclose(out, ref, atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "opt"])
+def test_cfp_linear_pairs_fold_exactly_with_gqa_and_biases(family):
+    """value -> output and up -> down folds (GQA: one value channel feeds several heads' output
+    columns; qwen2 / opt: value biases) keep the logits, and the planted channels are found."""
+    # the pipeline keeps its activation streams in fp32, which OPT's LayerNorm refuses to mix
+    # with fp64 weights: OPT is checked in fp32
+    model = tiny_model(family, layers=2)
+    model, tol = (model, 1e-4) if family == "opt" else (model.double(), 1e-9)
+    inject_outliers(model, fraction=0.05, k=50, linear=True)
+    ids = random_ids(4, 32)
+    with torch.no_grad():
+        ref = model(ids).logits
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    cfg = CBQConfig(wbits=4, abits=4, group_size=-1, cfp_linear=True)
+    pipe = BlockwisePipeline(model, ids, cfg.pipeline_options())
+    pipe.run(_FoldOnly(cfg))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    producers = [p for p, _, _ in pipe.bmap.smooth_linear]
+    for producer in producers:
+        assert any(producer + ".weight" in n for n in changed), (producer, sorted(changed))
+    pairs = [e for e in pipe.log if "block_pair" in e]
+    assert len(pairs) == 2 * len(producers) and all(e["cfp_max_scale"] > 2 for e in pairs), pairs
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.allclose(out, ref, atol=tol, rtol=0)
+
+
+def test_linear_pair_layout_maps_gqa_columns_to_value_rows():
+    from slimkit.quant.methods.smoothquant import linear_pair_repeat, reduce_repeated
+
+    layout = linear_pair_repeat("attn", producer_out=2 * 3, consumer_in=4 * 3, n_heads=4)
+    assert layout == (2, 2, 3)
+    # columns (head, dim): heads 0, 1 read value group 0, heads 2, 3 read group 1
+    stat = torch.tensor([0.0, 1, 2, 5, 0, 0, 0, 0, 9, 1, 1, 1])
+    assert reduce_repeated(stat, layout, "max").tolist() == [5, 1, 2, 1, 1, 9]
+    assert linear_pair_repeat("ffn", 8, 8, 4) == (1, 1, 8)
+    with pytest.raises(SlimkitError):
+        linear_pair_repeat("attn", 5, 12, 4)
+
+
 def _state(model):
     q = model._slimkit_quant
     return q["records"], q["act_params"]

@@ -4,6 +4,10 @@ A family is supported by one :class:`BlockMap` entry here, never by forked code.
 block are dotted paths relative to the block. ``sequential`` lists the block's linears in data
 flow order; linears in one inner tuple read the same input (GPTQ's true-sequential groups).
 ``smooth`` lists (norm, consumers) pairs whose scale can be folded exactly (SmoothQuant, AWQ).
+``smooth_linear`` lists (producer, consumer, kind) linear pairs where a per-channel scale of the
+consumer's input can be folded into the producer's output rows exactly: ``ffn`` when the consumer
+reads ``act(gate) * up`` channel for channel, ``attn`` for value -> output projections, whose input
+columns repeat the value channels once per query head of a KV group (GQA).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class BlockMap:
     post_blocks: tuple[str, ...]  # modules after the last block, in order (final norm, head)
     sequential: tuple[tuple[str, ...], ...]
     smooth: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    smooth_linear: tuple[tuple[str, str, str], ...] = ()
     transposed: bool = False  # GPT-2's Conv1D keeps weights as (in, out)
     # FFN channels for structured pruning: (linears producing the hidden channels, the linear
     # consuming them, the config field holding the FFN width)
@@ -56,6 +61,10 @@ _LLAMA_SMOOTH = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
 )
+_LLAMA_SMOOTH_LINEAR = (
+    ("self_attn.v_proj", "self_attn.o_proj", "attn"),
+    ("mlp.up_proj", "mlp.down_proj", "ffn"),
+)
 _register(
     BlockMap(
         family="llama",
@@ -65,6 +74,7 @@ _register(
         post_blocks=("model.norm", "lm_head"),
         sequential=_LLAMA_SEQ,
         smooth=_LLAMA_SMOOTH,
+        smooth_linear=_LLAMA_SMOOTH_LINEAR,
         ffn=(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size"),
         attn=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     )
@@ -91,6 +101,7 @@ _register(
             ),
             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ),
+        smooth_linear=_LLAMA_SMOOTH_LINEAR,  # the down projection reads siaf(gate) * up
         # no structured FFN map: SIAF's per-channel a_i, b_i would have to be sliced too
     )
 )
@@ -115,6 +126,7 @@ _register(
             ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("final_layer_norm", ("fc1",)),
         ),
+        smooth_linear=(("self_attn.v_proj", "self_attn.out_proj", "attn"),),
         ffn=(("fc1",), "fc2", "ffn_dim"),
         # post-LN OPT (350m) normalises after the residual: no norm feeds the linears directly.
         smooth_ok=lambda config: bool(getattr(config, "do_layer_norm_before", True)),

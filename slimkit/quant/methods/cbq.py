@@ -4,8 +4,10 @@ Per window of K consecutive blocks (overlap O, run by the shared pipeline):
 
 1. New blocks are prepared once: CFP detects activation-outlier channels of every foldable
    norm -> linear group on the full-precision stream and folds ``1/s`` into the norm and ``s`` into
-   the consumers' columns (exactly function-preserving, applied to the FP copy too); it also
-   truncates weight-outlier columns in a copy that only initialises each linear's range.
+   the consumers' columns (exactly function-preserving, applied to the FP copy too); with
+   ``--cfp-linear`` also of the value -> output and up -> down pairs (``1/s`` into the producer's
+   rows, GQA-aware); it also truncates weight-outlier columns in a copy that only initialises
+   each linear's range.
 2. Every linear gets learnable quantizer parameters (fp32): OmniQuant-style clipping factors
    ``sigmoid(gamma) * max``, ``sigmoid(beta) * min`` per output channel / group (they set the
    step size and zero point), a rounding parameterisation, and, with ``--abits``, a learnable
@@ -51,7 +53,12 @@ from slimkit.quant.activations import ActQuantHook, ActSpec, quantize_activation
 from slimkit.quant.cfp import CFPParams, activation_scales, truncated_weight
 from slimkit.quant.methods.base import QuantConfig, check_widths, register_method
 from slimkit.quant.methods.gptq import gptq_quantize
-from slimkit.quant.methods.smoothquant import fold_scales
+from slimkit.quant.methods.smoothquant import (
+    fold_linear_scales,
+    fold_scales,
+    linear_pair_repeat,
+    reduce_repeated,
+)
 from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, _grouped, trivial_g_idx
 
 log = logging.getLogger("slimkit")
@@ -112,6 +119,14 @@ class CBQConfig(QuantConfig):
     cfp_q_hi: float = field(default=0.8, metadata={"help": "CFP coarse upper quantile"})
     cfp_lam1: float = field(default=1.5, metadata={"help": "CFP coarse IQR multiplier"})
     cfp_smooth_rate: float = field(default=0.7, metadata={"help": "CFP activation scale exponent"})
+    cfp_linear: bool = field(
+        default=False,
+        metadata={
+            "help": "CFP also folds activation scales of the linear -> linear pairs the family "
+            "declares (value -> output projection, up -> down projection) into the producer's "
+            "rows (ours: the paper folds into the preceding norm or linear without naming pairs)"
+        },
+    )
     learn_smooth: bool = field(
         default=False,
         metadata={
@@ -187,7 +202,7 @@ class CBQConfig(QuantConfig):
         if self.rounding == "lora":
             parts[-1] += f" r={self.rank}"
         if self.cfp:
-            parts.append("CFP")
+            parts.append("CFP+linear" if self.cfp_linear else "CFP")
         return f"CBQ({', '.join(parts)}) " + super().scheme()
 
 
@@ -601,7 +616,31 @@ class CBQ(BlockwiseMethod):
                 mx, mn = torch.maximum(stats[name][0], mx), torch.minimum(stats[name][1], mn)
             stats[name] = [mx, mn]
 
+        pairs = self._linear_pairs(pipe, fp_block) if self.config.cfp_linear else []
+        for _, consumer, _ in pairs:
+            firsts[consumer] = get_module(fp_block, consumer)
         pipe.collect([fp_block], fp_in, firsts, observe)
+        for producer, consumer, layout in pairs:
+            mx = reduce_repeated(stats[consumer][0], layout, "max")
+            mn = reduce_repeated(stats[consumer][1], layout, "min")
+            s = activation_scales(mx, mn, self.config.cfp_params())
+            if bool((s == 1).all()):
+                continue
+            for blk in (block, fp_block):
+                fold_linear_scales(
+                    get_module(blk, producer),
+                    get_module(blk, consumer),
+                    s,
+                    layout,
+                    pipe.bmap.transposed,
+                )
+            pipe.log.append(
+                {
+                    "block_pair": f"{producer}->{consumer}",
+                    "cfp_channels": int((s > 1).sum()),
+                    "cfp_max_scale": float(s.max()),
+                }
+            )
         for norm_name, consumers in pipe.bmap.smooth:
             if norm_name not in stats:
                 continue
@@ -623,6 +662,20 @@ class CBQ(BlockwiseMethod):
                     "cfp_max_scale": float(s.max()),
                 }
             )
+
+    @staticmethod
+    def _linear_pairs(pipe: BlockwisePipeline, block: nn.Module) -> list[tuple[str, str, tuple]]:
+        """(producer, consumer, column layout) of the family's foldable linear pairs."""
+        heads = getattr(pipe.model.config, "num_attention_heads", None)
+        out = []
+        for producer, consumer, kind in pipe.bmap.smooth_linear:
+            p, c = get_module(block, producer), get_module(block, consumer)
+            if p is None or c is None or (kind == "attn" and not heads):
+                continue
+            n_out = weight_of(p, pipe.bmap.transposed).shape[0]
+            n_in = weight_of(c, pipe.bmap.transposed).shape[1]
+            out.append((producer, consumer, linear_pair_repeat(kind, n_out, n_in, heads or 1)))
+        return out
 
     def _prepare_acts(self, win: Window, pos: int, b: int, resumed: bool) -> None:
         pipe = win.pipe

@@ -82,6 +82,51 @@ def fold_scales(
         set_weight(m, w * s.to(w).unsqueeze(0), transposed)
 
 
+def linear_pair_repeat(kind: str, producer_out: int, consumer_in: int, n_heads: int) -> tuple:
+    """How the consumer's input columns repeat the producer's output rows: (groups, repeat,
+    width) such that column ``(g, r, d)`` reads row ``(g, d)``. ``ffn``: one to one; ``attn``:
+    ``groups`` KV heads of ``width = consumer_in / n_heads`` channels, each read by ``repeat``
+    query heads."""
+    if kind == "ffn":
+        if producer_out != consumer_in:
+            raise SlimkitError(f"ffn pair: {producer_out} outputs feed {consumer_in} inputs")
+        return 1, 1, consumer_in
+    if kind != "attn" or consumer_in % n_heads:
+        raise SlimkitError(
+            f"cannot fold a {kind!r} pair with {consumer_in} inputs, {n_heads} heads"
+        )
+    width = consumer_in // n_heads
+    if producer_out % width or n_heads % (producer_out // width):
+        raise SlimkitError(f"attn pair: {producer_out} value channels for {n_heads} heads")
+    groups = producer_out // width
+    return groups, n_heads // groups, width
+
+
+def reduce_repeated(stat: torch.Tensor, layout: tuple, how: str) -> torch.Tensor:
+    """Per-column statistic of the consumer -> per-row statistic of the producer (max or min
+    over the query heads that read one value channel)."""
+    g, r, d = layout
+    x = stat.reshape(g, r, d)
+    return (x.amax(1) if how == "max" else x.amin(1)).reshape(-1)
+
+
+def fold_linear_scales(
+    producer: torch.nn.Module, consumer: torch.nn.Module, s: torch.Tensor, layout: tuple,
+    transposed: bool,
+) -> None:  # fmt: skip
+    """producer output rows (and bias) /= s; consumer input columns *= s (repeated per
+    ``layout``). Function-preserving when the consumer's input is linear in the producer's
+    output (attention-weighted values, ``act(gate) * up``)."""
+    w = weight_of(producer, transposed)
+    set_weight(producer, w / s.to(w).unsqueeze(1), transposed)
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.data.div_(s.to(producer.bias))
+    g, r, d = layout
+    cols = s.reshape(g, 1, d).expand(g, r, d).reshape(-1)
+    w = weight_of(consumer, transposed)
+    set_weight(consumer, w * cols.to(w).unsqueeze(0), transposed)
+
+
 @register_method(
     "smoothquant", SmoothQuantConfig, help="SmoothQuant scale migration, then RTN or GPTQ"
 )
