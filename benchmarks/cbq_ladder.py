@@ -17,7 +17,8 @@ GPTQ perplexity protocol. Several calibration seeds give mean ± sample std.
 Runs are ordered so that the most informative rows finish first (RTN, GPTQ and CBQ at every
 setting, then SmoothQuant, then the ladder steps, then more seeds); results are appended to
 benchmarks/results/cbq_ladder.json as each run finishes, a rerun skips finished runs, and the
-Markdown table benchmarks/results/cbq_ladder.md is rewritten after every run.
+Markdown table benchmarks/results/cbq_ladder.md and the plot cbq_ladder.png (perplexity gap to
+FP32 of RTN, GPTQ, SmoothQuant + RTN and CBQ per setting) are rewritten after every run.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ ROWS = {  # name: (label, method, flags)
     "k2": ("+ windows K=2, O=1", "cbq", ["--rounding", "nearest", *NOCFP]),
     "lora": ("+ LoRA-Rounding (from GPTQ codes)", "cbq", ["--rounding", "lora", *NOCFP]),
     "cbq": ("CBQ (= + CFP)", "cbq", ["--rounding", "lora"]),
+    "cbq-lin": ("CBQ, CFP also on v->o and up->down", "cbq", ["--rounding", "lora", "--cfp-linear"]),
     "adaround": ("CBQ with full AdaRound", "cbq", ["--rounding", "full"]),
     "cbq-rtninit": ("CBQ, rounding from nearest", "cbq", ["--rounding-init", "nearest"]),
     "cbq-long": ("CBQ, default preset (2 epochs, 32 x 512)", "cbq", []),
@@ -85,7 +87,7 @@ def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[s
     stages = [
         ["rtn", "gptq", "cbq"],
         ["sq-rtn"],
-        ["k1", "k2", "lora", "cbq-rtninit", "adaround"],
+        ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin"],
         ["cbq-long", "gptq-long"],
     ]
     out = [(s, r, seeds[0]) for st in stages for s in settings for r in st if ok(s, r)]
@@ -157,7 +159,56 @@ def summarize(results: dict, a) -> str:
             verdicts.append(v)
     if verdicts:
         lines += ["", "Targets (means):", *verdicts]
+    lines += ["", "Plot: cbq_ladder.png (gap to FP32 per setting, log scale)"]
     return "\n".join(lines) + "\n"
+
+
+PLOT_ROWS = ("rtn", "gptq", "sq-rtn", "cbq")
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Bars of the perplexity gap to FP32 (log scale, mean and spread over seeds) per setting."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e .[plot]): no plot", flush=True)
+        return False
+    fp = results.get("fp32")
+    if not fp:
+        return False
+    fig, axes = plt.subplots(1, len(CORPORA), figsize=(6 * len(CORPORA), 4), sharey=True)
+    width = 0.8 / len(PLOT_ROWS)
+    for ax, c in zip(axes, CORPORA):
+        for j, r in enumerate(PLOT_ROWS):
+            xs, ys, lo, hi = [], [], [], []
+            for i, s in enumerate(SETTINGS):
+                gaps = [
+                    max(v["ppl"][c] - fp["ppl"][c], 1e-3)
+                    for k, v in results.items()
+                    if k.rsplit("-s", 1)[0] == f"{s}-{r}"
+                ]
+                if gaps:
+                    m = sum(gaps) / len(gaps)
+                    xs.append(i + (j - (len(PLOT_ROWS) - 1) / 2) * width)
+                    ys.append(m)
+                    lo.append(m - min(gaps))
+                    hi.append(max(gaps) - m)
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=ROWS[r][0])
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(SETTINGS)), [v[0] for v in SETTINGS.values()], rotation=20)
+        ax.set_title(f"{c} (FP32 {fp['ppl'][c]:.2f})")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("perplexity - FP32 perplexity (log)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M PTQ: gap to FP32, mean over seeds (bars: min..max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -201,6 +252,7 @@ def main() -> None:
         print(key, results[key]["ppl"], flush=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
     path.with_suffix(".md").write_text(summarize(results, a))
+    plot(results, path.with_suffix(".png"))
     print(summarize(results, a))
 
 
