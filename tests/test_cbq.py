@@ -289,7 +289,12 @@ def test_cli_preset_recipe_and_saved_activation_clips(tiny_model_dir, tmp_path, 
     state = load_file(str(out / "quant_state.safetensors"))
     clips = [v for k, v in state.items() if k.endswith(".act_clip")]
     assert len(clips) == 3 * 7 and all(0 < float(c) < 1 for c in clips)
-    ppl = json.loads((out / "report.json").read_text())["eval"]["wiki-offline"]["quant"]["ppl"]
+    report = json.loads((out / "report.json").read_text())
+    ppl = report["eval"]["wiki-offline"]["quant"]["ppl"]
+    # the per-window loss log and the CFP folds are kept in the report
+    windows = [e for e in report["events"] if "loss_first_epoch" in e]
+    assert [e["window"] for e in windows] == [0, 1]  # 3 blocks, K=2, O=1
+    assert all(e["loss_last_epoch"] >= 0 and e["rollbacks"] == 0 for e in windows)
     capsys.readouterr()
     assert (
         main(["eval", str(out), "--ppl", "wiki-offline", "--seq-len", "64", "--max-windows", "2"])

@@ -40,5 +40,7 @@ def run_blockwise(
         "calib_seq_len": int(calib.shape[1]),
         "calib_fingerprint": fingerprint(calib),
         "layers": [e for e in pipe.log if "layer" in e],
+        # everything else the method logged, in order: per-window losses, folds, hardening
+        "events": [e for e in pipe.log if "layer" not in e],
     }
     return pipe, report

@@ -528,7 +528,7 @@ class CBQ(BlockwiseMethod):
             fp_in = (
                 win.inputs_fp if pos == 0 else pipe.run_blocks(win.fp_blocks[:pos], win.inputs_fp)
             )
-            self._cfp_fold(pipe, block, fp_block, fp_in)
+            self._cfp_fold(pipe, block, fp_block, fp_in, b)
         dev = pipe.device
         self.wq[b] = {}
         starts = {} if resumed else self._gptq_start(win, b)
@@ -601,7 +601,7 @@ class CBQ(BlockwiseMethod):
             for n, m in linears.items()
         }
 
-    def _cfp_fold(self, pipe: BlockwisePipeline, block, fp_block, fp_in) -> None:
+    def _cfp_fold(self, pipe: BlockwisePipeline, block, fp_block, fp_in, index=None) -> None:
         firsts = {}
         for norm_name, consumers in pipe.bmap.smooth:
             m = get_module(fp_block, consumers[0])
@@ -636,6 +636,7 @@ class CBQ(BlockwiseMethod):
                 )
             pipe.log.append(
                 {
+                    "block": index,
                     "block_pair": f"{producer}->{consumer}",
                     "cfp_channels": int((s > 1).sum()),
                     "cfp_max_scale": float(s.max()),
@@ -657,6 +658,7 @@ class CBQ(BlockwiseMethod):
                 )
             pipe.log.append(
                 {
+                    "block": index,
                     "block_norm": norm_name,
                     "cfp_channels": int((s > 1).sum()),
                     "cfp_max_scale": float(s.max()),
