@@ -12,7 +12,9 @@ validation split. Arms:
     Taylor score, and with learnable masks; the random arm is the child's exact architecture with
     fresh weights).
 (c) one round vs two rounds (--keep 0.5) with the same number of optimizer steps in total; the
-    second round drawn by softmax(loss) (the paper) or uniformly (ablation: same data reuse).
+    second round drawn by softmax(loss) (the paper) or uniformly (ablation: same data reuse);
+    the learning rate restarts its warm-up + cosine at round two (slimkit's default) or runs one
+    cosine over both rounds (ablation: `two-continue`).
 (d) original SmolLM2 tokenizer (49,152) vs the compressed one: parameters and validation bits
     per character (perplexities of different tokenizers are not comparable).
 Throughput: slimkit's trainer vs a minimal PyTorch loop on the same model, same batch, in one process.
@@ -66,6 +68,8 @@ def matched_ffn(vocab: int, siaf: bool, aug: bool) -> int:
 def train(name: str, args: list[str], a, res: dict) -> dict:
     if name in res:
         return res[name]
+    if a.arms and name.rsplit("-s", 1)[0] not in a.arms:  # not asked for this time
+        return {}
     out = CACHE / "runs" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -124,7 +128,8 @@ def part_a(a, res, seeds):
                      "--augmented-shortcut" if aug else "--no-augmented-shortcut", "--as-ratio", "16",
                      "--steps", str(a.steps), "--seed", str(s)]  # fmt: skip
             r = train(f"a-{arm}-s{s}", flags, a, res)
-            r["ffn"] = ffn
+            if r:
+                r["ffn"] = ffn
             yield
 
 
@@ -204,6 +209,8 @@ def part_c(a, res, seeds):
         yield
         two = [*base, "--steps", str(first), "--rounds", "2", "--keep", "0.5"]
         train(f"c-two-uniform-s{s}", [*two, "--round-sampling", "uniform"], a, res)
+        yield
+        train(f"c-two-continue-s{s}", [*two, "--round-schedule", "continue"], a, res)
         yield
 
 
@@ -319,8 +326,11 @@ def summarize(res: dict, a) -> str:
         "",
         "## (c) one round vs two rounds (same optimizer steps)",
         "",
+        "two: 200 steps, then 100 batches re-drawn from them by softmax(loss), learning rate "
+        "restarted; two-uniform: re-drawn uniformly; two-continue: one cosine over both rounds.",
+        "",
         *head,
-        *rows("c", ["one", "two", "two-uniform"]),
+        *rows("c", ["one", "two", "two-uniform", "two-continue"]),
     ]
     lines += ["", "## (d) tokenizer size", "", *head, *rows("d", ["original", "compressed"])]
     if "throughput" in res:
@@ -343,7 +353,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--results", default=str(RESULTS / "tiny_lm.json"))
+    p.add_argument(
+        "--arms", default="", help="only these arms, e.g. c-two-continue,d-original (default: all)"
+    )
     a = p.parse_args()
+    a.arms = [x for x in a.arms.split(",") if x]
     seeds = [int(s) for s in a.seeds.split(",")]
     path = Path(a.results)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -308,3 +308,23 @@ def test_multi_round_draws_without_replacement_and_resumes_exactly(tmp_path, mon
     assert cut["plan"] == plan and [h["loss"] for h in cut["history"]] == [
         h["loss"] for h in rep["history"]
     ]
+
+
+def test_round_schedule_restarts_or_continues_the_cosine():
+    from slimkit.lm.train import LMTrainConfig, _round_schedule
+
+    common = dict(steps=100, rounds=2, keep=0.5, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    restart = _round_schedule(LMTrainConfig(**common))
+    cont = _round_schedule(LMTrainConfig(**common, round_schedule="continue"))
+    # restart: round one ends at the floor, round two warms up again and ends at the floor
+    assert restart(99) == pytest.approx(0.1, abs=1e-3) and restart(100) < restart(102) < restart(
+        104
+    )
+    assert max(restart(s) for s in range(100, 150)) == pytest.approx(1.0, abs=1e-6)
+    assert restart(149) == pytest.approx(0.1, abs=2e-3)
+    # continue: one cosine over the 150 steps, never rising after the warm-up
+    vals = [cont(s) for s in range(10, 150)]
+    assert all(a >= b for a, b in zip(vals, vals[1:])) and vals[-1] == pytest.approx(0.1, abs=2e-3)
+    assert cont(99) > 0.2
+    with pytest.raises(SlimkitError, match="round-schedule"):
+        LMTrainConfig(**common, round_schedule="cyclic")

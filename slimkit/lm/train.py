@@ -93,6 +93,14 @@ class LMTrainConfig:
             "choices": ["loss", "uniform"],
         },
     )
+    round_schedule: str = field(
+        default="restart",
+        metadata={
+            "help": "learning rate over rounds: warm-up + cosine restarted at every round (ours) "
+            "or one warm-up + cosine over all rounds' steps",
+            "choices": ["restart", "continue"],
+        },
+    )
     eval_every: int = field(
         default=100, metadata={"help": "evaluate every N steps (and at the end)"}
     )
@@ -134,6 +142,8 @@ class LMTrainConfig:
             raise SlimkitError("--rounds must be >= 1 and --keep in (0, 1]")
         if self.round_sampling not in ("loss", "uniform"):
             raise SlimkitError("--round-sampling must be loss or uniform")
+        if self.round_schedule not in ("restart", "continue"):
+            raise SlimkitError("--round-schedule must be restart or continue")
 
     def round_steps(self) -> int:
         """Optimizer steps of each round after the first."""
@@ -199,7 +209,10 @@ def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _round_schedule(cfg: LMTrainConfig):
-    """Warm-up + cosine restarted at every round [our default: each round is a full schedule]."""
+    """Warm-up + cosine restarted at every round [our default: each round is a full schedule];
+    ``round_schedule="continue"``: one warm-up + cosine over every round's steps."""
+    if cfg.round_schedule == "continue":
+        return warmup_cosine(cfg.total_steps(), cfg.warmup_steps, cfg.min_lr / cfg.lr)
     first = warmup_cosine(cfg.steps, cfg.warmup_steps, cfg.min_lr / cfg.lr)
     later = warmup_cosine(
         cfg.round_steps(), min(cfg.warmup_steps, cfg.round_steps() // 10), cfg.min_lr / cfg.lr
