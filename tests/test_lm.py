@@ -290,6 +290,8 @@ def test_multi_round_draws_without_replacement_and_resumes_exactly(tmp_path, mon
     assert len(plan) == 9 and plan[:6] == list(range(6))
     assert len(set(plan[6:])) == 3 and set(plan[6:]) <= set(range(6))
     assert [h["round"] for h in rep["history"]] == [1] * 6 + [2] * 3
+    lr = [h["lr"] for h in rep["history"]]  # the schedule restarts at round two (the default)
+    assert max(lr[6:]) > 2 * lr[5]
     calls = {"n": 0}
     original = tr.lm_loss
 

@@ -285,9 +285,7 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))  # fmt: skip
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(cfg.steps, cfg.warmup_steps, cfg.min_lr / cfg.lr)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _round_schedule(cfg))
     bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
     history: list[dict] = []
     evals: list[dict] = []
@@ -336,13 +334,12 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
             raise SlimkitError(f"non-finite loss at step {step + 1}; lower --lr")
         if cfg.clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        lr_used = sched.get_last_lr()[0]  # the learning rate of this step
         opt.step()
         sched.step()
         loss_all = dist.all_reduce_sum(torch.tensor([total])).item() / world
         tokens_done += cfg.batch_size * cfg.seq_len
-        history.append(
-            {"step": step + 1, "round": round_no, "loss": loss_all, "lr": sched.get_last_lr()[0]}
-        )
+        history.append({"step": step + 1, "round": round_no, "loss": loss_all, "lr": lr_used})
         step_seconds += time.perf_counter() - ts
         done = step + 1
         round_end = done == cfg.steps or (
