@@ -39,6 +39,13 @@ from bench_common import ROOT, machine_line, mean_std, slimkit_logged  # noqa: E
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "tiny_lm"
+# the arms of each part, as named in results and accepted by --arms ("<part>-<arm>")
+ARMS = {
+    "a": ["vanilla", "siaf", "as", "pangu-pi"],
+    "b": ["random", "inherit", "inherit-mask"],
+    "c": ["one", "two", "two-uniform", "two-continue"],
+    "d": ["original", "compressed"],
+}
 SHAPE = {"hidden_size": 128, "layers": 8, "heads": 4, "kv_heads": 2, "intermediate_size": 384}
 
 
@@ -296,7 +303,7 @@ def summarize(res: dict, a) -> str:
         machine_line(),
         "",
         "## (a) PanGu-π modules at equal parameter count", "", *head,
-        *rows("a", ["vanilla", "siaf", "as", "pangu-pi"]),
+        *rows("a", ARMS["a"]),
     ]  # fmt: skip
     if "collapse" in res:
         lines += ["", "Per-layer collapse (seed 0; d_rel / d(0.8), layer 0 = embeddings):", "",
@@ -320,7 +327,7 @@ def summarize(res: dict, a) -> str:
         "learnable masks; random: the same architecture, fresh weights.",
         "",
         *head,
-        *rows("b", ["random", "inherit", "inherit-mask"]),
+        *rows("b", ARMS["b"]),
     ]
     lines += [
         "",
@@ -330,9 +337,9 @@ def summarize(res: dict, a) -> str:
         "restarted; two-uniform: re-drawn uniformly; two-continue: one cosine over both rounds.",
         "",
         *head,
-        *rows("c", ["one", "two", "two-uniform", "two-continue"]),
+        *rows("c", ARMS["c"]),
     ]
-    lines += ["", "## (d) tokenizer size", "", *head, *rows("d", ["original", "compressed"])]
+    lines += ["", "## (d) tokenizer size", "", *head, *rows("d", ARMS["d"])]
     if "throughput" in res:
         t = res["throughput"]
         lines += ["", f"Throughput, same model shape and batches, best of 3 x {t.get('steps', 10)} steps: minimal PyTorch loop "
@@ -358,6 +365,10 @@ def main() -> None:
     )
     a = p.parse_args()
     a.arms = [x for x in a.arms.split(",") if x]
+    known = [f"{part}-{arm}" for part, arms in ARMS.items() for arm in arms]
+    for x in a.arms:
+        if x not in known:
+            raise SystemExit(f"unknown arm {x!r}; choose from {', '.join(known)}")
     seeds = [int(s) for s in a.seeds.split(",")]
     path = Path(a.results)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -601,7 +601,9 @@ class CBQ(BlockwiseMethod):
             for n, m in linears.items()
         }
 
-    def _cfp_fold(self, pipe: BlockwisePipeline, block, fp_block, fp_in, index=None) -> None:
+    def _cfp_fold(
+        self, pipe: BlockwisePipeline, block, fp_block, fp_in, index: int | None = None
+    ) -> None:
         firsts = {}
         for norm_name, consumers in pipe.bmap.smooth:
             m = get_module(fp_block, consumers[0])
