@@ -115,3 +115,15 @@ def eval_fp(model: str, out_json: Path, *, seq_len: int, eval_windows: int, corp
     res = json.loads(out_json.read_text())["results"]
     return {"ppl": {c: res[c]["ppl"] for c in corpora}, "seconds": 0.0, "peak_rss_gb": None,
             "eval_fingerprint": {c: res[c]["eval_fingerprint"] for c in corpora}}  # fmt: skip
+
+
+def sync_readme(key: str, text: str, readme: Path = ROOT / "README.md") -> bool:
+    """Replace the block of ``readme`` between ``<!-- key:begin -->`` and ``<!-- key:end -->``
+    with ``text`` (so a copied results table cannot go stale); False if there are no markers."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    doc = readme.read_text()
+    i, j = doc.find(begin), doc.find(end)
+    if i < 0 or j < i:
+        return False
+    readme.write_text(doc[: i + len(begin)] + "\n" + text.strip("\n") + "\n" + doc[j:])
+    return True

@@ -29,7 +29,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, eval_fp, machine_line, mean_std, run_quantize  # noqa: E402
+from bench_common import (  # noqa: E402
+    ROOT,
+    eval_fp,
+    machine_line,
+    mean_std,
+    run_quantize,
+    sync_readme,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "cbq"
@@ -251,9 +258,13 @@ def main() -> None:
         path.with_suffix(".md").write_text(summarize(results, a))
         print(key, results[key]["ppl"], flush=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
-    path.with_suffix(".md").write_text(summarize(results, a))
+    md = summarize(results, a)
+    path.with_suffix(".md").write_text(md)
     plot(results, path.with_suffix(".png"))
-    print(summarize(results, a))
+    if path.resolve() == (RESULTS / "cbq_ladder.json").resolve():
+        # the README's copy of the table and the target verdicts, between its markers
+        sync_readme("cbq_ladder", md[md.index("FP32:") : md.index("Plot:")])
+    print(md)
 
 
 if __name__ == "__main__":
