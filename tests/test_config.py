@@ -1,5 +1,6 @@
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,22 @@ def test_invalid_values():
         SmoothQuantConfig(alpha=2)
     with pytest.raises(SlimkitError, match="unknown clip method"):
         GPTQConfig(clip="percentile")
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    sorted((Path(__file__).resolve().parents[1] / "recipes" / "cbq").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_shipped_quantize_recipes_build_their_configs(recipe):
+    """Every key of a shipped recipe is an option of its method / calibration / evaluation
+    config (a misspelt key would fail here, not on a user's machine)."""
+    from slimkit.core.config import split_recipe
+    from slimkit.llm.run_config import CalibConfig, EvalConfig
+
+    data = load_yaml(recipe)
+    cls = config_class(data.pop("method"))
+    q, c, e = split_recipe(data, [cls, CalibConfig, EvalConfig])
+    cfg = from_dict(cls, q)
+    from_dict(CalibConfig, c), from_dict(EvalConfig, e)
+    assert {k: getattr(cfg, k) for k in q} == q
