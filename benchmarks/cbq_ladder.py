@@ -83,7 +83,7 @@ def run(setting: str, row: str, seed: int, a) -> dict:
     return run_quantize(
         MODEL, method, flags, CACHE / "runs" / f"{setting}-{row}-s{seed}", seed=seed,
         n_calib=a.n_calib, seq_len=a.seq_len, eval_windows=a.eval_windows, corpora=CORPORA,
-        calib_seq_len=a.calib_seq_len, extra=OVERRIDES.get(row, []),
+        calib_seq_len=a.calib_seq_len, extra=OVERRIDES.get(row, []), keep_weights=a.keep_weights,
     )  # fmt: skip
 
 
@@ -233,6 +233,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--eval-windows", type=int, default=20)
     p.add_argument("--results", default=str(RESULTS / "cbq_ladder.json"))
+    p.add_argument(
+        "--keep-weights",
+        action="store_true",
+        help="keep each run's quantized weights under benchmarks/.cache/cbq/runs (0.6 GB a run; "
+        "by default only reports and logs are kept)",
+    )
     a = p.parse_args()
     settings, rows = a.settings.split(","), a.rows.split(",")
     for x in settings:
