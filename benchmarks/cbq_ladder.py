@@ -166,7 +166,11 @@ def summarize(results: dict, a) -> str:
             verdicts.append(v)
     if verdicts:
         lines += ["", "Targets (means):", *verdicts]
-    lines += ["", "Plot: cbq_ladder.png (gap to FP32 per setting, log scale)"]
+    lines += [
+        "",
+        "Plots: cbq_ladder.png (gap to FP32 per setting, log scale), cbq_ladder_steps.png (each "
+        "ladder step's perplexity relative to GPTQ's, per setting)",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -218,6 +222,50 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
+LADDER = ("rtn", "gptq", "k1", "k2", "lora", "cbq")
+
+
+def plot_steps(results: dict, path: Path) -> bool:
+    """The ladder as lines: perplexity of each step relative to GPTQ's (mean over seeds), one
+    line per setting, one panel per corpus; steps a setting has not run are left out."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+
+    def mean(s, r, c):
+        v = [x["ppl"][c] for k, x in results.items() if k.rsplit("-s", 1)[0] == f"{s}-{r}"]
+        return sum(v) / len(v) if v else None
+
+    fig, axes = plt.subplots(1, len(CORPORA), figsize=(6 * len(CORPORA), 4), sharey=True)
+    drawn = False
+    for ax, c in zip(axes, CORPORA):
+        for s, (slabel, _) in SETTINGS.items():
+            ref = mean(s, "gptq", c)
+            pts = [(i, mean(s, r, c)) for i, r in enumerate(LADDER)]
+            pts = [(i, m / ref) for i, m in pts if m is not None and ref]
+            if len(pts) > 3:  # more than the baselines and CBQ
+                ax.plot(*zip(*pts), marker="o", label=slabel)
+                drawn = True
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(LADDER)), [ROWS[r][0].split(" (")[0] for r in LADDER],
+                      rotation=25, ha="right", fontsize=8)  # fmt: skip
+        ax.set_title(c)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("perplexity / GPTQ perplexity (log)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("CBQ ablation ladder on SmolLM2-135M (mean over seeds)")
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -267,9 +315,10 @@ def main() -> None:
     md = summarize(results, a)
     path.with_suffix(".md").write_text(md)
     plot(results, path.with_suffix(".png"))
+    plot_steps(results, path.with_name(path.stem + "_steps.png"))
     if path.resolve() == (RESULTS / "cbq_ladder.json").resolve():
         # the README's copy of the table and the target verdicts, between its markers
-        sync_readme("cbq_ladder", md[md.index("FP32:") : md.index("Plot:")])
+        sync_readme("cbq_ladder", md[md.index("FP32:") : md.index("Plots:")])
     print(md)
 
 
