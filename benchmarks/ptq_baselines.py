@@ -123,7 +123,7 @@ def run_slimkit(row: str, seed: int, a) -> dict:
                        corpora=CORPORA)  # fmt: skip
     return run_quantize(
         MODEL, method, flags, CACHE / "runs" / f"{row}-s{seed}", seed=seed, n_calib=a.n_calib,
-        seq_len=a.seq_len, eval_windows=a.eval_windows, corpora=CORPORA,
+        seq_len=a.seq_len, eval_windows=a.eval_windows, corpora=CORPORA, keep_weights=a.keep_weights,
     )  # fmt: skip
 
 
@@ -223,6 +223,12 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--results", default=str(RESULTS / "ptq_baselines.json"))
+    p.add_argument(
+        "--keep-weights",
+        action="store_true",
+        help="keep each run's quantized weights under benchmarks/.cache/ptq/runs (0.6 GB a run; "
+        "by default only reports and logs are kept)",
+    )
     a = p.parse_args()
     rows = list(ROWS) if a.rows == "all" else a.rows.split(",")
     first = ["fp32", "rtn-w4g64", "gptq-w4g64", "llmc-rtn-w4g64", "llmc-gptq-w4g64"]
