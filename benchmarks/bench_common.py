@@ -132,3 +132,16 @@ def sync_readme(key: str, text: str, readme: Path = ROOT / "README.md") -> bool:
         return False
     readme.write_text(doc[: i + len(begin)] + "\n" + text.strip("\n") + "\n" + doc[j:])
     return True
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a message) if it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e .[plot]): no plot", flush=True)
+        return None
+    return plt

@@ -34,6 +34,7 @@ from bench_common import (  # noqa: E402
     eval_fp,
     machine_line,
     mean_std,
+    pyplot,
     run_quantize,
     sync_readme,
 )
@@ -73,6 +74,11 @@ OVERRIDES = {
     "cbq-long": ["--epochs", "2", "--n-calib", "32", "--calib-seq-len", "512"],
     "gptq-long": ["--n-calib", "32", "--calib-seq-len", "512"],
 }
+
+
+def runs_of(results: dict, setting: str, row: str) -> list[dict]:
+    """The finished runs (all seeds) of one setting and row."""
+    return [v for k, v in results.items() if k.rsplit("-s", 1)[0] == f"{setting}-{row}"]
 
 
 def run(setting: str, row: str, seed: int, a) -> dict:
@@ -132,7 +138,7 @@ def summarize(results: dict, a) -> str:
     for s, (slabel, _) in SETTINGS.items():
         means = {}
         for r, (rlabel, _, _) in ROWS.items():
-            runs = [v for k, v in results.items() if k.rsplit("-s", 1)[0] == f"{s}-{r}"]
+            runs = runs_of(results, s, r)
             if not runs:
                 continue
             means[r] = {c: sum(x["ppl"][c] for x in runs) / len(runs) for c in CORPORA}
@@ -179,13 +185,8 @@ PLOT_ROWS = ("rtn", "gptq", "sq-rtn", "cbq")
 
 def plot(results: dict, path: Path) -> bool:
     """Bars of the perplexity gap to FP32 (log scale, mean and spread over seeds) per setting."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e .[plot]): no plot", flush=True)
+    plt = pyplot()
+    if plt is None:
         return False
     fp = results.get("fp32")
     if not fp:
@@ -196,11 +197,7 @@ def plot(results: dict, path: Path) -> bool:
         for j, r in enumerate(PLOT_ROWS):
             xs, ys, lo, hi = [], [], [], []
             for i, s in enumerate(SETTINGS):
-                gaps = [
-                    max(v["ppl"][c] - fp["ppl"][c], 1e-3)
-                    for k, v in results.items()
-                    if k.rsplit("-s", 1)[0] == f"{s}-{r}"
-                ]
+                gaps = [max(v["ppl"][c] - fp["ppl"][c], 1e-3) for v in runs_of(results, s, r)]
                 if gaps:
                     m = sum(gaps) / len(gaps)
                     xs.append(i + (j - (len(PLOT_ROWS) - 1) / 2) * width)
@@ -228,16 +225,12 @@ LADDER = ("rtn", "gptq", "k1", "k2", "lora", "cbq")
 def plot_steps(results: dict, path: Path) -> bool:
     """The ladder as lines: perplexity of each step relative to GPTQ's (mean over seeds), one
     line per setting, one panel per corpus; steps a setting has not run are left out."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
 
     def mean(s, r, c):
-        v = [x["ppl"][c] for k, x in results.items() if k.rsplit("-s", 1)[0] == f"{s}-{r}"]
+        v = [x["ppl"][c] for x in runs_of(results, s, r)]
         return sum(v) / len(v) if v else None
 
     fig, axes = plt.subplots(1, len(CORPORA), figsize=(6 * len(CORPORA), 4), sharey=True)
@@ -295,7 +288,10 @@ def main() -> None:
     for x in rows:
         if x not in ROWS:
             raise SystemExit(f"unknown row {x!r}; choose from {', '.join(ROWS)}")
-    seeds = [int(s) for s in a.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds takes comma-separated integers (got {a.seeds!r})") from None
     path = Path(a.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -318,7 +314,8 @@ def main() -> None:
     plot_steps(results, path.with_name(path.stem + "_steps.png"))
     if path.resolve() == (RESULTS / "cbq_ladder.json").resolve():
         # the README's copy of the table and the target verdicts, between its markers
-        sync_readme("cbq_ladder", md[md.index("FP32:") : md.index("Plots:")])
+        if not sync_readme("cbq_ladder", md[md.index("FP32:") : md.index("Plots:")]):
+            print("README.md has no <!-- cbq_ladder:begin/end --> markers: its table not updated")
     print(md)
 
 

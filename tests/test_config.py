@@ -59,5 +59,6 @@ def test_shipped_quantize_recipes_build_their_configs(recipe):
     cls = config_class(data.pop("method"))
     q, c, e = split_recipe(data, [cls, CalibConfig, EvalConfig])
     cfg = from_dict(cls, q)
-    from_dict(CalibConfig, c), from_dict(EvalConfig, e)
+    from_dict(CalibConfig, c)  # raises on a bad calibration key or value
+    from_dict(EvalConfig, e)
     assert {k: getattr(cfg, k) for k in q} == q
