@@ -66,11 +66,13 @@ ROWS = {  # name: (label, method, flags)
     "cbq-lin": ("CBQ, CFP also on v->o and up->down", "cbq", ["--rounding", "lora", "--cfp-linear"]),
     "adaround": ("CBQ with full AdaRound", "cbq", ["--rounding", "full"]),
     "cbq-rtninit": ("CBQ, rounding from nearest", "cbq", ["--rounding-init", "nearest"]),
+    "cbq-fast": ("CBQ, fast preset (1 epoch, 32 x 512)", "cbq", []),
     "cbq-long": ("CBQ, default preset (2 epochs, 32 x 512)", "cbq", []),
     "gptq-long": ("GPTQ, 32 x 512 calibration", "gptq", ["--no-static-groups"]),
 }  # fmt: skip
 # flags that override the common calibration / schedule flags of a row (passed last)
 OVERRIDES = {
+    "cbq-fast": ["--epochs", "1", "--n-calib", "32", "--calib-seq-len", "512"],
     "cbq-long": ["--epochs", "2", "--n-calib", "32", "--calib-seq-len", "512"],
     "gptq-long": ["--n-calib", "32", "--calib-seq-len", "512"],
 }
@@ -98,13 +100,14 @@ def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[s
         return r in rows and (r != "sq-rtn" or s in ACT_SETTINGS)
 
     stages = [
-        ["rtn", "gptq", "cbq"],
+        ["rtn", "gptq", "cbq", "cbq-fast", "gptq-long"],
         ["sq-rtn"],
         ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin"],
-        ["cbq-long", "gptq-long"],
+        ["cbq-long"],
     ]
     out = [(s, r, seeds[0]) for st in stages for s in settings for r in st if ok(s, r)]
-    out += [(s, r, sd) for sd in seeds[1:] for s in settings for r in ("gptq", "cbq") if ok(s, r)]
+    out += [(s, r, sd) for sd in seeds[1:] for s in settings
+            for r in ("gptq", "cbq", "cbq-fast", "gptq-long") if ok(s, r)]  # fmt: skip
     out += [(s, r, sd) for sd in seeds[1:] for st in stages[1:] for s in settings for r in st
             if ok(s, r)]  # fmt: skip
     return out
@@ -149,7 +152,7 @@ def summarize(results: dict, a) -> str:
                 f"{mean_std([x['peak_rss_gb'] for x in runs])} |"
             )
         baselines = {r: m for r, m in means.items() if r in BASELINES}
-        for r in ("cbq", "cbq-long"):
+        for r in ("cbq", "cbq-fast", "cbq-long"):
             if r not in means or not baselines:
                 continue
             best = all(means[r][c] < min(m[c] for m in baselines.values()) for c in CORPORA)
@@ -157,7 +160,7 @@ def summarize(results: dict, a) -> str:
                 f"- {slabel}, {ROWS[r][0]}: below every baseline ({', '.join(baselines)}) on both "
                 f"corpora: {'yes' if best else 'NO'}"
             )
-            ref = "gptq-long" if r == "cbq-long" and "gptq-long" in means else "gptq"
+            ref = "gptq-long" if r in OVERRIDES and "gptq-long" in means else "gptq"
             if fp and ref in means and s in ("w4g64", "w4", "w3g64"):
                 ratios = [
                     (means[r][c] - fp["ppl"][c]) / max(1e-9, means[ref][c] - fp["ppl"][c])
