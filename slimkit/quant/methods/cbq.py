@@ -83,7 +83,7 @@ class CBQConfig(QuantConfig):
     # `--preset`: calibration size, epochs (and, for long schedules, OmniQuant's learning rates)
     PRESETS: ClassVar[dict[str, dict]] = {
         "demo": {"epochs": 1, "n_calib": 16, "calib_seq_len": 256},
-        "fast": {"epochs": 1, "n_calib": 16, "calib_seq_len": 256},
+        "fast": {"epochs": 1, "n_calib": 32, "calib_seq_len": 512},
         "default": {"epochs": 2, "n_calib": 32, "calib_seq_len": 512},
         "paper": {
             "epochs": 20,
