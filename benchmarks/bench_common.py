@@ -68,6 +68,18 @@ def machine_line() -> str:
     )
 
 
+def seed_list(text: str) -> list[int]:
+    """argparse type of ``--seeds``: comma-separated integers ("0,1,2")."""
+    import argparse
+
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes comma-separated integers, e.g. 0,1,2 (got {text!r})"
+        ) from None
+
+
 def mean_std(vals, fmt: str = "{:.2f}") -> str:
     vals = [v for v in vals if v is not None]
     if not vals:

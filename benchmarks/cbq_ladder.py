@@ -36,6 +36,7 @@ from bench_common import (  # noqa: E402
     mean_std,
     pyplot,
     run_quantize,
+    seed_list,
     sync_readme,
 )
 
@@ -287,7 +288,7 @@ def main() -> None:
         "--settings", default=",".join(SETTINGS), help=f"subset of: {', '.join(SETTINGS)}"
     )
     p.add_argument("--rows", default=",".join(ROWS), help=f"subset of: {', '.join(ROWS)}")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", type=seed_list, default="0,1,2")
     p.add_argument("--n-calib", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512, help="evaluation context")
     p.add_argument("--calib-seq-len", type=int, default=256)
@@ -308,10 +309,7 @@ def main() -> None:
     for x in rows:
         if x not in ROWS:
             raise SystemExit(f"unknown row {x!r}; choose from {', '.join(ROWS)}")
-    try:
-        seeds = [int(s) for s in a.seeds.split(",")]
-    except ValueError:
-        raise SystemExit(f"--seeds takes comma-separated integers (got {a.seeds!r})") from None
+    seeds = a.seeds
     path = Path(a.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {}

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, machine_line, mean_std, slimkit_logged  # noqa: E402
+from bench_common import ROOT, machine_line, mean_std, seed_list, slimkit_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "kd"
@@ -171,14 +171,14 @@ def main() -> None:
     p.add_argument("--data", default="shapes,mnist-5k")
     p.add_argument("--pairs", default="vit-cnn,cnn-vit")
     p.add_argument("--losses", default=",".join(LOSSES))
-    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--seeds", type=seed_list, default="0,1,2,3,4")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--results", default=str(RESULTS / "kd.json"))
     a = p.parse_args()
     a.data, a.pairs = a.data.split(","), a.pairs.split(",")
-    losses, seeds = a.losses.split(","), [int(s) for s in a.seeds.split(",")]
+    losses, seeds = a.losses.split(","), a.seeds
     path = Path(a.results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     res = json.loads(path.read_text()) if path.exists() else {}

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, machine_line, mean_std, sh, slimkit_cmd  # noqa: E402
+from bench_common import ROOT, machine_line, mean_std, seed_list, sh, slimkit_cmd  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "pruning"
@@ -158,7 +158,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROWS)}")
-    p.add_argument("--seeds", default="0", help="calibration seeds of calibration-dependent rows")
+    p.add_argument(
+        "--seeds",
+        type=seed_list,
+        default="0",
+        help="calibration seeds of calibration-dependent rows",
+    )
     p.add_argument("--n-calib", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--results", default=str(RESULTS / "pruning.json"))
@@ -167,7 +172,7 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    seeds = [int(s) for s in a.seeds.split(",")]
+    seeds = a.seeds
     path = Path(a.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, eval_fp, machine_line, mean_std, run_quantize, sh  # noqa: E402
+from bench_common import ROOT, eval_fp, machine_line, mean_std, run_quantize, seed_list, sh  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "ptq"
@@ -213,7 +213,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROWS)}")
-    p.add_argument("--seeds", default="0,1,2", help="calibration seeds of the --multi-seed rows")
+    p.add_argument(
+        "--seeds",
+        type=seed_list,
+        default="0,1,2",
+        help="calibration seeds of the --multi-seed rows",
+    )
     p.add_argument(
         "--multi-seed",
         default="gptq-w4g64,gptq-w3g64,gptq-w2g64,llmc-gptq-w4g64",
@@ -236,7 +241,7 @@ def main() -> None:
     for r in rows:
         if r not in ROWS:
             raise SystemExit(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
-    seeds = [int(s) for s in a.seeds.split(",")]
+    seeds = a.seeds
     path = Path(a.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {}

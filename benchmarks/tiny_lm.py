@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, machine_line, mean_std, slimkit_logged  # noqa: E402
+from bench_common import ROOT, machine_line, mean_std, seed_list, slimkit_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "tiny_lm"
@@ -353,7 +353,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--parts", default="a,b,c,d,t")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", type=seed_list, default="0,1,2")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
@@ -369,7 +369,7 @@ def main() -> None:
     for x in a.arms:
         if x not in known:
             raise SystemExit(f"unknown arm {x!r}; choose from {', '.join(known)}")
-    seeds = [int(s) for s in a.seeds.split(",")]
+    seeds = a.seeds
     path = Path(a.results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     res = json.loads(path.read_text()) if path.exists() else {}

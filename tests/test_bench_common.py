@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_common import mean_std, sync_readme  # noqa: E402
+from bench_common import mean_std, seed_list, sync_readme  # noqa: E402
 
 
 def test_sync_readme_replaces_only_the_marked_block_and_is_idempotent(tmp_path):
@@ -22,6 +22,18 @@ def test_sync_readme_replaces_only_the_marked_block_and_is_idempotent(tmp_path):
     bare.write_text("<!-- t:end --> before <!-- t:begin -->\n")
     assert not sync_readme("t", "x", bare)
     assert bare.read_text() == "<!-- t:end --> before <!-- t:begin -->\n"
+
+
+def test_seed_list_parses_integers_and_rejects_the_rest():
+    import argparse
+
+    import pytest
+
+    assert seed_list("0,1,2") == [0, 1, 2]
+    assert seed_list("7") == [7]
+    for bad in ("1,x", "", "1,,2", "0.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers"):
+            seed_list(bad)
 
 
 def test_mean_std_formats_one_many_and_missing_values():
