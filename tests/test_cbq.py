@@ -206,6 +206,22 @@ def test_resume_after_crash_gives_identical_quantized_weights(tmp_path, monkeypa
         assert torch.equal(full(ids).logits, resumed(ids).logits)
 
 
+def test_same_command_twice_gives_the_same_model_whatever_the_global_rng():
+    """Two runs of one configuration in fresh processes start from different global RNG states;
+    the LoRA factors' random start must not depend on it (it did: runs of one command differed)."""
+    ids = random_ids(4, 16)
+    cfg = CBQConfig(wbits=3, group_size=16, epochs=1, train_batch_size=2, batch_size=2)
+    base = tiny_model("llama", layers=3)
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(_state(quantize(copy.deepcopy(base), cfg, ids)[0])[0])
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 3 * 7
+    for k in runs[0]:
+        assert torch.equal(runs[0][k].codes, runs[1][k].codes), k
+        assert torch.equal(runs[0][k].scale, runs[1][k].scale), k
+
+
 def test_every_block_is_hardened_exactly_once(monkeypatch):
     calls = []
     original = LinearQuantizer.harden

@@ -253,6 +253,7 @@ class LinearQuantizer(nn.Module):
         init: bool = True,
         soft: bool = False,
         start: QuantizedWeight | None = None,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         self.spec, self.rounding = spec, rounding
@@ -306,7 +307,8 @@ class LinearQuantizer(nn.Module):
                 self.a1.copy_(u[:, :r] * root)
                 self.a2.copy_(root[:, None] * vh[:r])
             if lora_init != "svd" and rounding == "lora":  # A1 small random, A2 = 0: V = V0
-                self.a1.normal_(0, 1 / math.sqrt(r))
+                a1 = torch.randn(out, r, generator=generator) / math.sqrt(r)
+                self.a1.copy_(a1.to(self.a1.device))
 
     def n_round_params(self) -> int:
         if self.rounding == "lora":
@@ -532,8 +534,11 @@ class CBQ(BlockwiseMethod):
         dev = pipe.device
         self.wq[b] = {}
         starts = {} if resumed else self._gptq_start(win, b)
-        for name, m in pipe.named_linears(b).items():
+        for i, (name, m) in enumerate(pipe.named_linears(b).items()):
             w = weight_of(m, pipe.bmap.transposed).float().to(dev)
+            # the LoRA factors' random start depends on train_seed, block and linear only, so
+            # two runs of one command give the same model whatever the global RNG holds
+            gen = torch.Generator().manual_seed(self.config.train_seed * 100003 + b * 1000 + i)
             rng = truncated_weight(w, self.config.cfp_params()) if self.config.cfp else None
             q = LinearQuantizer(
                 w,
@@ -545,6 +550,7 @@ class CBQ(BlockwiseMethod):
                 init=not resumed,
                 soft=self.config.soft_rounding,
                 start=starts.get(name),
+                generator=gen,
             ).to(dev)
             if resumed:
                 q.load_state_dict(
