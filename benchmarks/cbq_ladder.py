@@ -4,8 +4,9 @@ Ladder (each step adds one CBQ component): RTN -> GPTQ -> block reconstruction w
 step sizes (K=1, round-to-nearest: the OmniQuant-LWC analogue) -> + cross-block windows (K=2,
 O=1) -> + LoRA-Rounding (started from GPTQ's codes, slimkit's default) -> + CFP (= CBQ); plus
 CBQ with the rounding started from round-to-nearest (the paper's AdaRound initialisation),
-full-rank AdaRound in place of LoRA-Rounding (cost check), CBQ's `default` preset (longer
-schedule), and SmoothQuant + RTN at the weight-activation settings.
+full-rank AdaRound in place of LoRA-Rounding (cost check), CBQ's `fast` and `default` presets
+(32 x 512 calibration, 1 and 2 epochs) beside GPTQ given the same calibration, and SmoothQuant +
+RTN at the weight-activation settings.
 
 Every run is one `slimkit quantize` process calibrated on wiki-offline (train split) and evaluated
 on wiki-offline and bbc-news (test splits; calibration never sees bbc-news), context --seq-len,

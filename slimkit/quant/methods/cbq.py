@@ -159,7 +159,9 @@ class CBQConfig(QuantConfig):
     learn_act_clip: bool = field(
         default=True, metadata={"help": "learn a clipping ratio for each activation quantizer"}
     )
-    train_seed: int = field(default=0, metadata={"help": "seed of the training sample order"})
+    train_seed: int = field(
+        default=0, metadata={"help": "seed of the training sample order and the LoRA start"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
