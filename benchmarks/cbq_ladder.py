@@ -19,7 +19,7 @@ Runs are ordered so that the most informative rows finish first (RTN, GPTQ and C
 setting, then SmoothQuant, then the ladder steps, then more seeds); results are appended to
 benchmarks/results/cbq_ladder.json as each run finishes, a rerun skips finished runs, and the
 Markdown table benchmarks/results/cbq_ladder.md and the plot cbq_ladder.png (perplexity gap to
-FP32 of RTN, GPTQ, SmoothQuant + RTN and CBQ per setting) are rewritten after every run.
+FP32 of RTN, GPTQ, SmoothQuant + RTN, CBQ and its fast preset per setting) are rewritten after every run.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def summarize(results: dict, a) -> str:
     return "\n".join(lines) + "\n"
 
 
-PLOT_ROWS = ("rtn", "gptq", "sq-rtn", "cbq")
+PLOT_ROWS = ("rtn", "gptq", "gptq-long", "sq-rtn", "cbq", "cbq-fast")
 
 
 def plot(results: dict, path: Path) -> bool:
