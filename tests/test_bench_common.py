@@ -77,3 +77,17 @@ def test_cbq_ladder_gap_target_is_judged_against_the_better_gptq_row():
     assert "| W4A16 g64 | CBQ, fast preset (1 epoch, 32 x 512) | 2 | 11.00 ± 0.71 |" in "\n".join(
         text
     )
+
+
+def test_cbq_ladder_fast_row_runs_the_fast_preset():
+    """The ladder's `cbq-fast` row spells the preset out as flags; it must follow the preset."""
+    import cbq_ladder
+
+    from slimkit.quant.methods import CBQConfig
+
+    fast = CBQConfig.PRESETS["fast"]
+    flags = ["--epochs", str(fast["epochs"]), "--n-calib", str(fast["n_calib"])]
+    flags += ["--calib-seq-len", str(fast["calib_seq_len"])]
+    assert cbq_ladder.OVERRIDES["cbq-fast"] == flags
+    label = cbq_ladder.ROWS["cbq-fast"][0]
+    assert f"{fast['n_calib']} x {fast['calib_seq_len']}" in label
