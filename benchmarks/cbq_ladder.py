@@ -1,12 +1,12 @@
-"""CBQ ablation ladder on the embedded SmolLM2-135M, beside RTN, GPTQ and SmoothQuant.
+"""CBQ ablation ladder on the embedded SmolLM2-135M, beside RTN, GPTQ, AWQ and SmoothQuant.
 
 Ladder (each step adds one CBQ component): RTN -> GPTQ -> block reconstruction with learned
 step sizes (K=1, round-to-nearest: the OmniQuant-LWC analogue) -> + cross-block windows (K=2,
 O=1) -> + LoRA-Rounding (started from GPTQ's codes, slimkit's default) -> + CFP (= CBQ); plus
 CBQ with the rounding started from round-to-nearest (the paper's AdaRound initialisation),
 full-rank AdaRound in place of LoRA-Rounding (cost check), CBQ's `fast` and `default` presets
-(32 x 512 calibration, 1 and 2 epochs) beside GPTQ given the same calibration, and SmoothQuant +
-RTN at the weight-activation settings.
+(32 x 512 calibration, 1 and 2 epochs) beside GPTQ given the same calibration, AWQ at the
+weight-only settings, and SmoothQuant + RTN at the weight-activation settings.
 
 Every run is one `slimkit quantize` process calibrated on wiki-offline (train split) and evaluated
 on wiki-offline and bbc-news (test splits; calibration never sees bbc-news), context --seq-len,
@@ -16,10 +16,10 @@ GPTQ perplexity protocol. Several calibration seeds give mean ± sample std.
     python benchmarks/cbq_ladder.py --settings w2g64 --rows rtn,gptq,cbq --seeds 0
 
 Runs are ordered so that the most informative rows finish first (RTN, GPTQ and CBQ at every
-setting, then SmoothQuant, then the ladder steps, then more seeds); results are appended to
+setting, then AWQ and SmoothQuant, then the ladder steps, then more seeds); results are appended to
 benchmarks/results/cbq_ladder.json as each run finishes, a rerun skips finished runs, and the
 Markdown table benchmarks/results/cbq_ladder.md and the plot cbq_ladder.png (perplexity gap to
-FP32 of RTN, GPTQ, SmoothQuant + RTN, CBQ and its fast preset per setting) are rewritten after every run.
+FP32 of RTN, GPTQ, AWQ, SmoothQuant + RTN, CBQ and its fast preset per setting) are rewritten after every run.
 """
 
 from __future__ import annotations
@@ -55,12 +55,13 @@ SETTINGS = {  # name: (label, flags)
     "w4a4": ("W4A4", ["--wbits", "4", "--group-size", "-1", "--abits", "4"]),
 }
 ACT_SETTINGS = ("w4a8", "w4a4")
-BASELINES = ("rtn", "gptq", "sq-rtn", "gptq-long")
+BASELINES = ("rtn", "gptq", "awq", "sq-rtn", "gptq-long")
 NOCFP = ["--no-cfp"]
 ROWS = {  # name: (label, method, flags)
     "rtn": ("RTN", "rtn", []),
     "gptq": ("GPTQ", "gptq", ["--no-static-groups"]),
     "sq-rtn": ("SmoothQuant + RTN", "smoothquant", ["--weight-method", "rtn"]),
+    "awq": ("AWQ", "awq", []),
     "k1": ("block recon. K=1 (LWC)", "cbq", ["--window", "1", "--overlap", "0", "--rounding", "nearest", *NOCFP]),
     "k2": ("+ windows K=2, O=1", "cbq", ["--rounding", "nearest", *NOCFP]),
     "lora": ("+ LoRA-Rounding (from GPTQ codes)", "cbq", ["--rounding", "lora", *NOCFP]),
@@ -99,11 +100,15 @@ def run(setting: str, row: str, seed: int, a) -> dict:
 
 def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
     def ok(s, r):
-        return r in rows and (r != "sq-rtn" or s in ACT_SETTINGS)
+        if r == "sq-rtn":
+            return r in rows and s in ACT_SETTINGS
+        if r == "awq":  # weight-only, as in the reference
+            return r in rows and s not in ACT_SETTINGS
+        return r in rows
 
     stages = [
         ["rtn", "gptq", "cbq", "cbq-fast", "gptq-long"],
-        ["sq-rtn"],
+        ["awq", "sq-rtn"],
         ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin"],
         ["cbq-long"],
     ]
@@ -202,7 +207,7 @@ def summarize(results: dict, a) -> str:
     return "\n".join(lines) + "\n"
 
 
-PLOT_ROWS = ("rtn", "gptq", "gptq-long", "sq-rtn", "cbq", "cbq-fast")
+PLOT_ROWS = ("rtn", "gptq", "gptq-long", "awq", "sq-rtn", "cbq", "cbq-fast")
 
 
 def plot(results: dict, path: Path) -> bool:

@@ -16,6 +16,7 @@ from slimkit.lm import pangu_pi as _pangu_pi  # noqa: F401  (registers pangu_pi 
 from slimkit.prune import MagnitudeConfig, SparseGPTConfig, WandaConfig, prune
 from slimkit.quant.api import quantize, save_quantized
 from slimkit.quant.methods import (
+    AWQConfig,
     CBQConfig,
     GPTQConfig,
     QuantConfig,
@@ -25,6 +26,7 @@ from slimkit.quant.methods import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "AWQConfig",
     "CBQConfig",
     "GPTQConfig",
     "MagnitudeConfig",

@@ -19,7 +19,9 @@ from slimkit.export.packing import pack_rows, unpack_rows_bitstream
 
 
 def make_run(tmp_path, tok, name="run", method="rtn", **kw):
-    cfg = (slimkit.GPTQConfig if method == "gptq" else slimkit.RTNConfig)(**kw)
+    from slimkit.quant.methods import config_class
+
+    cfg = config_class(method)(**kw)
     model = tiny_model("llama", vocab=len(tok), layers=2)
     model, _ = slimkit.quantize(model, cfg, random_ids(4, 32, len(tok)))
     d = tmp_path / name
@@ -104,6 +106,16 @@ def test_compressed_tensors_w8a8_int_quantized(tmp_path, tiny_tokenizer):
     assert cfg["format"] == "int-quantized" and r["verify"]["passed"]
     acts = cfg["config_groups"]["group_0"]["input_activations"]
     assert acts["num_bits"] == 8 and acts["dynamic"] and acts["strategy"] == "token"
+
+
+def test_awq_run_exports_with_its_folded_norms(tmp_path, tiny_tokenizer):
+    """AWQ changes norm weights as well as linears: the exported checkpoint must carry them,
+    so the reloaded model's logits equal the quantized run's exactly."""
+    run = make_run(tmp_path, tiny_tokenizer, method="awq", wbits=4, group_size=32)
+    r = export(run, tmp_path / "g", ExportConfig(format="gptq", verify=True))
+    v = r["verify"]
+    assert v["codes_identical"] and v["passed"]
+    assert v["max_abs_logit_diff_vs_reference"] == 0.0
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -7,7 +7,11 @@ flow order; linears in one inner tuple read the same input (GPTQ's true-sequenti
 ``smooth_linear`` lists (producer, consumer, kind) linear pairs where a per-channel scale of the
 consumer's input can be folded into the producer's output rows exactly: ``ffn`` when the consumer
 reads ``act(gate) * up`` channel for channel, ``attn`` for value -> output projections, whose input
-columns repeat the value channels once per query head of a KV group (GQA).
+columns repeat the value channels once per query head of a KV group (GQA). ``inspect`` names, for
+a norm of ``smooth``, the sub-module whose output AWQ compares while it searches that pair's
+scales (the attention, the MLP); a pair without one compares its consumers' own outputs.
+``score_linears`` are the linears whose outputs enter the attention scores (q, k; GPT-2's fused
+q/k/v), which AWQ's clipping search leaves alone.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class BlockMap:
     sequential: tuple[tuple[str, ...], ...]
     smooth: tuple[tuple[str, tuple[str, ...]], ...] = ()
     smooth_linear: tuple[tuple[str, str, str], ...] = ()
+    inspect: tuple[
+        tuple[str, str], ...
+    ] = ()  # (norm of ``smooth``, module whose output AWQ compares)
+    score_linears: tuple[str, ...] = ()
     transposed: bool = False  # GPT-2's Conv1D keeps weights as (in, out)
     # FFN channels for structured pruning: (linears producing the hidden channels, the linear
     # consuming them, the config field holding the FFN width)
@@ -61,6 +69,8 @@ _LLAMA_SMOOTH = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
 )
+_LLAMA_INSPECT = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
+_LLAMA_SCORE = ("self_attn.q_proj", "self_attn.k_proj")
 _LLAMA_SMOOTH_LINEAR = (
     ("self_attn.v_proj", "self_attn.o_proj", "attn"),
     ("mlp.up_proj", "mlp.down_proj", "ffn"),
@@ -75,6 +85,8 @@ _register(
         sequential=_LLAMA_SEQ,
         smooth=_LLAMA_SMOOTH,
         smooth_linear=_LLAMA_SMOOTH_LINEAR,
+        inspect=_LLAMA_INSPECT,
+        score_linears=_LLAMA_SCORE,
         ffn=(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size"),
         attn=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     )
@@ -102,6 +114,8 @@ _register(
             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ),
         smooth_linear=_LLAMA_SMOOTH_LINEAR,  # the down projection reads siaf(gate) * up
+        inspect=_LLAMA_INSPECT,  # the augmented shortcut lives inside self_attn
+        score_linears=_LLAMA_SCORE,
         # no structured FFN map: SIAF's per-channel a_i, b_i would have to be sliced too
     )
 )
@@ -127,6 +141,8 @@ _register(
             ("final_layer_norm", ("fc1",)),
         ),
         smooth_linear=(("self_attn.v_proj", "self_attn.out_proj", "attn"),),
+        inspect=(("self_attn_layer_norm", "self_attn"),),  # fc1 has no parent module
+        score_linears=_LLAMA_SCORE,
         ffn=(("fc1",), "fc2", "ffn_dim"),
         # post-LN OPT (350m) normalises after the residual: no norm feeds the linears directly.
         smooth_ok=lambda config: bool(getattr(config, "do_layer_norm_before", True)),
@@ -141,6 +157,8 @@ _register(
         post_blocks=("transformer.ln_f", "lm_head"),
         sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         smooth=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+        inspect=(("ln_1", "attn"), ("ln_2", "mlp")),
+        score_linears=("attn.c_attn",),  # fused q/k/v: AWQ's reference skips it too
         transposed=True,
         ffn=(("mlp.c_fc",), "mlp.c_proj", "n_inner"),
     )

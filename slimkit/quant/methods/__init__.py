@@ -1,5 +1,6 @@
 """Quantization methods. Importing this package registers every method."""
 
+from slimkit.quant.methods.awq import AWQConfig
 from slimkit.quant.methods.base import (
     METHODS,
     QuantConfig,
@@ -13,6 +14,7 @@ from slimkit.quant.methods.rtn import RTNConfig
 from slimkit.quant.methods.smoothquant import SmoothQuantConfig
 
 __all__ = [
+    "AWQConfig",
     "CBQConfig",
     "GPTQConfig",
     "METHODS",
