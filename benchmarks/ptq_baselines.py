@@ -1,4 +1,4 @@
-"""PTQ baselines on the embedded SmolLM2-135M: slimkit RTN / GPTQ / SmoothQuant beside llm-compressor.
+"""PTQ baselines on the embedded SmolLM2-135M: slimkit RTN / GPTQ / AWQ / SmoothQuant beside llm-compressor.
 
 Every slimkit row is one `slimkit quantize` process (so wall seconds and peak RSS are its own),
 calibrated on wiki-offline (train split) and evaluated on wiki-offline AND bbc-news (test splits,
@@ -83,6 +83,16 @@ ROWS: dict[str, tuple[str, str, list[str], bool]] = {
     ),
     "llmc-rtn-w4g64": ("llm-compressor", "rtn", ["--wbits", "4", "--group-size", "64"], False),
     "llmc-gptq-w4g64": ("llm-compressor", "gptq", ["--wbits", "4", "--group-size", "64"], True),
+    # AWQ: slimkit's default (llm-awq: activation scales + clip search), slimkit with
+    # llm-compressor's algorithm (duo scaling, no clip search), and llm-compressor itself
+    "awq-w4g64": ("slimkit", "awq", ["--wbits", "4", "--group-size", "64", *W], True),
+    "awq-duo-w4g64": (
+        "slimkit",
+        "awq",
+        ["--wbits", "4", "--group-size", "64", *W, "--duo-scaling", "--no-auto-clip"],
+        True,
+    ),
+    "llmc-awq-w4g64": ("llm-compressor", "awq", ["--wbits", "4", "--group-size", "64"], True),
 }
 LABELS = {
     "fp32": ("FP32", "-"),
@@ -90,6 +100,9 @@ LABELS = {
     "gptq-w4g64": ("W4A16 g64", "GPTQ"),
     "llmc-rtn-w4g64": ("W4A16 g64", "llm-compressor RTN"),
     "llmc-gptq-w4g64": ("W4A16 g64", "llm-compressor GPTQ"),
+    "awq-w4g64": ("W4A16 g64", "AWQ (llm-awq: scales + clip search)"),
+    "awq-duo-w4g64": ("W4A16 g64", "AWQ, duo scaling, no clip search"),
+    "llmc-awq-w4g64": ("W4A16 g64", "llm-compressor AWQ (duo scaling)"),
     "rtn-w4": ("W4A16 per-channel", "RTN"),
     "gptq-w4": ("W4A16 per-channel", "GPTQ"),
     "rtn-w3g64": ("W3A16 g64", "RTN"),

@@ -122,3 +122,39 @@ def test_awq_beats_rtn_with_outlier_channels():
 def test_awq_config_rejects_bad_values(kwargs):
     with pytest.raises(SlimkitError):
         AWQConfig(**kwargs)
+
+
+def test_duo_scaling_statistic_and_grid():
+    from slimkit.quant.methods.awq import awq_scales, scale_grid, weight_means
+
+    w1 = torch.tensor([[1.0, -2.0, 4.0, 0.0], [2.0, 2.0, -1.0, 1.0]])
+    w2 = torch.tensor([[0.0, 3.0, 0.0, 3.0]])
+    # per-row groups of 2: |W| / max of its group, then the mean over the 3 rows
+    want = (
+        torch.tensor([0.5, 1.0, 1.0, 0.0]) + torch.tensor([1.0, 1.0, 1.0, 1.0])
+        + torch.tensor([0.0, 1.0, 0.0, 1.0])
+    ) / 3  # fmt: skip
+    assert torch.allclose(weight_means([w1, w2], 2), want, atol=1e-5)
+    grid = scale_grid(20, duo=True)  # llm-compressor: the identity, then 19 duo points over [0, 1]
+    assert grid[0] == (0.0, False) and len(grid) == 20 and grid[-1] == (1.0, True)
+    assert scale_grid(20, duo=False) == [(i / 20, False) for i in range(20)]  # llm-awq
+    x = torch.tensor([1.0, 4.0, 9.0, 16.0])
+    s = awq_scales(x, 0.5)
+    assert torch.allclose(s, torch.tensor([1.0, 2.0, 3.0, 4.0]) / 2)  # / sqrt(max * min)
+    assert torch.equal(awq_scales(x, 0.0), torch.ones(4))
+
+
+def test_awq_duo_scaling_beats_rtn_with_outlier_channels():
+    model = tiny_model("llama", layers=2)
+    inject_outliers(model, fraction=0.05, k=20, seed=0)
+    ids = random_ids(8, 32)
+    with torch.no_grad():
+        ref = model(ids).logits
+
+    def err(cfg):
+        m, _ = quantize(copy.deepcopy(model), cfg, ids)
+        with torch.no_grad():
+            return float((m(ids).logits - ref).pow(2).mean())
+
+    e_rtn = err(RTNConfig(wbits=3, group_size=32))
+    assert err(AWQConfig(wbits=3, group_size=32, duo_scaling=True, auto_clip=False)) < e_rtn

@@ -1,4 +1,4 @@
-"""Peer baseline: llm-compressor RTN / GPTQ weight quantization with GPTQ-style perplexity.
+"""Peer baseline: llm-compressor RTN / GPTQ / AWQ weight quantization with GPTQ-style perplexity.
 
 Runs inside its own virtual environment (see ``setup_llmcompressor.sh``) and does not
 import slimkit, so the benchmark can place llm-compressor's rows beside slimkit's on the
@@ -8,8 +8,8 @@ Usage::
 
     benchmarks/peers/.venv-llmcompressor/bin/python benchmarks/peers/llmcompressor_runner.py \\
         --model-dir DIR --calib calib.safetensors --eval eval.safetensors \\
-        --scheme {rtn,gptq} --wbits 4 --group-size 64 [--actorder none] \\
-        [--symmetric] [--ignore lm_head] --out result.json
+        --scheme {rtn,gptq,awq} --wbits 4 --group-size 64 [--actorder none] \\
+        [--duo-scaling false] [--symmetric] [--ignore lm_head] --out result.json
 
 Inputs:
 
@@ -19,7 +19,7 @@ Inputs:
   calibration windows. They are fed to ``oneshot`` as an already tokenized
   ``datasets.Dataset`` with shuffling off, ``num_calibration_samples = n_samples`` and
   ``max_seq_length = seq_len``. RTN (``QuantizationModifier``, weight-only) is
-  data-free in llm-compressor, so the windows are only used by GPTQ.
+  data-free in llm-compressor, so the windows are only used by GPTQ and AWQ.
 * ``eval.safetensors``: int64 ``input_ids`` of shape [n_windows, seq_len],
   non-overlapping evaluation windows.
 
@@ -46,6 +46,15 @@ Semantics worth knowing when comparing (llm-compressor 0.14 / compressed-tensors
   descending Hessian-diagonal order with group membership kept by original column index.
   Dampening is 0.01 x mean(diag H); a failed Cholesky falls back to RTN for that module
   (listed in ``quant_args.rtn_fallback_modules``).
+* AWQ (``llmcompressor.modifiers.transform.AWQModifier`` followed by the same
+  ``QuantizationModifier`` as RTN) searches per-channel scales for its default mappings
+  (norm -> q/k/v, v -> o when the shapes match, norm -> gate/up, up -> down), comparing the
+  output of the parent module (attention, MLP, or the linear) on ``n_grid = 20`` candidates;
+  ``duo_scaling`` (default on) divides by the normalised weight magnitude. It has no clipping
+  search (llm-awq's ``auto_clip``). On a machine without an accelerator, 0.14's AWQ fails
+  pinning its cached parent inputs (``IntermediatesCache.pin_memory`` -> "Cannot access
+  accelerator device when none is available"); pinning only speeds host-to-device copies, so
+  the runner turns it into a no-op there (``cpu_without_pinning``), which changes no number.
 * GPTQ runs with the sequential pipeline: each decoder layer is calibrated on the outputs
   of the already-quantized layers before it. ``quantize_seconds`` is the wall time of
   ``oneshot`` and includes those calibration forward passes.
@@ -83,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         help="[NAME=]safetensors with input_ids [n, seq_len]; repeat for several corpora",
     )
-    p.add_argument("--scheme", required=True, choices=("rtn", "gptq"))
+    p.add_argument("--scheme", required=True, choices=("rtn", "gptq", "awq"))
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument(
@@ -91,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="default",
         choices=("default", "none", "static", "weight"),
         help="GPTQ activation ordering; 'default' keeps llm-compressor's default",
+    )
+    p.add_argument(
+        "--duo-scaling",
+        default="true",
+        choices=("true", "false"),
+        help="AWQ: scale by activations and weights (llm-compressor's default) or activations only",
     )
     p.add_argument(
         "--symmetric", action="store_true", help="symmetric weights (default: asymmetric)"
@@ -211,10 +226,21 @@ def build_modifier(args: argparse.Namespace, ignore: list[str]):
     common = {"config_groups": {"group_0": scheme}, "ignore": ignore}
     if args.scheme == "rtn":
         return QuantizationModifier(**common)
+    if args.scheme == "awq":
+        from llmcompressor.modifiers.transform import AWQModifier
+
+        return [AWQModifier(duo_scaling=args.duo_scaling == "true"), QuantizationModifier(**common)]
     kwargs = dict(common, block_size=128)
     if args.actorder != "default":
         kwargs["actorder"] = None if args.actorder == "none" else args.actorder
     return GPTQModifier(**kwargs)
+
+
+def cpu_without_pinning() -> None:
+    """llm-compressor 0.14 AWQ pins cached CPU tensors, which needs an accelerator."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
 def quantized_weight_args(model) -> tuple[dict, int, list[str]]:
@@ -269,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
     modifier = build_modifier(args, ignore)
     oneshot_kwargs = {}
-    if args.scheme == "gptq":
+    if args.scheme in ("gptq", "awq"):
         oneshot_kwargs = dict(
             dataset=calibration_dataset(calib),
             num_calibration_samples=n_calib,
@@ -278,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=1,
         )
 
+    if args.scheme == "awq" and not torch.cuda.is_available():
+        cpu_without_pinning()
     spy = LibrarySpy()
     t0 = time.perf_counter()
     try:
@@ -289,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
 
     weight_args, n_modules, module_names = quantized_weight_args(model)
     quant_args = {
-        "modifier": type(modifier).__name__,
+        "modifier": "+".join(
+            type(m).__name__ for m in (modifier if isinstance(modifier, list) else [modifier])
+        ),
         "weights": weight_args,
         "input_activations": None,
         "targets": ["Linear"],
@@ -311,6 +341,18 @@ def main(argv: list[str] | None = None) -> int:
                 "shuffle": False,
                 "batch_size": 1,
                 "pipeline": "sequential (inferred)",
+            },
+        )
+    if args.scheme == "awq":
+        awq = modifier[0]
+        quant_args.update(
+            duo_scaling=awq.duo_scaling,
+            n_grid=awq.n_grid,
+            calibration={
+                "n_samples": n_calib,
+                "seq_len": seq_len,
+                "shuffle": False,
+                "batch_size": 1,
             },
         )
     quant_args["lm_head_quantized"] = any(n.split(".")[-1] == "lm_head" for n in module_names)

@@ -9,9 +9,11 @@ Per decoder block, on the block's calibration inputs:
    (n-1)/n, s = max(s_x^alpha, 1e-4) / sqrt(max(s) min(s)); replace each consumer weight W by
    Q(W diag(s)) diag(s)^-1 and measure the mean squared error of the compared output (the
    attention or MLP module named by the block map's ``inspect``, else the consumers' own outputs).
-   Every pair is searched on the unscaled block; then the best scales are folded into the
-   producer (norm weight, or the producer's output rows) and the consumers' columns, which leaves
-   the function unchanged.
+   With ``duo_scaling`` (AutoAWQ's and llm-compressor's default), s = s_x^alpha / s_w^(1-alpha)
+   with s_w the mean |W| normalised per quantization group, on llm-compressor's grid (identity,
+   then alpha = 0 .. 1). Every pair is searched on the unscaled block; then the best scales are
+   folded into the producer (norm weight, or the producer's output rows) and the consumers'
+   columns, which leaves the function unchanged.
 2. **Clip search.** For every linear except those feeding attention scores (q, k), per output row
    and group: max_val = max|w| (1 - i/20) for i = 0..9; clamp to [-max_val, max_val], quantize,
    and keep the max_val with the lowest output error on the (scaled) inputs.
@@ -57,7 +59,18 @@ class AWQConfig(QuantConfig):
     """
 
     n_grid: int = field(
-        default=20, metadata={"help": "scale exponents searched: alpha = 0, 1/n, ..., (n-1)/n"}
+        default=20,
+        metadata={
+            "help": "scale candidates: alpha = i / n for i < n (llm-awq); with --duo-scaling "
+            "llm-compressor's grid (the identity, then alpha = i / (n - 2) for i < n - 1)"
+        },
+    )
+    duo_scaling: bool = field(
+        default=False,
+        metadata={
+            "help": "s = s_x^alpha / s_w^(1-alpha), s_w = mean |W| normalised per group (AutoAWQ / "
+            "llm-compressor default); off: s = s_x^alpha (the llm-awq reference)"
+        },
     )
     scale_linear_pairs: bool = field(
         default=True,
@@ -86,10 +99,39 @@ class AWQConfig(QuantConfig):
         return "AWQ " + super().scheme()
 
 
-def awq_scales(x_mean: torch.Tensor, ratio: float) -> torch.Tensor:
-    """s = max(s_x^ratio, 1e-4), normalised by sqrt(max(s) min(s)) (llm-awq ``auto_scale``)."""
-    s = x_mean.float().pow(ratio).clamp(min=1e-4)
+def awq_scales(
+    x_mean: torch.Tensor, ratio: float, w_mean: torch.Tensor | None = None
+) -> torch.Tensor:
+    """s = max(s_x^ratio, 1e-4) (llm-awq ``auto_scale``), or with ``w_mean`` the duo form
+    max(s_x^ratio / (s_w^(1-ratio) + 1e-4), 1e-4); normalised by sqrt(max(s) min(s))."""
+    if w_mean is None:
+        s = x_mean.float().pow(ratio).clamp(min=1e-4)
+    else:
+        s = (x_mean.float().pow(ratio) / (w_mean.float().pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
+
+
+def weight_means(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Per input channel: mean over the rows of all ``weights`` of |W| divided by the max |W|
+    of its quantization group (the duo-scaling statistic of AutoAWQ / llm-compressor)."""
+    total, rows = 0, 0
+    for w in weights:
+        g = w.shape[1] if group_size == -1 else group_size
+        a = w.float().abs().reshape(-1, g)
+        a = (a / (a.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape)
+        total = total + a.sum(0)
+        rows += w.shape[0]
+    return total / rows
+
+
+def scale_grid(n_grid: int, duo: bool) -> list[tuple[float, bool]]:
+    """(alpha, duo form) candidates: llm-awq's alpha = i / n for i < n; with ``duo``,
+    llm-compressor's grid: the identity first, then alpha = i / (n - 2) for i < n - 1."""
+    if not duo:
+        return [(i / n_grid, False) for i in range(n_grid)]
+    if n_grid < 3:
+        return [(0.0, False)] + [(1.0, True)] * (n_grid - 1)
+    return [(0.0, False)] + [(i / (n_grid - 2), True) for i in range(n_grid - 1)]
 
 
 def fake_quant_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -297,10 +339,14 @@ class AWQ(WeightQuantMethod):
         ref = parent.outputs() if parent is not None else None
         best = (None, 0.0, math.inf)
         err0 = math.inf
+        w_mean = None
+        if self.config.duo_scaling:
+            w_mean = weight_means([w.float() for w in orig.values()], self.wspec.group_size)
         try:
-            for i in range(self.config.n_grid):
-                ratio = i / self.config.n_grid
-                s = awq_scales(x_mean, ratio)
+            for i, (ratio, duo) in enumerate(
+                scale_grid(self.config.n_grid, self.config.duo_scaling)
+            ):
+                s = awq_scales(x_mean, ratio, w_mean if duo else None)
                 if parent is None:
                     err = 0.0
                     n_out = 0
