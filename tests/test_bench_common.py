@@ -91,3 +91,17 @@ def test_cbq_ladder_fast_row_runs_the_fast_preset():
     assert cbq_ladder.OVERRIDES["cbq-fast"] == flags
     label = cbq_ladder.ROWS["cbq-fast"][0]
     assert f"{fast['n_calib']} x {fast['calib_seq_len']}" in label
+
+
+def test_cbq_ladder_plan_puts_each_baseline_where_it_applies():
+    """AWQ is weight-only (as in the reference), SmoothQuant + RTN only at the W+A settings; the
+    first seed of every row comes before any extra seed."""
+    import cbq_ladder
+
+    p = cbq_ladder.plan(["w3g64", "w4a8"], ["awq", "sq-rtn", "gptq"], [0, 1])
+    assert ("w3g64", "awq", 0) in p and ("w3g64", "awq", 1) in p
+    assert not any(s == "w4a8" and r == "awq" for s, r, _ in p)
+    assert not any(s == "w3g64" and r == "sq-rtn" for s, r, _ in p)
+    firsts = [i for i, (_, _, sd) in enumerate(p) if sd == 0]
+    assert max(firsts) < min(i for i, (_, _, sd) in enumerate(p) if sd == 1)
+    assert "awq" in cbq_ladder.BASELINES
