@@ -158,3 +158,21 @@ def test_awq_duo_scaling_beats_rtn_with_outlier_channels():
 
     e_rtn = err(RTNConfig(wbits=3, group_size=32))
     assert err(AWQConfig(wbits=3, group_size=32, duo_scaling=True, auto_clip=False)) < e_rtn
+
+
+def test_awq_resume_after_crash_gives_identical_weights_and_norms(tmp_path, monkeypatch):
+    """AWQ changes norm weights too: the per-block checkpoint must carry them."""
+    from tests.conftest import Crash, crash_on_call
+
+    ids = random_ids(6, 16)
+    cfg = AWQConfig(wbits=3, group_size=16, batch_size=2)
+    base = tiny_model("llama", layers=4)
+    full, _ = quantize(copy.deepcopy(base), cfg, ids)
+    with monkeypatch.context() as mp:
+        crash_on_call(mp, AWQ, "on_window", 3)
+        with pytest.raises(Crash):
+            quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path)
+    resumed, _ = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path, resume=True)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.input_layernorm.weight"], base.state_dict()["model.layers.0.input_layernorm.weight"])  # fmt: skip
