@@ -99,16 +99,16 @@ def _gptq_weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_resume_after_crash_gives_identical_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_resume_after_crash_gives_identical_weights(tmp_path, monkeypatch, method):
+    """Every tensor of the model comes back: quantized linears and, for AWQ, the folded norms."""
     ids = random_ids(6, 16)
-    cfg = GPTQConfig(wbits=3, group_size=16, batch_size=2)
+    cfg = config_class(method)(wbits=3, group_size=16, batch_size=2)
     base = tiny_model("llama", layers=4)
     full, _ = quantize(copy.deepcopy(base), cfg, ids)
 
-    from slimkit.quant.methods import gptq
-
     with monkeypatch.context() as mp:
-        crash_on_call(mp, gptq.GPTQ, "on_window", 3)
+        crash_on_call(mp, METHODS.get(method), "on_window", 3)
         with pytest.raises(Crash):
             quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path)
     assert (tmp_path / "progress.json").is_file()
@@ -117,6 +117,8 @@ def test_resume_after_crash_gives_identical_weights(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = full._slimkit_quant["records"], resumed._slimkit_quant["records"]
     assert ra.keys() == rb.keys() and all(torch.equal(ra[k].codes, rb[k].codes) for k in ra)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(a[norm], base.state_dict()[norm]) == (method == "gptq")
 
 
 def test_disk_offload_matches_ram():
