@@ -119,6 +119,12 @@ def load_quantized(run_dir: str | Path) -> QuantizedModel:
             "directory of `slimkit quantize` (or `slimkit prune ... --then METHOD`)."
         )
     meta = json.loads((p / QUANT_JSON).read_text())
+    if meta.get("config", {}).get("rotate_down", "none") != "none":
+        raise SlimkitError(
+            f"{p} was quantized with --rotate-down: its down projections expect an online rotation "
+            "of their input, which no export format here carries (slimkit eval / generate load it). "
+            "Quantize with --rotate alone for an exportable rotated model."
+        )
     state = load_file(str(p / QUANT_STATE))
     model, tok = load_model(str(p))
     layers, act_params = {}, {}

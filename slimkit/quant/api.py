@@ -59,6 +59,7 @@ def quantize(
         raise SlimkitError(f"method {name!r} needs calibration data")
     if not needs_data:  # RTN reads no activations: skip the calibration forward passes
         calib = torch.zeros(1, 2, dtype=torch.long)
+    rotate(model, config)
     pipe, report = run_blockwise(
         model, name, method, config, calib, checkpoint_dir=checkpoint_dir, resume=resume
     )
@@ -71,6 +72,16 @@ def quantize(
     report["quantize_seconds"] = report["seconds"]
     report["n_quantized_linears"] = len(pipe.records)
     return model, report
+
+
+def rotate(model: nn.Module, config: QuantConfig) -> None:
+    """The rotation front end (``--rotate``, ``--rotate-down``), before any method runs."""
+    from slimkit.quant.rotation import attach_down_rotation, rotate_model
+
+    if config.rotate != "none":
+        rotate_model(model, config.rotate, config.rotate_seed)
+    if config.rotate_down != "none":
+        attach_down_rotation(model, config.rotate_down, config.rotate_seed)
 
 
 def _act_params(model: nn.Module, names) -> dict[str, dict[str, torch.Tensor]]:
@@ -119,11 +130,17 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path) -> None:
 
 
 def attach_saved_activation_quantizers(model: nn.Module, model_dir: str | Path) -> dict | None:
-    """Re-attach activation quantizers of a saved slimkit model; returns its quantization.json."""
+    """Re-attach activation quantizers (and an online down-projection rotation) of a saved
+    slimkit model; returns its quantization.json."""
     path = Path(model_dir) / QUANT_JSON
     if not path.is_file():
         return None
     meta = json.loads(path.read_text())
+    kind = meta.get("config", {}).get("rotate_down", "none")
+    if kind != "none":  # the saved down projections already hold W H; the hook brings x H
+        from slimkit.quant.rotation import attach_down_rotation
+
+        attach_down_rotation(model, kind, meta["config"].get("rotate_seed", 0), fold=False)
     if meta.get("activations"):
         spec = ActSpec(**meta["activations"])
         state = load_file(str(Path(model_dir) / QUANT_STATE))

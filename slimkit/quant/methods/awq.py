@@ -45,7 +45,11 @@ from slimkit.quant.methods.base import (
     output_error,
     register_method,
 )
-from slimkit.quant.methods.smoothquant import fold_linear_scales, fold_scales, linear_pair_repeat
+from slimkit.quant.methods.smoothquant import (
+    fold_linear_scales,
+    fold_scales,
+    foldable_linear_pairs,
+)
 from slimkit.quant.quantizer import QuantSpec, quantize_weight
 
 
@@ -217,7 +221,7 @@ class AWQ(WeightQuantMethod):
     # ------------------------------------------------------------------------------ pairs
     def _pairs(self, pipe: BlockwisePipeline, block: nn.Module) -> list[dict]:
         """Scale groups: producer, consumers, compared module (None: consumers' outputs)."""
-        T, out = pipe.bmap.transposed, []
+        out: list[dict] = []
         if not self.fold_ok:
             return out
         inspect = dict(pipe.bmap.inspect)
@@ -228,22 +232,16 @@ class AWQ(WeightQuantMethod):
                 continue
             parent = get_module(block, inspect[norm]) if norm in inspect else None
             out.append({"producer": norm, "consumers": mods, "parent": parent, "layout": None})
-        heads = getattr(pipe.model.config, "num_attention_heads", None)
-        for producer, consumer, kind in (
-            pipe.bmap.smooth_linear if self.config.scale_linear_pairs else ()
+        for producer, consumer, layout in (
+            foldable_linear_pairs(pipe, block) if self.config.scale_linear_pairs else []
         ):
-            p, c = get_module(block, producer), get_module(block, consumer)
-            if p is None or c is None or (kind == "attn" and not heads):
-                continue
-            layout = linear_pair_repeat(
-                kind, weight_of(p, T).shape[0], weight_of(c, T).shape[1], heads or 1
-            )
             if layout[1] != 1:  # GQA: columns repeat value channels; the reference skips these
                 continue
+            c = get_module(block, consumer)
             out.append(
                 {"producer": producer, "consumers": {consumer: c}, "parent": None, "layout": layout}
             )
-        return out  # fmt: skip
+        return out
 
     # ------------------------------------------------------------------------------ block
     @torch.no_grad()

@@ -43,8 +43,33 @@ class QuantConfig(PipelineFields):
         default="per-token", metadata={"help": "activation scales", "choices": list(GRANULARITIES)}
     )
     act_sym: bool = field(default=True, metadata={"help": "symmetric activation grid"})
+    rotate: str = field(
+        default="none",
+        metadata={
+            "help": "rotate the residual stream first (QuaRot / SpinQuant R1; RMSNorm families): "
+            "random orthogonal or random-sign Hadamard (power-of-two widths)",
+            "choices": ["none", "random", "hadamard"],
+        },
+    )
+    rotate_down: str = field(
+        default="none",
+        metadata={
+            "help": "online rotation of the down projection's input (QuaRot R4; for 4-bit "
+            "activations); the run then needs slimkit to load, no export format carries it",
+            "choices": ["none", "random", "hadamard"],
+        },
+    )
+    rotate_seed: int = field(default=0, metadata={"help": "seed of the rotations"})
 
     def __post_init__(self) -> None:
+        from slimkit.quant.rotation import ROTATIONS
+
+        for name in ("rotate", "rotate_down"):
+            if getattr(self, name) not in ROTATIONS:
+                raise SlimkitError(
+                    f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; "
+                    f"choose one of: {', '.join(ROTATIONS)}"
+                )
         validate_bits(self.wbits, "--wbits")
         if self.abits != 16:
             validate_bits(self.abits, "--abits")
@@ -65,7 +90,9 @@ class QuantConfig(PipelineFields):
             if self.group_size == -1
             else ("pt" if self.group_size == 0 else f"g{self.group_size}")
         )
-        return f"W{self.wbits}A{self.abits}{g}"
+        rot = "" if self.rotate == "none" else "R1 "
+        rot += "" if self.rotate_down == "none" else "R4 "
+        return f"{rot}W{self.wbits}A{self.abits}{g}"
 
 
 def register_method(name: str, config_cls: type, help: str):

@@ -56,7 +56,7 @@ from slimkit.quant.methods.gptq import gptq_quantize
 from slimkit.quant.methods.smoothquant import (
     fold_linear_scales,
     fold_scales,
-    linear_pair_repeat,
+    foldable_linear_pairs,
     reduce_repeated,
 )
 from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, _grouped, trivial_g_idx
@@ -626,7 +626,7 @@ class CBQ(BlockwiseMethod):
                 mx, mn = torch.maximum(stats[name][0], mx), torch.minimum(stats[name][1], mn)
             stats[name] = [mx, mn]
 
-        pairs = self._linear_pairs(pipe, fp_block) if self.config.cfp_linear else []
+        pairs = foldable_linear_pairs(pipe, fp_block) if self.config.cfp_linear else []
         for _, consumer, _ in pairs:
             firsts[consumer] = get_module(fp_block, consumer)
         pipe.collect([fp_block], fp_in, firsts, observe)
@@ -674,20 +674,6 @@ class CBQ(BlockwiseMethod):
                     "cfp_max_scale": float(s.max()),
                 }
             )
-
-    @staticmethod
-    def _linear_pairs(pipe: BlockwisePipeline, block: nn.Module) -> list[tuple[str, str, tuple]]:
-        """(producer, consumer, column layout) of the family's foldable linear pairs."""
-        heads = getattr(pipe.model.config, "num_attention_heads", None)
-        out = []
-        for producer, consumer, kind in pipe.bmap.smooth_linear:
-            p, c = get_module(block, producer), get_module(block, consumer)
-            if p is None or c is None or (kind == "attn" and not heads):
-                continue
-            n_out = weight_of(p, pipe.bmap.transposed).shape[0]
-            n_in = weight_of(c, pipe.bmap.transposed).shape[1]
-            out.append((producer, consumer, linear_pair_repeat(kind, n_out, n_in, heads or 1)))
-        return out
 
     def _prepare_acts(self, win: Window, pos: int, b: int, resumed: bool) -> None:
         pipe = win.pipe

@@ -102,6 +102,23 @@ def linear_pair_repeat(kind: str, producer_out: int, consumer_in: int, n_heads: 
     return groups, n_heads // groups, width
 
 
+def foldable_linear_pairs(pipe: BlockwisePipeline, block: torch.nn.Module) -> list[tuple]:
+    """(producer, consumer, column layout) of the block's foldable linear pairs; a consumer
+    whose input is rotated online (``--rotate-down``) has no channel correspondence: skipped."""
+    from slimkit.quant.rotation import has_down_rotation
+
+    heads = getattr(pipe.model.config, "num_attention_heads", None)
+    out = []
+    for producer, consumer, kind in pipe.bmap.smooth_linear:
+        p, c = get_module(block, producer), get_module(block, consumer)
+        if p is None or c is None or (kind == "attn" and not heads) or has_down_rotation(c):
+            continue
+        n_out = weight_of(p, pipe.bmap.transposed).shape[0]
+        n_in = weight_of(c, pipe.bmap.transposed).shape[1]
+        out.append((producer, consumer, linear_pair_repeat(kind, n_out, n_in, heads or 1)))
+    return out
+
+
 def reduce_repeated(stat: torch.Tensor, layout: tuple, how: str) -> torch.Tensor:
     """Per-column statistic of the consumer -> per-row statistic of the producer (max or min
     over the query heads that read one value channel)."""

@@ -1,0 +1,161 @@
+"""Residual-stream rotation (QuaRot / SpinQuant "R1"), a front end for any quantization method.
+
+An orthogonal Q (hidden x hidden) rotates the residual stream: h -> h Q. RMSNorm commutes with it
+once its weight has been folded into the linears that read the norm (||h Q|| = ||h||), so the
+model computes exactly the same function (to round-off) with
+
+- token embeddings E -> E Q,
+- every linear reading a norm (q/k/v, gate/up, the LM head) W -> diag-folded W, then W Q,
+- every linear writing into the residual (o_proj, down_proj) W -> Q^T W (bias b -> Q^T b),
+- every norm weight -> 1 (its weight now lives in its consumers); a tied LM head is untied.
+
+Outlier channels of the residual stream are spread over all channels, which is what makes 4-bit
+activations usable (QuaRot, arXiv 2404.00456; SpinQuant, arXiv 2405.16406). The rotated model is
+an ordinary checkpoint (every exporter takes it).
+
+``rotate_down`` adds QuaRot's online rotation of the down projection's input ("R4"): the
+input is multiplied by an orthogonal H (intermediate x intermediate) in a forward pre-hook that
+runs before any activation quantizer, and W_down -> W_down H. The FFN's activations are where
+4-bit activation quantization fails worst; the price is a non-standard forward pass: slimkit
+saves and re-attaches the hook, but no export format here carries it. The rotations of the
+attention heads (R2 / R3) are not done.
+
+Q is a Hadamard matrix with random signs (``hadamard``; power-of-two sizes only) or a random
+orthogonal matrix (``random``, QR of a Gaussian, SpinQuant's initialisation), seeded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimkit.core.errors import SlimkitError
+from slimkit.llm.block_maps import block_map_for, get_blocks, get_module, set_weight, weight_of
+
+ROTATIONS = ("none", "random", "hadamard")
+
+
+def orthogonal(n: int, kind: str, seed: int = 0) -> torch.Tensor:
+    """An n x n orthogonal matrix in fp64: ``random`` (QR of a Gaussian, signs fixed so the draw
+    is Haar-distributed) or ``hadamard`` (Sylvester Hadamard / sqrt(n) with random column signs)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        a = torch.randn(n, n, generator=g, dtype=torch.float64)
+        q, r = torch.linalg.qr(a)
+        return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    if kind == "hadamard":
+        if n < 1 or n & (n - 1):
+            raise SlimkitError(
+                f"--rotate hadamard needs a power-of-two hidden size (got {n}); use --rotate random"
+            )
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+        return h / n**0.5 * signs.unsqueeze(0)
+    raise SlimkitError(f"unknown rotation {kind!r}; choose one of: {', '.join(ROTATIONS)}")
+
+
+def _is_rms_norm(m: nn.Module) -> bool:
+    return type(m).__name__.endswith("RMSNorm") and getattr(m, "bias", None) is None
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, kind: str = "random", seed: int = 0) -> torch.Tensor | None:
+    """Rotate ``model``'s residual stream in place (function-preserving); returns Q (fp64).
+
+    Supported: families whose blocks read the residual through RMSNorms (Llama, Mistral, Qwen2,
+    Qwen3); LayerNorm (OPT, GPT-2) subtracts the mean and does not commute with a rotation.
+    """
+    if kind == "none":
+        return None
+    bm = block_map_for(model)
+    blocks = get_blocks(model, bm)
+    final_norm = get_module(model, bm.post_blocks[0])
+    head = get_module(model, bm.post_blocks[-1])
+    embed = get_module(model, bm.pre_blocks[0])
+    norms = [get_module(b, n) for b in blocks for n, _ in bm.smooth] + [final_norm]
+    if not bm.smooth or not all(n is not None and _is_rms_norm(n) for n in norms):
+        raise SlimkitError(
+            f"--rotate needs RMSNorm blocks (Llama, Mistral, Qwen2, Qwen3); {bm.family} uses "
+            "LayerNorm, which does not commute with a rotation"
+        )
+    writers = [bm.sequential[1], bm.sequential[-1]]  # o_proj, down_proj
+    if any(len(w) != 1 for w in writers):
+        raise SlimkitError(f"{bm.family}: cannot tell which linears write into the residual")
+    hidden = embed.weight.shape[1]
+    Q = orthogonal(hidden, kind, seed)
+
+    def rotate_in(m: nn.Module, scale: torch.Tensor | None = None) -> None:
+        w = weight_of(m, bm.transposed).double()
+        if scale is not None:
+            w = w * scale.double().unsqueeze(0)
+        set_weight(m, (w @ Q).to(m.weight.dtype), bm.transposed)
+
+    def rotate_out(m: nn.Module) -> None:
+        w = weight_of(m, bm.transposed).double()
+        set_weight(m, (Q.T @ w).to(m.weight.dtype), bm.transposed)
+        if getattr(m, "bias", None) is not None:
+            m.bias.data.copy_((Q.T @ m.bias.double()).to(m.bias.dtype))
+
+    if getattr(model.config, "tie_word_embeddings", False) or head.weight is embed.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    embed.weight.data.copy_((embed.weight.double() @ Q).to(embed.weight.dtype))
+    for block in blocks:
+        for norm_name, consumers in bm.smooth:
+            norm = get_module(block, norm_name)
+            g = norm.weight.detach().clone()
+            for c in consumers:
+                m = get_module(block, c)
+                if m is not None:
+                    rotate_in(m, g)
+            norm.weight.data.fill_(1.0)
+        for (w,) in writers:
+            rotate_out(get_module(block, w))
+    rotate_in(head, final_norm.weight.detach().clone())
+    final_norm.weight.data.fill_(1.0)
+    return Q
+
+
+class DownRotation:
+    """Forward pre-hook x -> x H on a down projection (registered first, so activation
+    quantizers see the rotated input)."""
+
+    def __init__(self, module: nn.Module, H: torch.Tensor):
+        self.H = H.to(module.weight.dtype)
+        self.handle = module.register_forward_pre_hook(self, prepend=True)
+
+    def __call__(self, module, args):
+        x = args[0]
+        return (x @ self.H.to(x.device, x.dtype), *args[1:])
+
+
+def down_projections(model: nn.Module) -> list[nn.Module]:
+    bm = block_map_for(model)
+    if bm.ffn is None or len(bm.sequential[-1]) != 1:
+        raise SlimkitError(f"--rotate-down: {bm.family} blocks have no single down projection")
+    return [get_module(b, bm.sequential[-1][0]) for b in get_blocks(model, bm)]
+
+
+def attach_down_rotation(
+    model: nn.Module, kind: str = "random", seed: int = 0, *, fold: bool = True
+) -> list[DownRotation]:
+    """Online rotation of every down projection's input; ``fold``: also W_down -> W_down H
+    (False when the saved weights already hold it)."""
+    bm = block_map_for(model)
+    downs = down_projections(model)
+    n = weight_of(downs[0], bm.transposed).shape[1]
+    H = orthogonal(n, kind, seed + 1)
+    hooks = []
+    for m in downs:
+        if fold:
+            w = weight_of(m, bm.transposed).double()
+            set_weight(m, (w @ H).to(m.weight.dtype), bm.transposed)
+        hooks.append(DownRotation(m, H))
+    model._slimkit_down_rotation = hooks  # type: ignore[attr-defined]
+    return hooks
+
+
+def has_down_rotation(module: nn.Module) -> bool:
+    return any(isinstance(h, DownRotation) for h in module._forward_pre_hooks.values())
