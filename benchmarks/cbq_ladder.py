@@ -6,7 +6,8 @@ O=1) -> + LoRA-Rounding (started from GPTQ's codes, slimkit's default) -> + CFP 
 CBQ with the rounding started from round-to-nearest (the paper's AdaRound initialisation),
 full-rank AdaRound in place of LoRA-Rounding (cost check), CBQ's `fast` and `default` presets
 (32 x 512 calibration, 1 and 2 epochs) beside GPTQ given the same calibration, AWQ at the
-weight-only settings, and SmoothQuant + RTN at the weight-activation settings.
+weight-only settings, and at the weight-activation settings SmoothQuant + RTN and a rotation front
+end (`--rotate random --rotate-down random`, QuaRot's R1 + R4) under RTN, GPTQ and CBQ.
 
 Every run is one `slimkit quantize` process calibrated on wiki-offline (train split) and evaluated
 on wiki-offline and bbc-news (test splits; calibration never sees bbc-news), context --seq-len,
@@ -55,13 +56,18 @@ SETTINGS = {  # name: (label, flags)
     "w4a4": ("W4A4", ["--wbits", "4", "--group-size", "-1", "--abits", "4"]),
 }
 ACT_SETTINGS = ("w4a8", "w4a4")
-BASELINES = ("rtn", "gptq", "awq", "sq-rtn", "gptq-long")
+BASELINES = ("rtn", "gptq", "awq", "sq-rtn", "gptq-long", "rtn-rot", "gptq-rot")
 NOCFP = ["--no-cfp"]
+ROT = ["--rotate", "random", "--rotate-down", "random"]  # QuaRot-style R1 + R4 front end
+ROT_ROWS = ("rtn-rot", "gptq-rot", "cbq-rot")
 ROWS = {  # name: (label, method, flags)
     "rtn": ("RTN", "rtn", []),
     "gptq": ("GPTQ", "gptq", ["--no-static-groups"]),
     "sq-rtn": ("SmoothQuant + RTN", "smoothquant", ["--weight-method", "rtn"]),
     "awq": ("AWQ", "awq", []),
+    "rtn-rot": ("RTN, rotated (R1 + R4)", "rtn", ROT),
+    "gptq-rot": ("GPTQ, rotated (R1 + R4)", "gptq", ["--no-static-groups", *ROT]),
+    "cbq-rot": ("CBQ, rotated (R1 + R4)", "cbq", ["--rounding", "lora", *ROT]),
     "k1": ("block recon. K=1 (LWC)", "cbq", ["--window", "1", "--overlap", "0", "--rounding", "nearest", *NOCFP]),
     "k2": ("+ windows K=2, O=1", "cbq", ["--rounding", "nearest", *NOCFP]),
     "lora": ("+ LoRA-Rounding (from GPTQ codes)", "cbq", ["--rounding", "lora", *NOCFP]),
@@ -100,7 +106,7 @@ def run(setting: str, row: str, seed: int, a) -> dict:
 
 def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
     def ok(s, r):
-        if r == "sq-rtn":
+        if r == "sq-rtn" or r in ROT_ROWS:  # rotation: a front end for 4-bit activations
             return r in rows and s in ACT_SETTINGS
         if r == "awq":  # weight-only, as in the reference
             return r in rows and s not in ACT_SETTINGS
@@ -108,7 +114,7 @@ def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[s
 
     stages = [
         ["rtn", "gptq", "cbq", "cbq-fast", "gptq-long"],
-        ["awq", "sq-rtn"],
+        ["awq", "sq-rtn", "rtn-rot", "gptq-rot", "cbq-rot"],
         ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin"],
         ["cbq-long"],
     ]
@@ -164,7 +170,7 @@ def summarize(results: dict, a) -> str:
                 f"{mean_std([x['peak_rss_gb'] for x in runs])} |"
             )
         baselines = {r: m for r, m in means.items() if r in BASELINES}
-        for r in ("cbq", "cbq-fast", "cbq-long"):
+        for r in ("cbq", "cbq-fast", "cbq-long", "cbq-rot"):
             if r not in means or not baselines:
                 continue
             below = all(means[r][c] < min(m[c] for m in baselines.values()) for c in CORPORA)
@@ -207,7 +213,7 @@ def summarize(results: dict, a) -> str:
     return "\n".join(lines) + "\n"
 
 
-PLOT_ROWS = ("rtn", "gptq", "gptq-long", "awq", "sq-rtn", "cbq", "cbq-fast")
+PLOT_ROWS = ("rtn", "gptq", "gptq-long", "awq", "sq-rtn", "gptq-rot", "cbq", "cbq-fast", "cbq-rot")
 
 
 def plot(results: dict, path: Path) -> bool:

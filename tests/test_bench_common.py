@@ -98,10 +98,11 @@ def test_cbq_ladder_plan_puts_each_baseline_where_it_applies():
     first seed of every row comes before any extra seed."""
     import cbq_ladder
 
-    p = cbq_ladder.plan(["w3g64", "w4a8"], ["awq", "sq-rtn", "gptq"], [0, 1])
+    p = cbq_ladder.plan(["w3g64", "w4a8"], ["awq", "sq-rtn", "gptq", "gptq-rot"], [0, 1])
     assert ("w3g64", "awq", 0) in p and ("w3g64", "awq", 1) in p
+    assert ("w4a8", "gptq-rot", 0) in p
     assert not any(s == "w4a8" and r == "awq" for s, r, _ in p)
-    assert not any(s == "w3g64" and r == "sq-rtn" for s, r, _ in p)
+    assert not any(s == "w3g64" and r in ("sq-rtn", "gptq-rot") for s, r, _ in p)
     firsts = [i for i, (_, _, sd) in enumerate(p) if sd == 0]
     assert max(firsts) < min(i for i, (_, _, sd) in enumerate(p) if sd == 1)
     assert "awq" in cbq_ladder.BASELINES
