@@ -97,6 +97,8 @@ def run(setting: str, row: str, seed: int, a) -> dict:
     flags = [*SETTINGS[setting][1], "--no-sym", *flags]
     if method == "cbq":
         flags += ["--epochs", str(a.epochs)]
+    if row in ROT_ROWS:  # a new rotation per seed: the spread includes the rotation's draw
+        flags += ["--rotate-seed", str(seed)]
     return run_quantize(
         MODEL, method, flags, CACHE / "runs" / f"{setting}-{row}-s{seed}", seed=seed,
         n_calib=a.n_calib, seq_len=a.seq_len, eval_windows=a.eval_windows, corpora=CORPORA,
