@@ -50,9 +50,16 @@ def test_residual_and_down_rotations_keep_the_logits(family, tied):
 
 
 @pytest.mark.parametrize("family", ["opt", "gpt2"])
-def test_rotation_refuses_layernorm_families(family):
+def test_layernorm_families_take_the_down_rotation_but_refuse_the_residual_one(family):
+    model = tiny_model(family)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        ref = model(ids).logits
+    attach_down_rotation(model, "random")
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref, atol=1e-5, rtol=0)
     with pytest.raises(SlimkitError, match="RMSNorm"):
-        rotate_model(tiny_model(family), "random")
+        rotate_model(model, "random")
 
 
 def test_rotation_rescues_4bit_activations_with_outlier_channels():
@@ -102,3 +109,27 @@ def test_rotated_run_without_down_rotation_exports(tmp_path, tiny_tokenizer):
 def test_rotation_flags_are_validated():
     with pytest.raises(SlimkitError, match="--rotate-down"):
         RTNConfig(rotate_down="hadamrd")
+
+
+def test_rotation_of_a_pangu_pi_model_turns_its_augmented_shortcut_too():
+    """PanGu-pi's augmented shortcut writes into the residual beside o_proj (block map's
+    residual_writers): forgetting it would change the function."""
+    from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
+
+    torch.manual_seed(0)
+    cfg = PanguPiConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, as_ratio=8,
+    )  # fmt: skip
+    model = PanguPiForCausalLM(cfg).eval().double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "as_up" in n:  # initialised at zero: make the shortcut matter
+                p.normal_(0, 0.2)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        ref = model(ids).logits
+    rotate_model(model, "random", seed=0)
+    attach_down_rotation(model, "random", seed=0)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref, atol=1e-5, rtol=0)

@@ -11,7 +11,8 @@ columns repeat the value channels once per query head of a KV group (GQA). ``ins
 a norm of ``smooth``, the sub-module whose output AWQ compares while it searches that pair's
 scales (the attention, the MLP); a pair without one compares its consumers' own outputs.
 ``score_linears`` are the linears whose outputs enter the attention scores (q, k; GPT-2's fused
-q/k/v), which AWQ's clipping search leaves alone.
+q/k/v), which AWQ's clipping search leaves alone. ``residual_writers`` are the linears whose
+outputs are added to the residual stream (what a residual rotation turns on the output side).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class BlockMap:
         tuple[str, str], ...
     ] = ()  # (norm of ``smooth``, module whose output AWQ compares)
     score_linears: tuple[str, ...] = ()
+    residual_writers: tuple[str, ...] = ()  # linears whose outputs are added to the residual
     transposed: bool = False  # GPT-2's Conv1D keeps weights as (in, out)
     # FFN channels for structured pruning: (linears producing the hidden channels, the linear
     # consuming them, the config field holding the FFN width)
@@ -87,6 +89,7 @@ _register(
         smooth_linear=_LLAMA_SMOOTH_LINEAR,
         inspect=_LLAMA_INSPECT,
         score_linears=_LLAMA_SCORE,
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
         ffn=(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size"),
         attn=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     )
@@ -116,6 +119,7 @@ _register(
         smooth_linear=_LLAMA_SMOOTH_LINEAR,  # the down projection reads siaf(gate) * up
         inspect=_LLAMA_INSPECT,  # the augmented shortcut lives inside self_attn
         score_linears=_LLAMA_SCORE,
+        residual_writers=("self_attn.o_proj", "self_attn.as_up", "mlp.down_proj"),
         # no structured FFN map: SIAF's per-channel a_i, b_i would have to be sliced too
     )
 )
@@ -143,6 +147,7 @@ _register(
         smooth_linear=(("self_attn.v_proj", "self_attn.out_proj", "attn"),),
         inspect=(("self_attn_layer_norm", "self_attn"),),  # fc1 has no parent module
         score_linears=_LLAMA_SCORE,
+        residual_writers=("self_attn.out_proj", "fc2"),
         ffn=(("fc1",), "fc2", "ffn_dim"),
         # post-LN OPT (350m) normalises after the residual: no norm feeds the linears directly.
         smooth_ok=lambda config: bool(getattr(config, "do_layer_norm_before", True)),
@@ -159,6 +164,7 @@ _register(
         smooth=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
         inspect=(("ln_1", "attn"), ("ln_2", "mlp")),
         score_linears=("attn.c_attn",),  # fused q/k/v: AWQ's reference skips it too
+        residual_writers=("attn.c_proj", "mlp.c_proj"),
         transposed=True,
         ffn=(("mlp.c_fc",), "mlp.c_proj", "n_inner"),
     )

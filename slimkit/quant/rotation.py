@@ -80,9 +80,8 @@ def rotate_model(model: nn.Module, kind: str = "random", seed: int = 0) -> torch
             f"--rotate needs RMSNorm blocks (Llama, Mistral, Qwen2, Qwen3); {bm.family} uses "
             "LayerNorm, which does not commute with a rotation"
         )
-    writers = [bm.sequential[1], bm.sequential[-1]]  # o_proj, down_proj
-    if any(len(w) != 1 for w in writers):
-        raise SlimkitError(f"{bm.family}: cannot tell which linears write into the residual")
+    if not bm.residual_writers:
+        raise SlimkitError(f"{bm.family}: the block map names no residual writers to rotate")
     hidden = embed.weight.shape[1]
     Q = orthogonal(hidden, kind, seed)
 
@@ -90,18 +89,19 @@ def rotate_model(model: nn.Module, kind: str = "random", seed: int = 0) -> torch
         w = weight_of(m, bm.transposed).double()
         if scale is not None:
             w = w * scale.double().unsqueeze(0)
-        set_weight(m, (w @ Q).to(m.weight.dtype), bm.transposed)
+        set_weight(m, (w @ Q.to(w.device)).to(m.weight.dtype), bm.transposed)
 
     def rotate_out(m: nn.Module) -> None:
         w = weight_of(m, bm.transposed).double()
-        set_weight(m, (Q.T @ w).to(m.weight.dtype), bm.transposed)
+        set_weight(m, (Q.T.to(w.device) @ w).to(m.weight.dtype), bm.transposed)
         if getattr(m, "bias", None) is not None:
-            m.bias.data.copy_((Q.T @ m.bias.double()).to(m.bias.dtype))
+            m.bias.data.copy_((Q.T.to(w.device) @ m.bias.double()).to(m.bias.dtype))
 
     if getattr(model.config, "tie_word_embeddings", False) or head.weight is embed.weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
-    embed.weight.data.copy_((embed.weight.double() @ Q).to(embed.weight.dtype))
+    e = embed.weight.double()
+    embed.weight.data.copy_((e @ Q.to(e.device)).to(embed.weight.dtype))
     for block in blocks:
         for norm_name, consumers in bm.smooth:
             norm = get_module(block, norm_name)
@@ -111,8 +111,10 @@ def rotate_model(model: nn.Module, kind: str = "random", seed: int = 0) -> torch
                 if m is not None:
                     rotate_in(m, g)
             norm.weight.data.fill_(1.0)
-        for (w,) in writers:
-            rotate_out(get_module(block, w))
+        for w in bm.residual_writers:
+            m = get_module(block, w)
+            if m is not None:  # (PanGu-pi without augmented shortcuts has no as_up)
+                rotate_out(m)
     rotate_in(head, final_norm.weight.detach().clone())
     final_norm.weight.data.fill_(1.0)
     return Q
@@ -133,7 +135,7 @@ class DownRotation:
 
 def down_projections(model: nn.Module) -> list[nn.Module]:
     bm = block_map_for(model)
-    if bm.ffn is None or len(bm.sequential[-1]) != 1:
+    if len(bm.sequential[-1]) != 1 or bm.sequential[-1][0] not in bm.residual_writers:
         raise SlimkitError(f"--rotate-down: {bm.family} blocks have no single down projection")
     return [get_module(b, bm.sequential[-1][0]) for b in get_blocks(model, bm)]
 
@@ -151,7 +153,7 @@ def attach_down_rotation(
     for m in downs:
         if fold:
             w = weight_of(m, bm.transposed).double()
-            set_weight(m, (w @ H).to(m.weight.dtype), bm.transposed)
+            set_weight(m, (w @ H.to(w.device)).to(m.weight.dtype), bm.transposed)
         hooks.append(DownRotation(m, H))
     model._slimkit_down_rotation = hooks  # type: ignore[attr-defined]
     return hooks
