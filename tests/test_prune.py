@@ -321,3 +321,22 @@ def test_structured_head_pruning_keeps_the_important_group():
         prune(tiny_model("llama"), StructuredConfig(sparsity="0.0", heads=0.2, score="magnitude"))
     with pytest.raises(SlimkitError, match="Llama family"):
         prune(tiny_model("opt"), StructuredConfig(sparsity="0.0", heads=0.5, score="magnitude"))
+
+
+def test_rotation_after_pruning_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    """A rotated weight is dense: --rotate after pruning would silently undo the sparsity."""
+    from slimkit.core.errors import SlimkitError
+    from slimkit.llm.run_config import CalibConfig
+    from slimkit.llm.workflow import compress_run
+    from slimkit.prune import WandaConfig
+    from slimkit.quant.methods import RTNConfig
+
+    for kw in ({"rotate": "random"}, {"rotate_down": "random"}):
+        with pytest.raises(SlimkitError, match="dense"):
+            compress_run(
+                str(tiny_model_dir),
+                [WandaConfig(sparsity="0.5"), RTNConfig(wbits=4, group_size=32, **kw)],
+                CalibConfig(n_calib=2, calib_seq_len=16),
+                out=tmp_path / "x",
+            )
+    assert not (tmp_path / "x").exists()

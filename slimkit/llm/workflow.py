@@ -94,9 +94,14 @@ def compress_run(
     names = [_method_name(c) for c in steps]
     model_path = resolve_model_path(model_name)
     model, tok = load_model(model_path)
-    for cfg in steps:  # bad group size / N:M width: fail before anything is written
+    for i, cfg in enumerate(steps):  # bad group size / N:M width: fail before anything is written
         if isinstance(cfg, QuantConfig):
             check_model_widths(model, cfg)
+            if i > 0 and (cfg.rotate != "none" or cfg.rotate_down != "none"):
+                raise SlimkitError(
+                    "--rotate / --rotate-down after pruning would make the pruned weights dense "
+                    "again; quantize the pruned model without rotation"
+                )
     ids = calibration_windows(tok, calib.calib, calib.n_calib, calib.calib_seq_len, seed=calib.seed)
     rank0 = dist.rank() == 0
     rd = RunDir(out, resume=resume, overwrite=overwrite) if rank0 else None
