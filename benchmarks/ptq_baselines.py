@@ -197,7 +197,7 @@ def summarize(results: dict, a) -> str:
         "All weight grids asymmetric except W8A8 (symmetric int8, SmoothQuant's convention); GPTQ with act-order, "
         "true-sequential, damp 0.01, block 128. Activations: dynamic per-token symmetric int8.",
         "",
-        f"Command: `python benchmarks/ptq_baselines.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `{' '.join(['python benchmarks/ptq_baselines.py', *sys.argv[1:]])}`",
         machine_line(),
         "",
         "| setting | method | n | wiki-offline ppl | bbc-news ppl | seconds | peak RSS GB |",
