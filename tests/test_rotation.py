@@ -133,3 +133,16 @@ def test_rotation_of_a_pangu_pi_model_turns_its_augmented_shortcut_too():
     attach_down_rotation(model, "random", seed=0)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_check_rotation_refuses_up_front_what_cannot_be_applied():
+    from slimkit.quant.rotation import check_rotation
+
+    llama = tiny_model("llama", hidden=48)  # 48 and FFN 96: no Hadamard of that size
+    check_rotation(llama, "random", "random")
+    with pytest.raises(SlimkitError, match="power-of-two"):
+        check_rotation(llama, "hadamard", "none")
+    with pytest.raises(SlimkitError, match="power-of-two"):
+        check_rotation(llama, "none", "hadamard")
+    with pytest.raises(SlimkitError, match="RMSNorm"):
+        check_rotation(tiny_model("opt"), "random", "none")

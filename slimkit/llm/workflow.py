@@ -22,6 +22,7 @@ from slimkit.llm.pipeline import resolve_device
 from slimkit.llm.run_config import CalibConfig, EvalConfig
 from slimkit.quant.api import attach_saved_activation_quantizers, quantize, save_quantized
 from slimkit.quant.methods import QuantConfig, check_model_widths, method_for_config
+from slimkit.quant.rotation import check_rotation
 
 log = logging.getLogger("slimkit")
 
@@ -97,6 +98,7 @@ def compress_run(
     for i, cfg in enumerate(steps):  # bad group size / N:M width: fail before anything is written
         if isinstance(cfg, QuantConfig):
             check_model_widths(model, cfg)
+            check_rotation(model, cfg.rotate, cfg.rotate_down)
             if i > 0 and (cfg.rotate != "none" or cfg.rotate_down != "none"):
                 raise SlimkitError(
                     "--rotate / --rotate-down after pruning would make the pruned weights dense "

@@ -44,10 +44,7 @@ def orthogonal(n: int, kind: str, seed: int = 0) -> torch.Tensor:
         q, r = torch.linalg.qr(a)
         return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
     if kind == "hadamard":
-        if n < 1 or n & (n - 1):
-            raise SlimkitError(
-                f"--rotate hadamard needs a power-of-two hidden size (got {n}); use --rotate random"
-            )
+        orthogonal_size_ok(n, kind)
         h = torch.ones(1, 1, dtype=torch.float64)
         while h.shape[0] < n:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -60,6 +57,37 @@ def _is_rms_norm(m: nn.Module) -> bool:
     return type(m).__name__.endswith("RMSNorm") and getattr(m, "bias", None) is None
 
 
+def check_rotation(model: nn.Module, rotate: str, rotate_down: str) -> None:
+    """Raise SlimkitError now if ``rotate`` / ``rotate_down`` cannot be applied to ``model``
+    (family, matrix size), before any work is done."""
+    bm = block_map_for(model)
+    if rotate != "none":
+        _residual_parts(model, bm)
+        orthogonal_size_ok(get_module(model, bm.pre_blocks[0]).weight.shape[1], rotate)
+    if rotate_down != "none":
+        downs = down_projections(model)
+        orthogonal_size_ok(weight_of(downs[0], bm.transposed).shape[1], rotate_down)
+
+
+def orthogonal_size_ok(n: int, kind: str) -> None:
+    if kind == "hadamard" and (n < 1 or n & (n - 1)):
+        raise SlimkitError(f"--rotate hadamard needs a power-of-two width (got {n}); use random")
+
+
+def _residual_parts(model: nn.Module, bm):
+    blocks = get_blocks(model, bm)
+    final_norm = get_module(model, bm.post_blocks[0])
+    norms = [get_module(b, n) for b in blocks for n, _ in bm.smooth] + [final_norm]
+    if not bm.smooth or not all(n is not None and _is_rms_norm(n) for n in norms):
+        raise SlimkitError(
+            f"--rotate needs RMSNorm blocks (Llama, Mistral, Qwen2, Qwen3); {bm.family} uses "
+            "LayerNorm, which does not commute with a rotation"
+        )
+    if not bm.residual_writers:
+        raise SlimkitError(f"{bm.family}: the block map names no residual writers to rotate")
+    return blocks, final_norm
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, kind: str = "random", seed: int = 0) -> torch.Tensor | None:
     """Rotate ``model``'s residual stream in place (function-preserving); returns Q (fp64).
@@ -70,18 +98,9 @@ def rotate_model(model: nn.Module, kind: str = "random", seed: int = 0) -> torch
     if kind == "none":
         return None
     bm = block_map_for(model)
-    blocks = get_blocks(model, bm)
-    final_norm = get_module(model, bm.post_blocks[0])
+    blocks, final_norm = _residual_parts(model, bm)
     head = get_module(model, bm.post_blocks[-1])
     embed = get_module(model, bm.pre_blocks[0])
-    norms = [get_module(b, n) for b in blocks for n, _ in bm.smooth] + [final_norm]
-    if not bm.smooth or not all(n is not None and _is_rms_norm(n) for n in norms):
-        raise SlimkitError(
-            f"--rotate needs RMSNorm blocks (Llama, Mistral, Qwen2, Qwen3); {bm.family} uses "
-            "LayerNorm, which does not commute with a rotation"
-        )
-    if not bm.residual_writers:
-        raise SlimkitError(f"{bm.family}: the block map names no residual writers to rotate")
     hidden = embed.weight.shape[1]
     Q = orthogonal(hidden, kind, seed)
 
@@ -155,7 +174,6 @@ def attach_down_rotation(
             w = weight_of(m, bm.transposed).double()
             set_weight(m, (w @ H.to(w.device)).to(m.weight.dtype), bm.transposed)
         hooks.append(DownRotation(m, H))
-    model._slimkit_down_rotation = hooks  # type: ignore[attr-defined]
     return hooks
 
 

@@ -15,8 +15,13 @@ from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineFie
 from slimkit.quant import activations as acts
 from slimkit.quant.activations import GRANULARITIES, ActSpec
 from slimkit.quant.quantizer import CLIP_METHODS, QuantizedWeight, QuantSpec, validate_bits
+from slimkit.quant.rotation import ROTATIONS
 
 METHODS = Registry("method")
+
+
+def rotation_field(help: str):
+    return field(default="none", metadata={"help": help, "choices": list(ROTATIONS)})
 
 
 @dataclass
@@ -43,27 +48,17 @@ class QuantConfig(PipelineFields):
         default="per-token", metadata={"help": "activation scales", "choices": list(GRANULARITIES)}
     )
     act_sym: bool = field(default=True, metadata={"help": "symmetric activation grid"})
-    rotate: str = field(
-        default="none",
-        metadata={
-            "help": "rotate the residual stream first (QuaRot / SpinQuant R1; RMSNorm families): "
-            "random orthogonal or random-sign Hadamard (power-of-two widths)",
-            "choices": ["none", "random", "hadamard"],
-        },
+    rotate: str = rotation_field(
+        "rotate the residual stream first (QuaRot / SpinQuant R1; RMSNorm families): random "
+        "orthogonal or random-sign Hadamard (power-of-two widths)"
     )
-    rotate_down: str = field(
-        default="none",
-        metadata={
-            "help": "online rotation of the down projection's input (QuaRot R4; for 4-bit "
-            "activations); the run then needs slimkit to load, no export format carries it",
-            "choices": ["none", "random", "hadamard"],
-        },
+    rotate_down: str = rotation_field(
+        "online rotation of the down projection's input (QuaRot R4; for 4-bit activations); the "
+        "run then needs slimkit to load, no export format carries it"
     )
     rotate_seed: int = field(default=0, metadata={"help": "seed of the rotations"})
 
     def __post_init__(self) -> None:
-        from slimkit.quant.rotation import ROTATIONS
-
         for name in ("rotate", "rotate_down"):
             if getattr(self, name) not in ROTATIONS:
                 raise SlimkitError(
