@@ -6,7 +6,7 @@ O=1) -> + LoRA-Rounding (started from GPTQ's codes, slimkit's default) -> + CFP 
 CBQ with the rounding started from round-to-nearest (the paper's AdaRound initialisation),
 full-rank AdaRound in place of LoRA-Rounding (cost check), CBQ's `fast` and `default` presets
 (32 x 512 calibration, 1 and 2 epochs) beside GPTQ given the same calibration, AWQ at the
-weight-only settings, and at the weight-activation settings SmoothQuant + RTN and a rotation front
+weight-only settings, CBQ started from AWQ's scales and clipping ranges instead of CFP, and at the weight-activation settings SmoothQuant + RTN and a rotation front
 end (`--rotate random --rotate-down random`, QuaRot's R1 + R4) under RTN, GPTQ and CBQ.
 
 Every run is one `slimkit quantize` process calibrated on wiki-offline (train split) and evaluated
@@ -73,6 +73,7 @@ ROWS = {  # name: (label, method, flags)
     "lora": ("+ LoRA-Rounding (from GPTQ codes)", "cbq", ["--rounding", "lora", *NOCFP]),
     "cbq": ("CBQ (= + CFP)", "cbq", ["--rounding", "lora"]),
     "cbq-lin": ("CBQ, CFP also on v->o and up->down", "cbq", ["--rounding", "lora", "--cfp-linear"]),
+    "cbq-awq": ("CBQ, AWQ start in place of CFP", "cbq", ["--rounding", "lora", "--awq-init"]),
     "adaround": ("CBQ with full AdaRound", "cbq", ["--rounding", "full"]),
     "cbq-rtninit": ("CBQ, rounding from nearest", "cbq", ["--rounding-init", "nearest"]),
     "cbq-fast": ("CBQ, fast preset (1 epoch, 32 x 512)", "cbq", []),
@@ -116,7 +117,7 @@ def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[s
 
     stages = [
         ["rtn", "gptq", "cbq", "cbq-fast", "gptq-long"],
-        ["awq", "sq-rtn", "rtn-rot", "gptq-rot", "cbq-rot"],
+        ["awq", "sq-rtn", "rtn-rot", "gptq-rot", "cbq-rot", "cbq-awq"],
         ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin"],
         ["cbq-long"],
     ]
@@ -172,7 +173,7 @@ def summarize(results: dict, a) -> str:
                 f"{mean_std([x['peak_rss_gb'] for x in runs])} |"
             )
         baselines = {r: m for r, m in means.items() if r in BASELINES}
-        for r in ("cbq", "cbq-fast", "cbq-long", "cbq-rot"):
+        for r in ("cbq", "cbq-fast", "cbq-long", "cbq-rot", "cbq-awq"):
             if r not in means or not baselines:
                 continue
             below = all(means[r][c] < min(m[c] for m in baselines.values()) for c in CORPORA)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import Crash, crash_on_call, random_ids, tiny_model
 
-from slimkit import CBQConfig, RTNConfig, quantize
+from slimkit import AWQConfig, CBQConfig, RTNConfig, quantize
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.outliers import inject_outliers
 from slimkit.llm.pipeline import BlockwisePipeline
@@ -180,9 +180,13 @@ def _state(model):
     return q["records"], q["act_params"]
 
 
-def test_resume_after_crash_gives_identical_quantized_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("awq_init", [False, True])
+def test_resume_after_crash_gives_identical_quantized_weights(tmp_path, monkeypatch, awq_init):
     ids = random_ids(4, 16)
-    cfg = CBQConfig(wbits=3, abits=6, group_size=16, epochs=2, train_batch_size=2, batch_size=2)
+    cfg = CBQConfig(
+        wbits=3, abits=6, group_size=16, epochs=2, train_batch_size=2, batch_size=2,
+        awq_init=awq_init,
+    )  # fmt: skip
     base = tiny_model("llama", layers=4)
     inject_outliers(base, fraction=0.05, k=20)
     torch.manual_seed(1)
@@ -271,6 +275,38 @@ def test_cbq_at_w4a4_with_outlier_channels_beats_rtn_and_cfp_is_what_helps():
     assert errs["cbq"] < 0.25 * errs["rtn"], errs
     assert errs["cbq"] < 0.5 * errs["cbq-no-cfp"], errs
     assert errs["cbq+mig"] < 0.25 * errs["rtn"], errs
+
+
+def test_awq_init_without_training_is_awq():
+    """`--awq-init` with no training and round-to-nearest quantizes as AWQ does (its scales
+    folded, its clipping ranges as the step sizes): the two models are close, far closer than
+    either is to RTN, and training from that start keeps the error of its start or lowers it."""
+    base = tiny_model("llama", layers=2, hidden=64)
+    inject_outliers(base, fraction=0.03, k=30)
+    calib = random_ids(8, 32, seed=1)
+    with torch.no_grad():
+        ref = base(calib).logits
+    common = dict(wbits=3, group_size=16)
+    models = {}
+    for name, cfg in {
+        "rtn": RTNConfig(**common),
+        "awq": AWQConfig(**common),
+        "start": CBQConfig(**common, epochs=0, rounding="nearest", awq_init=True),
+        "trained": CBQConfig(**common, epochs=4, train_batch_size=2, awq_init=True),
+    }.items():
+        torch.manual_seed(0)
+        models[name] = quantize(copy.deepcopy(base), cfg, calib)[0]
+    errs = {n: _logit_err(m, ref, calib) for n, m in models.items()}
+    with torch.no_grad():
+        gap = _logit_err(models["start"], models["awq"](calib).logits, calib)
+    assert errs["awq"] < 0.6 * errs["rtn"], errs
+    assert gap < 0.1 * errs["awq"], (gap, errs)
+    assert errs["trained"] < 1.05 * errs["start"], errs
+    # the folded scales are part of the model: norms changed, and q / k were not clipped
+    assert not torch.equal(
+        models["start"].model.layers[0].input_layernorm.weight,
+        base.model.layers[0].input_layernorm.weight,
+    )
 
 
 def test_config_errors_and_presets():

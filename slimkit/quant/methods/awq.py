@@ -245,8 +245,11 @@ class AWQ(WeightQuantMethod):
 
     # ------------------------------------------------------------------------------ block
     @torch.no_grad()
-    def scale_block(self, win: Window, b: int) -> tuple[dict, dict, dict]:
-        """Collect the block's input statistics, search and fold every pair's scales.
+    def scale_block(
+        self, win: Window, b: int, mirrors: tuple[nn.Module, ...] = ()
+    ) -> tuple[dict, dict, dict]:
+        """Collect the block's input statistics, search and fold every pair's scales (also into
+        each block of ``mirrors``, copies of the block such as CBQ's full-precision target).
 
         Returns the input second moments H (per group of linears reading one input, keyed by
         the group's first linear, already rescaled by the folded scales), each linear's group
@@ -294,18 +297,23 @@ class AWQ(WeightQuantMethod):
                  "awq_alpha": ratio, "awq_gain": gain}
             )  # fmt: skip
         for p, lead, s in found:
-            mods = list(p["consumers"].values())
-            if p["layout"] is None:
-                fold_scales(get_module(block, p["producer"]), mods, s, T)
-            else:
-                fold_linear_scales(get_module(block, p["producer"]), mods[0], s, p["layout"], T)
+            for blk in (block, *mirrors):
+                mods = [get_module(blk, c) for c in p["consumers"]]
+                if p["layout"] is None:
+                    fold_scales(get_module(blk, p["producer"]), mods, s, T)
+                else:
+                    fold_linear_scales(get_module(blk, p["producer"]), mods[0], s, p["layout"], T)
             H[lead] = H[lead] / s[:, None] / s[None, :]  # the consumers now read x / s
         return H, leader, {rel: m for g in shared for rel, m in g.items()}
 
     @torch.no_grad()
-    def clip_block(self, win: Window, b: int, H: dict, leader: dict, linears: dict) -> None:
-        """Clamp each linear (not those feeding attention scores) to its searched range."""
+    def clipped_weights(
+        self, win: Window, H: dict, leader: dict, linears: dict
+    ) -> dict[str, torch.Tensor]:
+        """{relative name: fp32 weight clamped to its searched range} for each linear but those
+        feeding attention scores."""
         T = win.pipe.bmap.transposed
+        out = {}
         for rel, m in linears.items():
             if rel in win.pipe.bmap.score_linears:
                 continue
@@ -314,7 +322,13 @@ class AWQ(WeightQuantMethod):
                 w, H[leader[rel]], self.wspec, self.config.clip_grid, self.config.max_shrink
             )
             wg = w.reshape(w.shape[0], mv.shape[1], -1)
-            set_weight(m, torch.clamp(wg, -mv[..., None], mv[..., None]).reshape(w.shape), T)
+            out[rel] = torch.clamp(wg, -mv[..., None], mv[..., None]).reshape(w.shape)
+        return out
+
+    def clip_block(self, win: Window, b: int, H: dict, leader: dict, linears: dict) -> None:
+        """Clamp each linear (not those feeding attention scores) to its searched range."""
+        for rel, w in self.clipped_weights(win, H, leader, linears).items():
+            set_weight(linears[rel], w, win.pipe.bmap.transposed)
 
     @torch.no_grad()
     def round_block(self, win: Window, b: int, H: dict, leader: dict) -> None:

@@ -7,7 +7,11 @@ Per window of K consecutive blocks (overlap O, run by the shared pipeline):
    the consumers' columns (exactly function-preserving, applied to the FP copy too); with
    ``--cfp-linear`` also of the value -> output and up -> down pairs (``1/s`` into the producer's
    rows, GQA-aware); it also truncates weight-outlier columns in a copy that only initialises
-   each linear's range.
+   each linear's range. ``--awq-init`` replaces this step by AWQ's searches (ours): the scales
+   of the foldable pairs found by AWQ's output-error search (folded into the block and its FP
+   copy, function-preserving), and each linear's AWQ clipping range, which sets the initial
+   step size and zero point (the weights themselves are not clamped; GPTQ's starting codes are
+   computed on the clamped copy).
 2. Every linear gets learnable quantizer parameters (fp32): OmniQuant-style clipping factors
    ``sigmoid(gamma) * max``, ``sigmoid(beta) * min`` per output channel / group (they set the
    step size and zero point), a rounding parameterisation, and, with ``--abits``, a learnable
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -51,6 +55,7 @@ from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOpt
 from slimkit.quant import activations as acts
 from slimkit.quant.activations import ActQuantHook, ActSpec, quantize_activation
 from slimkit.quant.cfp import CFPParams, activation_scales, truncated_weight
+from slimkit.quant.methods.awq import AWQ, AWQConfig
 from slimkit.quant.methods.base import QuantConfig, check_widths, register_method
 from slimkit.quant.methods.gptq import gptq_quantize
 from slimkit.quant.methods.smoothquant import (
@@ -127,6 +132,14 @@ class CBQConfig(QuantConfig):
             "rows (ours: the paper folds into the preceding norm or linear without naming pairs)"
         },
     )
+    awq_init: bool = field(
+        default=False,
+        metadata={
+            "help": "start from AWQ instead of CFP: AWQ's searched scales of the foldable pairs "
+            "(folded, function-preserving) and its searched clipping ranges as the initial step "
+            "sizes (ours)"
+        },
+    )
     learn_smooth: bool = field(
         default=False,
         metadata={
@@ -185,6 +198,10 @@ class CBQConfig(QuantConfig):
             raise SlimkitError(f"--warmup must be in [0, 1) (got {self.warmup})")
         if not 0 < self.cfp_q_lo < self.cfp_q_hi < 1:
             raise SlimkitError("CFP quantiles need 0 < q_lo < q_hi < 1")
+        if self.awq_init and self.group_size == 0:
+            raise SlimkitError(
+                "--awq-init needs per-channel (-1) or grouped weights, not per-tensor"
+            )
 
     def pipeline_options(self) -> PipelineOptions:
         o = super().pipeline_options()
@@ -203,7 +220,9 @@ class CBQConfig(QuantConfig):
         parts = [f"K={self.window},O={self.overlap}", self.rounding]
         if self.rounding == "lora":
             parts[-1] += f" r={self.rank}"
-        if self.cfp:
+        if self.awq_init:
+            parts.append("AWQ-init")
+        elif self.cfp:
             parts.append("CFP+linear" if self.cfp_linear else "CFP")
         return f"CBQ({', '.join(parts)}) " + super().scheme()
 
@@ -256,23 +275,24 @@ class LinearQuantizer(nn.Module):
         soft: bool = False,
         start: QuantizedWeight | None = None,
         generator: torch.Generator | None = None,
+        exact_range: bool = False,
     ):
         super().__init__()
         self.spec, self.rounding = spec, rounding
         self.soft = soft
         out, inp = w.shape
         # clipping factors: hi = sigmoid(up) * max, lo = sigmoid(low) * min of the current weight
-        # (ranges follow the weight, so migration scales can change it); CFP's truncated copy
-        # sets the initial factors, OmniQuant's sigmoid(4) = 0.982 otherwise.
+        # (ranges follow the weight, so migration scales can change it). Start: the range of
+        # ``range_w`` (CFP's truncated or AWQ's clipped copy) capped at OmniQuant's sigmoid(4) =
+        # 0.982, or at sigmoid(8) = 0.9997 (trainable, nearly exact) with GPTQ's codes (computed
+        # on the min-max grid of ``range_w``, else of ``w``) or an ``exact_range``.
         lo, hi = _group_range(w, spec)
-        up0 = torch.full_like(hi, 4.0)
-        low0 = torch.full_like(lo, 4.0)
-        if start is not None:  # GPTQ's min-max grid, factors still trainable (sigmoid(8) = 0.9997)
-            up0.fill_(8.0)
-            low0.fill_(8.0)
-        elif range_w is not None:
+        logit0 = 8.0 if start is not None or exact_range else 4.0
+        up0 = torch.full_like(hi, logit0)
+        low0 = torch.full_like(lo, logit0)
+        if range_w is not None:
             rlo, rhi = _group_range(range_w, spec)
-            cap = torch.sigmoid(torch.tensor(4.0))
+            cap = torch.sigmoid(torch.tensor(logit0))
             ratio_hi = torch.where(hi > 0, rhi / hi.clamp(min=1e-30), torch.ones_like(hi))
             ratio_lo = torch.where(lo < 0, rlo / lo.clamp(max=-1e-30), torch.ones_like(lo))
             up0 = torch.logit(ratio_hi.clamp(1e-3, cap))
@@ -454,6 +474,12 @@ class CBQ(BlockwiseMethod):
         self.cfp_on = self.config.cfp and bool(bm.smooth) and bm.smooth_ok(pipe.model.config)
         if self.config.cfp and not self.cfp_on:
             log.warning("%s blocks have no foldable norm -> linear pairs; CFP skipped", bm.family)
+        self.awq = None
+        if self.config.awq_init:
+            shared = {f.name: getattr(self.config, f.name) for f in fields(QuantConfig)}
+            self.awq = AWQ(AWQConfig(**shared))
+            self.awq.on_start(pipe)
+            self.cfp_on = False  # AWQ's scales take CFP's place
         self.mig_on = self.cfp_on and self.config.learn_smooth and self.aspec is not None
 
     def on_window(self, win: Window) -> None:
@@ -528,20 +554,33 @@ class CBQ(BlockwiseMethod):
         pipe = win.pipe
         block, fp_block = win.blocks[pos], win.fp_blocks[pos]
         resumed = any(k.startswith(f"w|{b}|") for k in self._pending)
+        clipped: dict[str, torch.Tensor] = {}
         if self.cfp_on and not resumed:
             fp_in = (
                 win.inputs_fp if pos == 0 else pipe.run_blocks(win.fp_blocks[:pos], win.inputs_fp)
             )
             self._cfp_fold(pipe, block, fp_block, fp_in, b)
+        if self.awq is not None and not resumed:  # a resumed block carries its scales
+            H, leader, rel = self.awq.scale_block(win, b, mirrors=(fp_block,))
+            if self.awq.config.auto_clip:
+                prefix = f"{pipe.bmap.blocks}.{b}."
+                clipped = {
+                    prefix + r: w for r, w in self.awq.clipped_weights(win, H, leader, rel).items()
+                }
         dev = pipe.device
         self.wq[b] = {}
-        starts = {} if resumed else self._gptq_start(win, b)
+        starts = {} if resumed else self._gptq_start(win, b, clipped)
         for i, (name, m) in enumerate(pipe.named_linears(b).items()):
             w = weight_of(m, pipe.bmap.transposed).float().to(dev)
             # the LoRA factors' random start depends on train_seed, block and linear only, so
             # two runs of one command give the same model whatever the global RNG holds
             gen = torch.Generator().manual_seed(self.config.train_seed * 100003 + b * 1000 + i)
-            rng = truncated_weight(w, self.config.cfp_params()) if self.config.cfp else None
+            if self.awq is not None:  # AWQ's clipped copy (q / k are not clipped, as in AWQ)
+                rng = clipped[name].to(dev) if name in clipped else w
+            elif self.config.cfp and not self.config.awq_init and name not in starts:
+                rng = truncated_weight(w, self.config.cfp_params())
+            else:
+                rng = None
             q = LinearQuantizer(
                 w,
                 self.wspec,
@@ -553,6 +592,7 @@ class CBQ(BlockwiseMethod):
                 soft=self.config.soft_rounding,
                 start=starts.get(name),
                 generator=gen,
+                exact_range=self.awq is not None,
             ).to(dev)
             if resumed:
                 q.load_state_dict(
@@ -579,10 +619,13 @@ class CBQ(BlockwiseMethod):
         if resumed:
             self._pending = {k: v for k, v in self._pending.items() if f"|{b}|" not in k}
 
-    def _gptq_start(self, win: Window, b: int) -> dict[str, QuantizedWeight]:
+    def _gptq_start(
+        self, win: Window, b: int, clipped: dict[str, torch.Tensor]
+    ) -> dict[str, QuantizedWeight]:
         """GPTQ codes of the block's linears (Hessians of the quantized-stream inputs, all
         linears at once, act-order with static groups so groups stay contiguous), used as the
-        starting point of the learned rounding."""
+        starting point of the learned rounding; a linear in ``clipped`` is quantized from that
+        clamped copy of its weight."""
         cfg = self.config
         if cfg.rounding_init != "gptq" or cfg.rounding == "nearest":
             return {}
@@ -600,7 +643,7 @@ class CBQ(BlockwiseMethod):
         hessians = collect_hessians(pipe, block, win.inputs_of(b), shared)
         return {
             n: gptq_quantize(
-                weight_of(m, pipe.bmap.transposed).detach().float(),
+                clipped[n] if n in clipped else weight_of(m, pipe.bmap.transposed).detach().float(),
                 hessians[n],
                 self.wspec,
                 act_order=True,
