@@ -7,7 +7,8 @@ CBQ with the rounding started from round-to-nearest (the paper's AdaRound initia
 full-rank AdaRound in place of LoRA-Rounding (cost check), CBQ's `fast` and `default` presets
 (32 x 512 calibration, 1 and 2 epochs) beside GPTQ given the same calibration, AWQ at the
 weight-only settings, CBQ started from AWQ's scales and clipping ranges instead of CFP, and at the weight-activation settings SmoothQuant + RTN and a rotation front
-end (`--rotate random --rotate-down random`, QuaRot's R1 + R4) under RTN, GPTQ and CBQ.
+end (`--rotate random --rotate-down random`, QuaRot's R1 + R4) under RTN, GPTQ and CBQ (and
+under GPTQ and CBQ's fast preset given 32 x 512 calibration).
 
 Every run is one `slimkit quantize` process calibrated on wiki-offline (train split) and evaluated
 on wiki-offline and bbc-news (test splits; calibration never sees bbc-news), context --seq-len,
@@ -56,10 +57,10 @@ SETTINGS = {  # name: (label, flags)
     "w4a4": ("W4A4", ["--wbits", "4", "--group-size", "-1", "--abits", "4"]),
 }
 ACT_SETTINGS = ("w4a8", "w4a4")
-BASELINES = ("rtn", "gptq", "awq", "sq-rtn", "gptq-long", "rtn-rot", "gptq-rot")
+BASELINES = ("rtn", "gptq", "awq", "sq-rtn", "gptq-long", "rtn-rot", "gptq-rot", "gptq-long-rot")
 NOCFP = ["--no-cfp"]
 ROT = ["--rotate", "random", "--rotate-down", "random"]  # QuaRot-style R1 + R4 front end
-ROT_ROWS = ("rtn-rot", "gptq-rot", "cbq-rot")
+ROT_ROWS = ("rtn-rot", "gptq-rot", "cbq-rot", "gptq-long-rot", "cbq-fast-rot")
 ROWS = {  # name: (label, method, flags)
     "rtn": ("RTN", "rtn", []),
     "gptq": ("GPTQ", "gptq", ["--no-static-groups"]),
@@ -79,6 +80,8 @@ ROWS = {  # name: (label, method, flags)
     "cbq-fast": ("CBQ, fast preset (1 epoch, 32 x 512)", "cbq", []),
     "cbq-long": ("CBQ, default preset (2 epochs, 32 x 512)", "cbq", []),
     "gptq-long": ("GPTQ, 32 x 512 calibration", "gptq", ["--no-static-groups"]),
+    "gptq-long-rot": ("GPTQ, rotated, 32 x 512 calibration", "gptq", ["--no-static-groups", *ROT]),
+    "cbq-fast-rot": ("CBQ, rotated, fast preset", "cbq", ["--rounding", "lora", *ROT]),
 }  # fmt: skip
 # flags that override the common calibration / schedule flags of a row (passed last)
 OVERRIDES = {
@@ -86,6 +89,8 @@ OVERRIDES = {
     "cbq-long": ["--epochs", "2", "--n-calib", "32", "--calib-seq-len", "512"],
     "gptq-long": ["--n-calib", "32", "--calib-seq-len", "512"],
 }
+OVERRIDES["cbq-fast-rot"] = OVERRIDES["cbq-fast"]
+OVERRIDES["gptq-long-rot"] = OVERRIDES["gptq-long"]
 
 
 def runs_of(results: dict, setting: str, row: str) -> list[dict]:
@@ -118,6 +123,7 @@ def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[s
     stages = [
         ["rtn", "gptq", "cbq", "cbq-fast", "gptq-long"],
         ["awq", "sq-rtn", "rtn-rot", "gptq-rot", "cbq-rot", "cbq-awq"],
+        ["gptq-long-rot", "cbq-fast-rot"],
         ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin"],
         ["cbq-long"],
     ]
@@ -173,7 +179,7 @@ def summarize(results: dict, a) -> str:
                 f"{mean_std([x['peak_rss_gb'] for x in runs])} |"
             )
         baselines = {r: m for r, m in means.items() if r in BASELINES}
-        for r in ("cbq", "cbq-fast", "cbq-long", "cbq-rot", "cbq-awq"):
+        for r in ("cbq", "cbq-fast", "cbq-long", "cbq-rot", "cbq-fast-rot", "cbq-awq"):
             if r not in means or not baselines:
                 continue
             below = all(means[r][c] < min(m[c] for m in baselines.values()) for c in CORPORA)
