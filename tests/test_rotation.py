@@ -106,6 +106,27 @@ def test_rotated_run_without_down_rotation_exports(tmp_path, tiny_tokenizer):
     assert r["verify"]["passed"] and r["verify"]["max_abs_logit_diff_vs_reference"] == 0.0
 
 
+def test_rotated_tied_model_exports_to_gguf_with_its_own_output_head(tmp_path, tiny_tokenizer):
+    """R1 unties a tied head (the head reads the rotated stream, the embedding writes it): the GGUF
+    file must carry output.weight and reload to the reference logits."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.export import ExportConfig, export
+
+    cfg = tiny_config("llama", layers=2, vocab=len(tiny_tokenizer))
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    q, _ = quantize(model, RTNConfig(wbits=4, group_size=32, rotate="random"))
+    assert not q.config.tie_word_embeddings
+    slimkit.save_quantized(q, tiny_tokenizer, tmp_path / "run")
+    r = export(tmp_path / "run", tmp_path / "m.gguf", ExportConfig(format="gguf", verify=True))
+    assert r["verify"]["passed"] and r["verify"]["max_abs_logit_diff_vs_reference"] == 0.0
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert "output.weight" in names and "token_embd.weight" in names
+
+
 def test_rotation_flags_are_validated():
     with pytest.raises(SlimkitError, match="--rotate-down"):
         RTNConfig(rotate_down="hadamrd")
