@@ -75,6 +75,7 @@ ROWS = {  # name: (label, method, flags)
     "cbq": ("CBQ (= + CFP)", "cbq", ["--rounding", "lora"]),
     "cbq-lin": ("CBQ, CFP also on v->o and up->down", "cbq", ["--rounding", "lora", "--cfp-linear"]),
     "cbq-awq": ("CBQ, AWQ start in place of CFP", "cbq", ["--rounding", "lora", "--awq-init"]),
+    "cbq-lrclip": ("CBQ, clipping-factor lr 1e-2", "cbq", ["--rounding", "lora", "--lr-clip", "1e-2"]),
     "adaround": ("CBQ with full AdaRound", "cbq", ["--rounding", "full"]),
     "cbq-rtninit": ("CBQ, rounding from nearest", "cbq", ["--rounding-init", "nearest"]),
     "cbq-fast": ("CBQ, fast preset (1 epoch, 32 x 512)", "cbq", []),
@@ -124,7 +125,7 @@ def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[s
         ["rtn", "gptq", "cbq", "cbq-fast", "gptq-long"],
         ["awq", "sq-rtn", "rtn-rot", "gptq-rot", "cbq-rot", "cbq-awq"],
         ["gptq-long-rot", "cbq-fast-rot"],
-        ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin"],
+        ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin", "cbq-lrclip"],
         ["cbq-long"],
     ]
     out = [(s, r, seeds[0]) for st in stages for s in settings for r in st if ok(s, r)]
