@@ -75,6 +75,8 @@ ROWS = {  # name: (label, method, flags)
     "cbq": ("CBQ (= + CFP)", "cbq", ["--rounding", "lora"]),
     "cbq-lin": ("CBQ, CFP also on v->o and up->down", "cbq", ["--rounding", "lora", "--cfp-linear"]),
     "cbq-awq": ("CBQ, AWQ start in place of CFP", "cbq", ["--rounding", "lora", "--awq-init"]),
+    "cbq-awq-lrclip": ("CBQ, AWQ start, clipping-factor lr 1e-2", "cbq",
+                       ["--rounding", "lora", "--awq-init", "--lr-clip", "1e-2"]),
     "cbq-lrclip": ("CBQ, clipping-factor lr 1e-2", "cbq", ["--rounding", "lora", "--lr-clip", "1e-2"]),
     "adaround": ("CBQ with full AdaRound", "cbq", ["--rounding", "full"]),
     "cbq-rtninit": ("CBQ, rounding from nearest", "cbq", ["--rounding-init", "nearest"]),
@@ -124,7 +126,7 @@ def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[s
     stages = [
         ["rtn", "gptq", "cbq", "cbq-fast", "gptq-long"],
         ["awq", "sq-rtn", "rtn-rot", "gptq-rot", "cbq-rot", "cbq-awq"],
-        ["gptq-long-rot", "cbq-fast-rot"],
+        ["gptq-long-rot", "cbq-fast-rot", "cbq-awq-lrclip"],
         ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin", "cbq-lrclip"],
         ["cbq-long"],
     ]
@@ -180,7 +182,15 @@ def summarize(results: dict, a) -> str:
                 f"{mean_std([x['peak_rss_gb'] for x in runs])} |"
             )
         baselines = {r: m for r, m in means.items() if r in BASELINES}
-        for r in ("cbq", "cbq-fast", "cbq-long", "cbq-rot", "cbq-fast-rot", "cbq-awq"):
+        for r in (
+            "cbq",
+            "cbq-fast",
+            "cbq-long",
+            "cbq-rot",
+            "cbq-fast-rot",
+            "cbq-awq",
+            "cbq-awq-lrclip",
+        ):
             if r not in means or not baselines:
                 continue
             below = all(means[r][c] < min(m[c] for m in baselines.values()) for c in CORPORA)
