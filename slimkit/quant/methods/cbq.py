@@ -577,7 +577,7 @@ class CBQ(BlockwiseMethod):
             gen = torch.Generator().manual_seed(self.config.train_seed * 100003 + b * 1000 + i)
             if self.awq is not None:  # AWQ's clipped copy (q / k are not clipped, as in AWQ)
                 rng = clipped[name].to(dev) if name in clipped else w
-            elif self.config.cfp and not self.config.awq_init and name not in starts:
+            elif self.config.cfp and name not in starts:
                 rng = truncated_weight(w, self.config.cfp_params())
             else:
                 rng = None
