@@ -6,9 +6,11 @@ O=1) -> + LoRA-Rounding (started from GPTQ's codes, slimkit's default) -> + CFP 
 CBQ with the rounding started from round-to-nearest (the paper's AdaRound initialisation),
 full-rank AdaRound in place of LoRA-Rounding (cost check), CBQ's `fast` and `default` presets
 (32 x 512 calibration, 1 and 2 epochs) beside GPTQ given the same calibration, AWQ at the
-weight-only settings, CBQ started from AWQ's scales and clipping ranges instead of CFP, and at the weight-activation settings SmoothQuant + RTN and a rotation front
-end (`--rotate random --rotate-down random`, QuaRot's R1 + R4) under RTN, GPTQ and CBQ (and
-under GPTQ and CBQ's fast preset given 32 x 512 calibration).
+weight-only settings, CBQ started from AWQ's scales and clipping ranges instead of CFP and CBQ
+with a ten times smaller clipping-factor learning rate (each alone and together), and at the
+weight-activation settings SmoothQuant + RTN and a rotation front end (`--rotate random
+--rotate-down random`, QuaRot's R1 + R4) under RTN, GPTQ and CBQ (and under GPTQ and CBQ's fast
+preset given 32 x 512 calibration).
 
 Every run is one `slimkit quantize` process calibrated on wiki-offline (train split) and evaluated
 on wiki-offline and bbc-news (test splits; calibration never sees bbc-news), context --seq-len,
