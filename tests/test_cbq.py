@@ -302,7 +302,7 @@ def test_awq_init_without_training_is_awq():
     assert errs["awq"] < 0.6 * errs["rtn"], errs
     assert gap < 0.1 * errs["awq"], (gap, errs)
     assert errs["trained"] < 1.05 * errs["start"], errs
-    # the folded scales are part of the model: norms changed, and q / k were not clipped
+    # the folded scales are part of the model: the norms changed
     assert not torch.equal(
         models["start"].model.layers[0].input_layernorm.weight,
         base.model.layers[0].input_layernorm.weight,
@@ -314,6 +314,9 @@ def test_config_errors_and_presets():
         CBQConfig(rounding="stochastic")
     with pytest.raises(SlimkitError, match="overlap"):
         CBQConfig(window=2, overlap=2)
+    with pytest.raises(SlimkitError, match="--awq-init needs per-channel"):
+        CBQConfig(group_size=0, awq_init=True)
+    assert "AWQ-init" in CBQConfig(awq_init=True).scheme()
     assert CBQConfig.PRESETS["fast"]["epochs"] < CBQConfig.PRESETS["paper"]["epochs"]
     assert "K=2,O=1" in CBQConfig(wbits=2, group_size=64).scheme()
 

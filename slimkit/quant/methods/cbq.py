@@ -480,6 +480,8 @@ class CBQ(BlockwiseMethod):
             self.awq = AWQ(AWQConfig(**shared))
             self.awq.on_start(pipe)
             self.cfp_on = False  # AWQ's scales take CFP's place
+            if self.config.learn_smooth:
+                log.warning("--learn-smooth starts from CFP's scales; with --awq-init it is off")
         self.mig_on = self.cfp_on and self.config.learn_smooth and self.aspec is not None
 
     def on_window(self, win: Window) -> None:
