@@ -7,7 +7,8 @@ CBQ with the rounding started from round-to-nearest (the paper's AdaRound initia
 full-rank AdaRound in place of LoRA-Rounding (cost check), CBQ's `fast` and `default` presets
 (32 x 512 calibration, 1 and 2 epochs) beside GPTQ given the same calibration, AWQ at the
 weight-only settings, CBQ started from AWQ's scales and clipping ranges instead of CFP and CBQ
-with a ten times smaller clipping-factor learning rate (each alone and together), and at the
+with a ten times smaller clipping-factor learning rate (each alone and together, and together
+under the fast preset), and at the
 weight-activation settings SmoothQuant + RTN and a rotation front end (`--rotate random
 --rotate-down random`, QuaRot's R1 + R4) under RTN, GPTQ and CBQ (and under GPTQ and CBQ's fast
 preset given 32 x 512 calibration).
@@ -84,6 +85,8 @@ ROWS = {  # name: (label, method, flags)
     "cbq-rtninit": ("CBQ, rounding from nearest", "cbq", ["--rounding-init", "nearest"]),
     "cbq-fast": ("CBQ, fast preset (1 epoch, 32 x 512)", "cbq", []),
     "cbq-long": ("CBQ, default preset (2 epochs, 32 x 512)", "cbq", []),
+    "cbq-fast-awq": ("CBQ, fast preset, AWQ start, clipping-factor lr 1e-2", "cbq",
+                     ["--awq-init", "--lr-clip", "1e-2"]),
     "gptq-long": ("GPTQ, 32 x 512 calibration", "gptq", ["--no-static-groups"]),
     "gptq-long-rot": ("GPTQ, rotated, 32 x 512 calibration", "gptq", ["--no-static-groups", *ROT]),
     "cbq-fast-rot": ("CBQ, rotated, fast preset", "cbq", ["--rounding", "lora", *ROT]),
@@ -94,7 +97,7 @@ OVERRIDES = {
     "cbq-long": ["--epochs", "2", "--n-calib", "32", "--calib-seq-len", "512"],
     "gptq-long": ["--n-calib", "32", "--calib-seq-len", "512"],
 }
-OVERRIDES["cbq-fast-rot"] = OVERRIDES["cbq-fast"]
+OVERRIDES["cbq-fast-rot"] = OVERRIDES["cbq-fast-awq"] = OVERRIDES["cbq-fast"]
 OVERRIDES["gptq-long-rot"] = OVERRIDES["gptq-long"]
 
 
@@ -130,7 +133,7 @@ def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[s
         ["awq", "sq-rtn", "rtn-rot", "gptq-rot", "cbq-rot", "cbq-awq"],
         ["gptq-long-rot", "cbq-fast-rot", "cbq-awq-lrclip"],
         ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin", "cbq-lrclip"],
-        ["cbq-long"],
+        ["cbq-long", "cbq-fast-awq"],
     ]
     out = [(s, r, seeds[0]) for st in stages for s in settings for r in st if ok(s, r)]
     out += [(s, r, sd) for sd in seeds[1:] for s in settings
@@ -192,6 +195,7 @@ def summarize(results: dict, a) -> str:
             "cbq-fast-rot",
             "cbq-awq",
             "cbq-awq-lrclip",
+            "cbq-fast-awq",
         ):
             if r not in means or not baselines:
                 continue
