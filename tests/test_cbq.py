@@ -317,6 +317,9 @@ def test_config_errors_and_presets():
     with pytest.raises(SlimkitError, match="--awq-init needs per-channel"):
         CBQConfig(group_size=0, awq_init=True)
     assert "AWQ-init" in CBQConfig(awq_init=True).scheme()
+    # the clipping learning rate follows the start unless given
+    assert CBQConfig().lr_clip == 1e-1 and CBQConfig(awq_init=True).lr_clip == 1e-2
+    assert CBQConfig(awq_init=True, lr_clip=0.1).lr_clip == 0.1
     assert CBQConfig.PRESETS["fast"]["epochs"] < CBQConfig.PRESETS["paper"]["epochs"]
     assert "K=2,O=1" in CBQConfig(wbits=2, group_size=64).scheme()
 

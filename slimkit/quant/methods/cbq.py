@@ -11,7 +11,9 @@ Per window of K consecutive blocks (overlap O, run by the shared pipeline):
    of the foldable pairs found by AWQ's output-error search (folded into the block and its FP
    copy, function-preserving), and each linear's AWQ clipping range, which sets the initial
    step size and zero point (the weights themselves are not clamped; GPTQ's starting codes are
-   computed on the clamped copy).
+   computed on the clamped copy). With it the clipping factors train at 1e-2 unless
+   ``--lr-clip`` says otherwise: at 1e-1 a short schedule re-learns AWQ's ranges away and ends
+   worse than AWQ (benchmarks/cbq_ladder.py, rows ``cbq-awq`` and ``cbq-awq-lrclip``).
 2. Every linear gets learnable quantizer parameters (fp32): OmniQuant-style clipping factors
    ``sigmoid(gamma) * max``, ``sigmoid(beta) * min`` per output channel / group (they set the
    step size and zero point), a rounding parameterisation, and, with ``--abits``, a learnable
@@ -164,7 +166,13 @@ class CBQConfig(QuantConfig):
         },
     )
     lr_round: float = field(default=1e-2, metadata={"help": "learning rate of rounding logits"})
-    lr_clip: float = field(default=1e-1, metadata={"help": "learning rate of clipping factors"})
+    lr_clip: float | None = field(
+        default=None,
+        metadata={
+            "help": "learning rate of clipping factors (default 1e-1; 1e-2 with --awq-init, "
+            "whose searched ranges the larger rate re-learns away on short schedules)"
+        },
+    )
     lam_round: float = field(default=0.01, metadata={"help": "rounding regulariser weight"})
     beta_start: float = field(default=20.0, metadata={"help": "regulariser beta at warm-up end"})
     beta_end: float = field(default=2.0, metadata={"help": "regulariser beta at the window end"})
@@ -202,6 +210,8 @@ class CBQConfig(QuantConfig):
             raise SlimkitError(
                 "--awq-init needs per-channel (-1) or grouped weights, not per-tensor"
             )
+        if self.lr_clip is None:
+            self.lr_clip = 1e-2 if self.awq_init else 1e-1
 
     def pipeline_options(self) -> PipelineOptions:
         o = super().pipeline_options()
@@ -482,6 +492,8 @@ class CBQ(BlockwiseMethod):
             self.cfp_on = False  # AWQ's scales take CFP's place
             if self.config.learn_smooth:
                 log.warning("--learn-smooth starts from CFP's scales; with --awq-init it is off")
+            if self.config.cfp_linear:
+                log.warning("--cfp-linear is a CFP option; with --awq-init AWQ's pairs are used")
         self.mig_on = self.cfp_on and self.config.learn_smooth and self.aspec is not None
 
     def on_window(self, win: Window) -> None:
