@@ -320,6 +320,8 @@ def test_config_errors_and_presets():
     # the clipping learning rate follows the start unless given
     assert CBQConfig().lr_clip == 1e-1 and CBQConfig(awq_init=True).lr_clip == 1e-2
     assert CBQConfig(awq_init=True, lr_clip=0.1).lr_clip == 0.1
+    with pytest.raises(SlimkitError, match="learning rates must be >= 0"):
+        CBQConfig(lr_clip=-1e-2)
     assert CBQConfig.PRESETS["fast"]["epochs"] < CBQConfig.PRESETS["paper"]["epochs"]
     assert "K=2,O=1" in CBQConfig(wbits=2, group_size=64).scheme()
 

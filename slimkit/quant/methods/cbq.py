@@ -212,6 +212,11 @@ class CBQConfig(QuantConfig):
             )
         if self.lr_clip is None:
             self.lr_clip = 1e-2 if self.awq_init else 1e-1
+        if self.lr_clip < 0 or self.lr_round < 0:
+            raise SlimkitError(
+                f"learning rates must be >= 0 (got --lr-clip {self.lr_clip}, "
+                f"--lr-round {self.lr_round})"
+            )
 
     def pipeline_options(self) -> PipelineOptions:
         o = super().pipeline_options()
