@@ -88,6 +88,10 @@ ROWS = {  # name: (label, method, flags)
     "cbq-long": ("CBQ, default preset (2 epochs, 32 x 512)", "cbq", []),
     "cbq-fast-awq": ("CBQ, fast preset, AWQ start, clipping-factor lr 1e-2", "cbq",
                      ["--awq-init", "--lr-clip", "1e-2"]),
+    "cbq-fast-awq4k": ("CBQ, fast preset, AWQ start (scale search on 4096 tokens), clipping-factor lr 1e-2",
+                       "cbq", ["--awq-init", "--lr-clip", "1e-2", "--awq-search-tokens", "4096"]),
+    "cbq-long-awq4k": ("CBQ, default preset, AWQ start (scale search on 4096 tokens), clipping-factor lr 1e-2",
+                       "cbq", ["--awq-init", "--lr-clip", "1e-2", "--awq-search-tokens", "4096"]),
     "gptq-long": ("GPTQ, 32 x 512 calibration", "gptq", ["--no-static-groups"]),
     "gptq-long-rot": ("GPTQ, rotated, 32 x 512 calibration", "gptq", ["--no-static-groups", *ROT]),
     "cbq-fast-rot": ("CBQ, rotated, fast preset", "cbq", ["--rounding", "lora", *ROT]),
@@ -99,6 +103,8 @@ OVERRIDES = {
     "gptq-long": ["--n-calib", "32", "--calib-seq-len", "512"],
 }
 OVERRIDES["cbq-fast-rot"] = OVERRIDES["cbq-fast-awq"] = OVERRIDES["cbq-fast"]
+OVERRIDES["cbq-fast-awq4k"] = OVERRIDES["cbq-fast"]
+OVERRIDES["cbq-long-awq4k"] = OVERRIDES["cbq-long"]
 OVERRIDES["gptq-long-rot"] = OVERRIDES["gptq-long"]
 
 
@@ -134,7 +140,7 @@ def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[s
         ["awq", "sq-rtn", "rtn-rot", "gptq-rot", "cbq-rot", "cbq-awq"],
         ["gptq-long-rot", "cbq-fast-rot", "cbq-awq-lrclip"],
         ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin", "cbq-lrclip"],
-        ["cbq-long", "cbq-fast-awq"],
+        ["cbq-long", "cbq-fast-awq", "cbq-fast-awq4k", "cbq-long-awq4k"],
     ]
     out = [(s, r, seeds[0]) for st in stages for s in settings for r in st if ok(s, r)]
     out += [(s, r, sd) for sd in seeds[1:] for s in settings
@@ -197,6 +203,8 @@ def summarize(results: dict, a) -> str:
             "cbq-awq",
             "cbq-awq-lrclip",
             "cbq-fast-awq",
+            "cbq-fast-awq4k",
+            "cbq-long-awq4k",
         ):
             if r not in means or not baselines:
                 continue

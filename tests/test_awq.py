@@ -122,8 +122,54 @@ def test_awq_beats_rtn_with_outlier_channels():
     assert e_awq < 0.6 * e_rtn
 
 
+def test_search_tokens_keeps_the_first_batches_reaching_the_cap():
+    from slimkit.quant.methods.awq import _ParentInputs
+
+    lin = torch.nn.Linear(8, 8)
+    rec = _ParentInputs(lin, max_tokens=40)
+    xs = [torch.randn(1, 32, 8) for _ in range(4)]
+    with torch.no_grad():
+        refs = [lin(x) for x in xs]
+    for x in xs[:2]:
+        lin(x)
+    lin(input=xs[2])  # hidden states passed by keyword count as well
+    lin(xs[3])
+    rec.handle.remove()
+    assert rec.tokens == 64 and len(rec.calls) == 2  # 32 < 40, then 64 >= 40: the rest skipped
+    assert all(torch.equal(y, r) for y, r in zip(rec.outputs(), refs[:2]))
+    uncapped = _ParentInputs(lin)
+    for x in xs:
+        lin(x)
+    uncapped.handle.remove()
+    assert len(uncapped.calls) == 4
+
+
+def test_search_tokens_cap_at_or_above_the_calibration_set_changes_nothing():
+    """A cap that keeps every batch is the uncapped search, bit for bit; a one-batch cap still
+    protects the outlier channels (far below RTN's error)."""
+    err = _logit_error_on_an_outlier_model()
+    model = tiny_model("llama", layers=2)
+    ids = random_ids(8, 32)
+    full, _ = quantize(copy.deepcopy(model), AWQConfig(wbits=3, group_size=32), ids)
+    same, _ = quantize(
+        copy.deepcopy(model), AWQConfig(wbits=3, group_size=32, search_tokens=8 * 32), ids
+    )
+    for (n, a), (_, b) in zip(full.named_parameters(), same.named_parameters()):
+        assert torch.equal(a, b), n
+    e_rtn = err(RTNConfig(wbits=3, group_size=32))
+    e_cap = err(AWQConfig(wbits=3, group_size=32, search_tokens=1))
+    assert e_cap < 0.6 * e_rtn, (e_cap, e_rtn)
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{"group_size": 0}, {"n_grid": 0}, {"clip_grid": 0}, {"max_shrink": 1.0}]
+    "kwargs",
+    [
+        {"group_size": 0},
+        {"n_grid": 0},
+        {"clip_grid": 0},
+        {"max_shrink": 1.0},
+        {"search_tokens": -1},
+    ],
 )
 def test_awq_config_rejects_bad_values(kwargs):
     with pytest.raises(SlimkitError):

@@ -316,6 +316,8 @@ def test_config_errors_and_presets():
         CBQConfig(window=2, overlap=2)
     with pytest.raises(SlimkitError, match="--awq-init needs per-channel"):
         CBQConfig(group_size=0, awq_init=True)
+    with pytest.raises(SlimkitError, match="--awq-search-tokens must be >= 0"):
+        CBQConfig(awq_init=True, awq_search_tokens=-1)
     assert "AWQ-init" in CBQConfig(awq_init=True).scheme()
     # the clipping learning rate follows the start unless given
     assert CBQConfig().lr_clip == 1e-1 and CBQConfig(awq_init=True).lr_clip == 1e-2

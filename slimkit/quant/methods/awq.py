@@ -87,6 +87,15 @@ class AWQConfig(QuantConfig):
     max_shrink: float = field(
         default=0.5, metadata={"help": "clip search: shrink the range by at most this fraction"}
     )
+    search_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "scale search of pairs compared on an attention or MLP module's output: re-run "
+            "the module on the first calibration batches holding at least this many tokens "
+            "(0: all of them, as the reference; ours: a cap for long calibration sets; the "
+            "input statistics and the clip search still use every token)"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +103,8 @@ class AWQConfig(QuantConfig):
             raise SlimkitError(f"--n-grid must be >= 1 (got {self.n_grid})")
         if self.clip_grid < 1:
             raise SlimkitError(f"--clip-grid must be >= 1 (got {self.clip_grid})")
+        if self.search_tokens < 0:
+            raise SlimkitError(f"--search-tokens must be >= 0 (got {self.search_tokens})")
         if not 0 <= self.max_shrink < 1:
             raise SlimkitError(f"--max-shrink must be in [0, 1) (got {self.max_shrink})")
         if self.group_size == 0:
@@ -176,14 +187,23 @@ def search_clip(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, grid: int, ma
 
 class _ParentInputs:
     """The (args, kwargs) each calibration batch passes to an inspected module, so it can be
-    re-run alone while its consumers' weights are tried."""
+    re-run alone while its consumers' weights are tried; with ``max_tokens`` > 0 only the first
+    calls holding at least that many tokens are kept."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, max_tokens: int = 0):
         self.module = module
+        self.max_tokens = max_tokens
+        self.tokens = 0
         self.calls: list[tuple[tuple, dict]] = []
         self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
+        if self.max_tokens and self.tokens >= self.max_tokens:
+            return
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, torch.Tensor):
+            x = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        self.tokens += x.numel() // x.shape[-1]
         args = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
         self.calls.append((args, dict(kwargs)))
 
@@ -275,7 +295,9 @@ class AWQ(WeightQuantMethod):
             absum[name] += x.reshape(-1, x.shape[-1]).abs().sum(0).double()
 
         parents = {
-            id(p["parent"]): _ParentInputs(p["parent"]) for p in pairs if p["parent"] is not None
+            id(p["parent"]): _ParentInputs(p["parent"], self.config.search_tokens)
+            for p in pairs
+            if p["parent"] is not None
         }
         try:
             pipe.collect([block], win.inputs_of(b), first, observe)

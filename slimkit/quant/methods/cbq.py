@@ -142,6 +142,14 @@ class CBQConfig(QuantConfig):
             "sizes (ours)"
         },
     )
+    awq_search_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "with --awq-init: AWQ's --search-tokens, the calibration tokens its scale "
+            "search re-runs attention / MLP on (0: all; a cap makes the AWQ start cheaper on "
+            "long calibration sets)"
+        },
+    )
     learn_smooth: bool = field(
         default=False,
         metadata={
@@ -210,6 +218,8 @@ class CBQConfig(QuantConfig):
             raise SlimkitError(
                 "--awq-init needs per-channel (-1) or grouped weights, not per-tensor"
             )
+        if self.awq_search_tokens < 0:
+            raise SlimkitError(f"--awq-search-tokens must be >= 0 (got {self.awq_search_tokens})")
         if self.lr_clip is None:
             self.lr_clip = 1e-2 if self.awq_init else 1e-1
         if self.lr_clip < 0 or self.lr_round < 0:
@@ -492,7 +502,7 @@ class CBQ(BlockwiseMethod):
         self.awq = None
         if self.config.awq_init:
             shared = {f.name: getattr(self.config, f.name) for f in fields(QuantConfig)}
-            self.awq = AWQ(AWQConfig(**shared))
+            self.awq = AWQ(AWQConfig(**shared, search_tokens=self.config.awq_search_tokens))
             self.awq.on_start(pipe)
             self.cfp_on = False  # AWQ's scales take CFP's place
             if self.config.learn_smooth:
