@@ -220,6 +220,8 @@ class CBQConfig(QuantConfig):
             )
         if self.awq_search_tokens < 0:
             raise SlimkitError(f"--awq-search-tokens must be >= 0 (got {self.awq_search_tokens})")
+        if self.awq_search_tokens and not self.awq_init:
+            log.warning("--awq-search-tokens only applies with --awq-init; ignored")
         if self.lr_clip is None:
             self.lr_clip = 1e-2 if self.awq_init else 1e-1
         if self.lr_clip < 0 or self.lr_round < 0:
