@@ -25,6 +25,8 @@ Choices that differ from the reference (documented in the README):
   calibration token (the reference sub-samples 512 tokens): err = dW_g H_g dW_g^T;
 - inputs come from the pipeline's quantized stream (earlier blocks already quantized), as for GPTQ
   here; the reference propagates the unquantized model.
+- ``search_tokens`` (off by default) re-runs the compared module of the scale search on the first
+  calibration batches only, for long calibration sets; statistics and clip search use every token.
 """
 
 from __future__ import annotations
