@@ -161,6 +161,36 @@ def test_search_tokens_cap_at_or_above_the_calibration_set_changes_nothing():
     assert e_cap < 0.6 * e_rtn, (e_cap, e_rtn)
 
 
+@pytest.mark.parametrize("method", ["awq", "cbq"])
+def test_search_tokens_reaches_the_scale_search(monkeypatch, method):
+    """The cap set on AWQ (or on CBQ's AWQ start) is what the scale search replays: one batch of
+    four sequences with a cap of one token, both batches without a cap."""
+    from slimkit.quant.methods import CBQConfig
+    from slimkit.quant.methods.awq import _ParentInputs
+
+    replayed = []
+    outputs = _ParentInputs.outputs
+
+    def counting(self):
+        replayed.append(len(self.calls))
+        return outputs(self)
+
+    monkeypatch.setattr(_ParentInputs, "outputs", counting)
+    model = tiny_model("llama", layers=2)
+    ids = random_ids(8, 32)  # two batches of four
+    for cap, calls in ((0, 2), (1, 1)):
+        replayed.clear()
+        if method == "awq":
+            cfg = AWQConfig(wbits=3, group_size=32, search_tokens=cap)
+        else:
+            cfg = CBQConfig(
+                wbits=3, group_size=32, epochs=0, rounding="nearest", awq_init=True,
+                awq_search_tokens=cap,
+            )  # fmt: skip
+        quantize(copy.deepcopy(model), cfg, ids)
+        assert replayed and set(replayed) == {calls}, (cap, replayed)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
