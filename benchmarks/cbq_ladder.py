@@ -60,7 +60,17 @@ SETTINGS = {  # name: (label, flags)
     "w4a4": ("W4A4", ["--wbits", "4", "--group-size", "-1", "--abits", "4"]),
 }
 ACT_SETTINGS = ("w4a8", "w4a4")
-BASELINES = ("rtn", "gptq", "awq", "sq-rtn", "gptq-long", "rtn-rot", "gptq-rot", "gptq-long-rot")
+BASELINES = (
+    "rtn",
+    "gptq",
+    "awq",
+    "sq-rtn",
+    "gptq-long",
+    "gptq-64",
+    "rtn-rot",
+    "gptq-rot",
+    "gptq-long-rot",
+)
 NOCFP = ["--no-cfp"]
 ROT = ["--rotate", "random", "--rotate-down", "random"]  # QuaRot-style R1 + R4 front end
 ROT_ROWS = ("rtn-rot", "gptq-rot", "cbq-rot", "gptq-long-rot", "cbq-fast-rot")
@@ -92,7 +102,10 @@ ROWS = {  # name: (label, method, flags)
                        "cbq", ["--awq-init", "--lr-clip", "1e-2", "--awq-search-tokens", "4096"]),
     "cbq-long-awq4k": ("CBQ, default preset, AWQ start (scale search on 4096 tokens), clipping-factor lr 1e-2",
                        "cbq", ["--awq-init", "--lr-clip", "1e-2", "--awq-search-tokens", "4096"]),
+    "cbq-awq4k-64": ("CBQ, 1 epoch, 64 x 512, AWQ start (scale search on 4096 tokens), clipping-factor lr 1e-2",
+                     "cbq", ["--awq-init", "--lr-clip", "1e-2", "--awq-search-tokens", "4096"]),
     "gptq-long": ("GPTQ, 32 x 512 calibration", "gptq", ["--no-static-groups"]),
+    "gptq-64": ("GPTQ, 64 x 512 calibration", "gptq", ["--no-static-groups"]),
     "gptq-long-rot": ("GPTQ, rotated, 32 x 512 calibration", "gptq", ["--no-static-groups", *ROT]),
     "cbq-fast-rot": ("CBQ, rotated, fast preset", "cbq", ["--rounding", "lora", *ROT]),
 }  # fmt: skip
@@ -101,7 +114,11 @@ OVERRIDES = {
     "cbq-fast": ["--epochs", "1", "--n-calib", "32", "--calib-seq-len", "512"],
     "cbq-long": ["--epochs", "2", "--n-calib", "32", "--calib-seq-len", "512"],
     "gptq-long": ["--n-calib", "32", "--calib-seq-len", "512"],
+    "cbq-awq4k-64": ["--epochs", "1", "--n-calib", "64", "--calib-seq-len", "512"],
+    "gptq-64": ["--n-calib", "64", "--calib-seq-len", "512"],
 }
+# the GPTQ row calibrated on the same data as a trained row with its own calibration flags
+SAME_CALIB = {"cbq-awq4k-64": "gptq-64"}
 OVERRIDES["cbq-fast-rot"] = OVERRIDES["cbq-fast-awq"] = OVERRIDES["cbq-fast"]
 OVERRIDES["cbq-fast-awq4k"] = OVERRIDES["cbq-fast"]
 OVERRIDES["cbq-long-awq4k"] = OVERRIDES["cbq-long"]
@@ -140,7 +157,7 @@ def plan(settings: list[str], rows: list[str], seeds: list[int]) -> list[tuple[s
         ["awq", "sq-rtn", "rtn-rot", "gptq-rot", "cbq-rot", "cbq-awq"],
         ["gptq-long-rot", "cbq-fast-rot", "cbq-awq-lrclip"],
         ["k1", "k2", "lora", "cbq-rtninit", "adaround", "cbq-lin", "cbq-lrclip"],
-        ["cbq-long", "cbq-fast-awq", "cbq-fast-awq4k", "cbq-long-awq4k"],
+        ["cbq-long", "cbq-fast-awq", "cbq-fast-awq4k", "cbq-long-awq4k", "gptq-64", "cbq-awq4k-64"],
     ]
     out = [(s, r, seeds[0]) for st in stages for s in settings for r in st if ok(s, r)]
     out += [(s, r, sd) for sd in seeds[1:] for s in settings
@@ -205,6 +222,7 @@ def summarize(results: dict, a) -> str:
             "cbq-fast-awq",
             "cbq-fast-awq4k",
             "cbq-long-awq4k",
+            "cbq-awq4k-64",
         ):
             if r not in means or not baselines:
                 continue
@@ -215,7 +233,7 @@ def summarize(results: dict, a) -> str:
             )
             # the target is judged against the better GPTQ row per corpus (more calibration
             # data does not always help GPTQ here); the same-calibration ratio is shown beside it
-            gptqs = [g for g in ("gptq", "gptq-long") if g in means]
+            gptqs = [g for g in ("gptq", "gptq-long", "gptq-64") if g in means]
             if fp and gptqs and s in ("w4g64", "w4", "w3g64"):
                 fpp = fp["ppl"]
                 best = [
@@ -227,7 +245,7 @@ def summarize(results: dict, a) -> str:
                     + ", ".join(f"{c} {x:.2f}" for c, x in zip(CORPORA, best))
                     + f" (target <= 0.5: {met})"
                 )
-                same = "gptq-long" if r in OVERRIDES and "gptq-long" in means else "gptq"
+                same = SAME_CALIB.get(r, "gptq-long" if r in OVERRIDES else "gptq")
                 if same in means and len(gptqs) > 1:
                     v += (
                         " [vs the GPTQ row with the same calibration: "
