@@ -92,19 +92,21 @@ def mean_std(vals, fmt: str = "{:.2f}") -> str:
 def run_quantize(
     model: str, method: str, flags: list[str], out: Path, *, seed: int, n_calib: int,
     seq_len: int, eval_windows: int, corpora: tuple[str, ...], calib_seq_len: int | None = None,
-    extra: list[str] | None = None, keep_weights: bool = True,
+    extra: list[str] | None = None, keep_weights: bool = True, resume: bool = False,
 ) -> dict:  # fmt: skip
     """One `slimkit quantize` process (calibrated on wiki-offline, evaluated on ``corpora``);
     returns perplexities, quantization seconds, peak RSS and the exact command. With
     ``keep_weights=False`` the run directory keeps its report and logs but not its weights
-    (about 0.6 GB per SmolLM2 run; a ladder of a hundred runs would otherwise fill a disk)."""
+    (about 0.6 GB per SmolLM2 run; a ladder of a hundred runs would otherwise fill a disk).
+    With ``resume=True`` a run whose ``OUT.partial`` a killed process left continues from its
+    last checkpoint (``--resume``; the reported seconds include the checkpointed windows)."""
     import json
 
     cmd = slimkit_cmd(
         "quantize", model, "--method", method, *flags, "--calib", "wiki-offline",
         "--n-calib", str(n_calib), "--calib-seq-len", str(calib_seq_len or seq_len), "--seed", str(seed),
         "--ppl", ",".join(corpora), "--seq-len", str(seq_len), "--max-windows", str(eval_windows),
-        "--out", str(out), "--overwrite", *(extra or []),
+        "--out", str(out), "--overwrite", *(["--resume"] if resume else []), *(extra or []),
     )  # fmt: skip
     t0 = time.time()
     sh(cmd)
@@ -121,6 +123,7 @@ def run_quantize(
         "calib_fingerprint": rep["calib_fingerprint"],
         "eval_fingerprint": {c: rep["eval"][c]["quant"]["eval_fingerprint"] for c in corpora},
         "command": "slimkit " + " ".join(cmd[3:]),
+        **({"resumed_at_window": rep["resumed_at_window"]} if rep.get("resumed_at_window") else {}),
     }
 
 

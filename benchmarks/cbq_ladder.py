@@ -141,6 +141,7 @@ def run(setting: str, row: str, seed: int, a) -> dict:
         MODEL, method, flags, CACHE / "runs" / f"{setting}-{row}-s{seed}", seed=seed,
         n_calib=a.n_calib, seq_len=a.seq_len, eval_windows=a.eval_windows, corpora=CORPORA,
         calib_seq_len=a.calib_seq_len, extra=OVERRIDES.get(row, []), keep_weights=a.keep_weights,
+        resume=a.resume,
     )  # fmt: skip
 
 
@@ -365,6 +366,13 @@ def main() -> None:
         action="store_true",
         help="keep each run's quantized weights under benchmarks/.cache/cbq/runs (0.6 GB a run; "
         "by default only reports and logs are kept)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each run a stopped invocation left unfinished from its last checkpoint "
+        "(without it such a run starts over); its seconds include the checkpointed windows and "
+        "its entry records the window it resumed at",
     )
     a = p.parse_args()
     settings, rows = a.settings.split(","), a.rows.split(",")

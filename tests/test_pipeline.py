@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -105,14 +106,20 @@ def test_resume_after_crash_gives_identical_weights(tmp_path, monkeypatch, metho
     ids = random_ids(6, 16)
     cfg = config_class(method)(wbits=3, group_size=16, batch_size=2)
     base = tiny_model("llama", layers=4)
-    full, _ = quantize(copy.deepcopy(base), cfg, ids)
+    full, full_rep = quantize(copy.deepcopy(base), cfg, ids)
 
     with monkeypatch.context() as mp:
         crash_on_call(mp, METHODS.get(method), "on_window", 3)
         with pytest.raises(Crash):
             quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path)
-    assert (tmp_path / "progress.json").is_file()
-    resumed, _ = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path, resume=True)
+    prog = json.loads((tmp_path / "progress.json").read_text())
+    assert prog["next_window"] == 2 and 0 < prog["elapsed_seconds"] < 600
+    # the killed process's checkpointed time counts in the resumed run's seconds
+    prog["elapsed_seconds"] = 1000.0
+    (tmp_path / "progress.json").write_text(json.dumps(prog))
+    resumed, rep = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path, resume=True)
+    assert rep["resumed_at_window"] == 2 and 1000 < rep["seconds"] < 1600
+    assert full_rep["resumed_at_window"] is None and full_rep["seconds"] < 600
     a, b = _gptq_weights(full), _gptq_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = full._slimkit_quant["records"], resumed._slimkit_quant["records"]

@@ -34,7 +34,9 @@ def run_blockwise(
     report = {
         "method": name,
         "scheme": config.scheme(),
-        "seconds": time.time() - t0,
+        # a resumed run counts the windows its checkpoint kept (not the work lost in the kill)
+        "seconds": time.time() - t0 + pipe.prior_seconds,
+        "resumed_at_window": pipe.resumed_at,
         "peak_rss_gb": peak_rss_gb(),
         "n_calib_samples": int(calib.shape[0]),
         "calib_seq_len": int(calib.shape[1]),

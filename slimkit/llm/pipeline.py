@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +204,11 @@ class BlockwisePipeline:
     ):
         self.model = model
         self.identity = identity or {}  # what must match for a checkpoint to be resumed
+        # compute time of the checkpointed windows of earlier (killed) processes, and the window
+        # this process resumed at (None: started from scratch)
+        self.prior_seconds = 0.0
+        self.resumed_at: int | None = None
+        self._t_start = time.time()
         self.opts = options or PipelineOptions()
         if self.opts.offload not in OFFLOAD_MODES:
             raise SlimkitError(
@@ -405,6 +411,7 @@ class BlockwisePipeline:
         start = 0
         if resume and self.checkpoint_dir and (self.checkpoint_dir / "progress.json").is_file():
             start, inputs_q, inputs_fp = self._load_checkpoint(method)
+            self.resumed_at = start
             self.capture(kwargs_only=True)
             log.info("resuming at window %d/%d", start + 1, len(self.plan))
         else:
@@ -510,6 +517,7 @@ class BlockwisePipeline:
                 "n_samples": self.n_total,
                 "world_size": dist.world_size(),
                 "identity": self.identity,
+                "elapsed_seconds": self.prior_seconds + time.time() - self._t_start,
             }
             tmp = d / "progress.json.tmp"
             tmp.write_text(json.dumps(prog))
@@ -547,6 +555,7 @@ class BlockwisePipeline:
                     "rerun without --resume to start over"
                 )
         start = prog["next_window"]
+        self.prior_seconds = float(prog.get("elapsed_seconds", 0.0))
         touched = sorted({b for w in self.plan[:start] for b in w[0]})
         for b in touched:
             tensors, meta = _load(d / f"block_{b:04d}.safetensors")
