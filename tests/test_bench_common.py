@@ -77,6 +77,20 @@ def test_cbq_ladder_gap_target_is_judged_against_the_better_gptq_row():
     assert "| W4A16 g64 | CBQ, fast preset (1 epoch, 32 x 512) | 2 | 11.00 ± 0.71 |" in "\n".join(
         text
     )
+    # GPTQ on 64 x 512 is a baseline, takes part in "best" and is the 64 x 512 row's own GPTQ
+    results["w4g64-gptq-64-s0"] = run(13.0, 30.0)
+    results["w4g64-cbq-awq4k-64-s0"] = run(11.0, 22.0)
+
+    def verdict():
+        text = cbq_ladder.summarize(results, a).splitlines()
+        (line,) = [ln for ln in text if ln.startswith("- W4A16 g64, CBQ, 1 epoch, 64 x 512")]
+        return line
+
+    assert "below every baseline (gptq, gptq-long, gptq-64)" in verdict()
+    assert "best GPTQ row's gap: wiki-offline 0.50, bbc-news 0.50" in verdict()
+    assert "same calibration: wiki-offline 0.33, bbc-news 0.20]" in verdict()
+    results["w4g64-gptq-64-s0"] = run(11.5, 30.0)  # now the best GPTQ row on wiki-offline
+    assert "best GPTQ row's gap: wiki-offline 0.67, bbc-news 0.50" in verdict()
 
 
 def test_cbq_ladder_fast_row_runs_the_fast_preset():
