@@ -120,3 +120,37 @@ def test_cbq_ladder_plan_puts_each_baseline_where_it_applies():
     firsts = [i for i, (_, _, sd) in enumerate(p) if sd == 0]
     assert max(firsts) < min(i for i, (_, _, sd) in enumerate(p) if sd == 1)
     assert "awq" in cbq_ladder.BASELINES
+
+
+def test_cbq_ladder_lowest_cbq_row_needs_three_seeds_and_beats_each_corpus_baseline():
+    """The per-setting pick is the CBQ row with the lowest geometric mean among rows with 3
+    seeds; it is judged against the lowest baseline of each corpus separately."""
+    from types import SimpleNamespace
+
+    import cbq_ladder
+
+    def run(wiki, bbc):
+        return {"ppl": {"wiki-offline": wiki, "bbc-news": bbc}, "seconds": 1.0, "peak_rss_gb": 1.0}
+
+    results = {"fp32": {"ppl": {"wiki-offline": 10.0, "bbc-news": 20.0}}}
+    for sd in range(3):
+        results[f"w3g64-gptq-s{sd}"] = run(14.0, 30.0)
+        results[f"w3g64-awq-s{sd}"] = run(16.0, 24.0)  # the lowest baseline on bbc-news
+        results[f"w3g64-cbq-s{sd}"] = run(12.0, 26.0)  # geometric mean 17.7
+        results[f"w3g64-cbq-fast-s{sd}"] = run(13.0, 23.0)  # 17.3: the pick
+        results[f"w3g64-k2-s{sd}"] = run(10.5, 21.0)  # a ladder step, not a CBQ row
+    results["w3g64-cbq-long-s0"] = run(11.0, 21.0)  # lowest, but one seed
+    a = SimpleNamespace(n_calib=16, calib_seq_len=256, epochs=1, eval_windows=20, seq_len=512)
+
+    def line():
+        text = cbq_ladder.summarize(results, a).splitlines()
+        (ln,) = [x for x in text if x.startswith("- W3A16 g64: ")]
+        return ln
+
+    assert line() == (
+        "- W3A16 g64: CBQ, fast preset (1 epoch, 32 x 512) (n=3) 13.00 / 23.00; lowest baseline "
+        "per corpus 14.00 (GPTQ) / 24.00 (AWQ): below on both corpora: yes"
+    )
+    for sd in range(3):
+        results[f"w3g64-awq-s{sd}"] = run(16.0, 22.5)
+    assert line().endswith("22.50 (AWQ): below on both corpora: NO")
