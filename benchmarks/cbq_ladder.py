@@ -224,13 +224,13 @@ def summarize(results: dict, a) -> str:
                 f"{mean_std([x['peak_rss_gb'] for x in runs])} |"
             )
         baselines = {r: m for r, m in means.items() if r in BASELINES}
-        best = best_cbq_row(means, counts)
-        if best and baselines:
+        pick = best_cbq_row(means, counts)
+        if pick and baselines:
             low = {c: min(baselines, key=lambda b: baselines[b][c]) for c in CORPORA}
-            below = all(means[best][c] < baselines[low[c]][c] for c in CORPORA)
+            below = all(means[pick][c] < baselines[low[c]][c] for c in CORPORA)
             best_rows.append(
-                f"- {slabel}: {ROWS[best][0]} (n={counts[best]}) "
-                + " / ".join(f"{means[best][c]:.2f}" for c in CORPORA)
+                f"- {slabel}: {ROWS[pick][0]} (n={counts[pick]}) "
+                + " / ".join(f"{means[pick][c]:.2f}" for c in CORPORA)
                 + "; lowest baseline per corpus "
                 + " / ".join(f"{baselines[low[c]][c]:.2f} ({ROWS[low[c]][0]})" for c in CORPORA)
                 + f": below on both corpora: {'yes' if below else 'NO'}"
