@@ -118,12 +118,26 @@ OVERRIDES = {
     "cbq-awq4k-64": ["--epochs", "1", "--n-calib", "64", "--calib-seq-len", "512"],
     "gptq-64": ["--n-calib", "64", "--calib-seq-len", "512"],
 }
-# the GPTQ row calibrated on the same data as a trained row with its own calibration flags
-SAME_CALIB = {"cbq-awq4k-64": "gptq-64"}
 OVERRIDES["cbq-fast-rot"] = OVERRIDES["cbq-fast-awq"] = OVERRIDES["cbq-fast"]
 OVERRIDES["cbq-fast-awq4k"] = OVERRIDES["cbq-fast"]
 OVERRIDES["cbq-long-awq4k"] = OVERRIDES["cbq-long"]
 OVERRIDES["gptq-long-rot"] = OVERRIDES["gptq-long"]
+
+
+GPTQ_ROWS = ("gptq", "gptq-long", "gptq-64")
+
+
+def calibration_of(row: str) -> tuple[str, str]:
+    """The row's --n-calib / --calib-seq-len overrides ("" where it keeps the ladder's own)."""
+    flags = OVERRIDES.get(row, [])
+    return tuple(
+        flags[flags.index(f) + 1] if f in flags else "" for f in ("--n-calib", "--calib-seq-len")
+    )
+
+
+def same_calibration_gptq(row: str) -> str | None:
+    """The GPTQ row calibrated on the same windows as ``row``, if the ladder has one."""
+    return next((g for g in GPTQ_ROWS if calibration_of(g) == calibration_of(row)), None)
 
 
 def runs_of(results: dict, setting: str, row: str) -> list[dict]:
@@ -257,7 +271,7 @@ def summarize(results: dict, a) -> str:
             )
             # the target is judged against the better GPTQ row per corpus (more calibration
             # data does not always help GPTQ here); the same-calibration ratio is shown beside it
-            gptqs = [g for g in ("gptq", "gptq-long", "gptq-64") if g in means]
+            gptqs = [g for g in GPTQ_ROWS if g in means]
             if fp and gptqs and s in ("w4g64", "w4", "w3g64"):
                 fpp = fp["ppl"]
                 best = [
@@ -269,7 +283,7 @@ def summarize(results: dict, a) -> str:
                     + ", ".join(f"{c} {x:.2f}" for c, x in zip(CORPORA, best))
                     + f" (target <= 0.5: {met})"
                 )
-                same = SAME_CALIB.get(r, "gptq-long" if r in OVERRIDES else "gptq")
+                same = same_calibration_gptq(r)
                 if same in means and len(gptqs) > 1:
                     v += (
                         " [vs the GPTQ row with the same calibration: "
