@@ -75,7 +75,7 @@ class RunDir:
 
     def __init__(self, out: str | Path, *, resume: bool = False, overwrite: bool = False):
         self.final = Path(out)
-        self.path = self.final.with_name(self.final.name + ".partial")
+        self.path = self.partial_of(out)
         self.resumed = False
         if self.final.exists() and not overwrite:
             raise SlimkitError(
@@ -95,6 +95,12 @@ class RunDir:
             log.setLevel(logging.DEBUG)
         log.addHandler(self._handler)
         log.info("run directory %s (resumed=%s)", self.path, self.resumed)
+
+    @staticmethod
+    def partial_of(out: str | Path) -> Path:
+        """Where a run writes before it is complete (``OUT.partial``)."""
+        final = Path(out)
+        return final.with_name(final.name + ".partial")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -15,10 +15,8 @@ averaged by DDP, and only rank 0 writes.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +25,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slimkit.core import dist
-from slimkit.core.config import save_yaml, to_dict
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
-from slimkit.core.rundir import RunDir, peak_rss_gb, save_checkpoint, versions, write_json
 from slimkit.kd.distiller import Distiller
 from slimkit.kd.losses import LOSSES, LossSettings, parse_losses, total_loss
+from slimkit.train import LoopOptions, Trainer, TrainTask
 from slimkit.vision.data import ImageData, load_images, random_shift, stratified_subset
 from slimkit.vision.models import create_model
 
@@ -184,176 +181,191 @@ def evaluate(model: nn.Module, ds, batch_size: int = 256) -> dict:
     return {"top1": 100 * correct1 / len(y), "top5": 100 * correct5 / len(y)}
 
 
-def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
-                 command: str = "") -> dict:  # fmt: skip
-    """Train (``TrainConfig``) or distil (``DistillConfig``) into the run directory ``out``."""
-    is_kd = isinstance(cfg, DistillConfig)
-    data = load_images(cfg.data, cfg.img_size)
-    x_all, y_all = data.train.tensors
-    if cfg.train_subset:
-        if cfg.train_subset > len(y_all):
-            raise SlimkitError(
-                f"--train-subset {cfg.train_subset} exceeds the {len(y_all)} training images"
-            )
-        idx = torch.from_numpy(stratified_subset(y_all.numpy(), cfg.train_subset))
-        x_all, y_all = x_all[idx], y_all[idx]
-    rank0 = dist.rank() == 0
-    rd = RunDir(out, resume=resume, overwrite=overwrite) if rank0 else None
-    torch.manual_seed(cfg.seed)
-    student = create_model(cfg.arch, num_classes=data.num_classes, in_chans=data.in_chans,
-                           img_size=cfg.img_size, pretrained=cfg.pretrained,
-                           checkpoint=cfg.init or None)  # fmt: skip
-    losses = parse_losses(cfg.loss) if is_kd else {"ce": 1.0}
-    teacher = (
-        _teacher(cfg, data) if is_kd and any(LOSSES.meta(n)["teacher"] for n in losses) else None
-    )
-    settings = cfg.settings() if is_kd else LossSettings(label_smoothing=cfg.label_smoothing)
-    settings.label_smoothing = cfg.label_smoothing
-    distiller = Distiller(student, teacher, losses, data.num_classes, data.in_chans, cfg.img_size)
-    device = dist.resolve_device(cfg.device)
-    distiller.to(device)
-    model: nn.Module = distiller
-    if dist.is_dist():
-        model = nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    n = len(y_all)
-    steps = max(n // cfg.batch_size, 1)  # drop the last partial batch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
-    ema = copy.deepcopy(student).eval() if cfg.ema else None
-    mixer = None
-    if cfg.mixup or cfg.cutmix:
-        from timm.data import Mixup
+class ClassifierTask(TrainTask):
+    """Cross-entropy training (``TrainConfig``) or distillation (``DistillConfig``) of a timm
+    model, one epoch = ``len(train) // batch_size`` optimizer steps (the last partial batch is
+    dropped). Each epoch's data order and augmentation come from a generator seeded with
+    (seed, epoch); at the end of every epoch the evaluated model (the EMA if kept) is scored on
+    the test split and a checkpoint is written."""
 
-        mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
-                      label_smoothing=cfg.label_smoothing, num_classes=data.num_classes)  # fmt: skip
-    cached_t = None
-    if teacher is not None and cfg.shift == 0 and mixer is None and not distiller.need_hints:
-        cached_t = torch.cat(
-            [
-                distiller.teacher_logits(x_all[i : i + 512].to(device)).cpu()
-                for i in range(0, n, 512)
-            ]
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg, self.kind = (
+            cfg,
+            "distill" if isinstance(cfg, DistillConfig) else "train-classifier",
         )
-        log.info("teacher logits cached for %d training images (no augmentation)", n)
-    history: list[dict] = []
-    start = 0
-    ckpt = rd.checkpoint_dir / "last.pt" if rd else None
-    if resume and dist.is_dist():
-        raise SlimkitError("resume a torchrun job as a single process, or restart it")
-    if rd and rd.resumed and ckpt.is_file():
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)
-        distiller.load_state_dict(st["distiller"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        if ema is not None:
-            ema.load_state_dict(st["ema"])
-        history, start = st["history"], st["epoch"]
-        log.info("resumed after epoch %d", start)
-    world, r = dist.world_size(), dist.rank()
-    if cfg.batch_size % world:
-        raise SlimkitError(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
-    t0 = time.time()
-    for epoch in range(start, cfg.epochs):
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g)
-        model.train()
-        tot, parts_sum = 0.0, {}
-        for s in range(steps):
-            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            x, y = x_all[idx], y_all[idx]
-            x = random_shift(x, cfg.shift, g)
-            t_logits = cached_t[idx] if cached_t is not None else None
-            if mixer is not None:
-                import numpy as np
-
-                torch.manual_seed(cfg.seed * 100_003 + epoch * 1000 + s)  # mixup draws from the
-                np.random.seed((cfg.seed * 100_003 + epoch * 1000 + s) % 2**32)  # global RNGs
-                x, y = mixer(x, y)
-            sl = slice(r * len(idx) // world, (r + 1) * len(idx) // world)
-            t_sl = None if t_logits is None else t_logits[sl].to(device)
-            b = model(x[sl].to(device), y[sl].to(device), t_sl)
-            loss, parts = total_loss(losses, b, settings)
-            if not torch.isfinite(loss):
+        is_kd = isinstance(cfg, DistillConfig)
+        self.data = data = load_images(cfg.data, cfg.img_size)
+        x_all, y_all = data.train.tensors
+        if cfg.train_subset:
+            if cfg.train_subset > len(y_all):
                 raise SlimkitError(
-                    f"non-finite loss at epoch {epoch + 1} step {s + 1} ({parts}); lower --lr, --ofa-gamma or --ofa-branch-weight"
+                    f"--train-subset {cfg.train_subset} exceeds the {len(y_all)} training images"
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for pe, ps in zip(ema.state_dict().values(), student.state_dict().values()):
-                        if pe.is_floating_point():
-                            pe.mul_(cfg.ema).add_(ps.detach(), alpha=1 - cfg.ema)
-                        else:
-                            pe.copy_(ps)
-            tot += float(loss.detach())
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v
-        evaluated = ema if ema is not None else student
-        acc = evaluate(evaluated, data.test)
-        rec = {"epoch": epoch + 1, "loss": tot / steps, **{f"loss_{k}": v / steps for k, v in parts_sum.items()},
-               **acc, "lr": sched.get_last_lr()[0]}  # fmt: skip
-        history.append(rec)
-        if rank0:
-            eta = (time.time() - t0) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
-            log.info("epoch %d/%d loss %.4f top1 %.2f top5 %.2f (ETA %.0f s)", epoch + 1, cfg.epochs,
-                     rec["loss"], acc["top1"], acc["top5"], eta)  # fmt: skip
-            save_checkpoint(ckpt, {"distiller": distiller.state_dict(), "opt": opt.state_dict(),
-                                    "sched": sched.state_dict(), "ema": ema.state_dict() if ema else None,
-                                    "history": history, "epoch": epoch + 1})  # fmt: skip
-    report = {}
-    if rank0:
-        final = ema if ema is not None else student
+            idx = torch.from_numpy(stratified_subset(y_all.numpy(), cfg.train_subset))
+            x_all, y_all = x_all[idx], y_all[idx]
+        self.x_all, self.y_all, self.n = x_all, y_all, len(y_all)
+        world = dist.world_size()
+        if cfg.batch_size % world:
+            raise SlimkitError(
+                f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks"
+            )
+        torch.manual_seed(cfg.seed)
+        self.student = create_model(cfg.arch, num_classes=data.num_classes, in_chans=data.in_chans,
+                                    img_size=cfg.img_size, pretrained=cfg.pretrained,
+                                    checkpoint=cfg.init or None)  # fmt: skip
+        self.losses = parse_losses(cfg.loss) if is_kd else {"ce": 1.0}
+        teacher = (
+            _teacher(cfg, data)
+            if is_kd and any(LOSSES.meta(n)["teacher"] for n in self.losses)
+            else None
+        )
+        self.settings = cfg.settings() if is_kd else LossSettings()
+        self.settings.label_smoothing = cfg.label_smoothing
+        self.model = Distiller(self.student, teacher, self.losses, data.num_classes,
+                               data.in_chans, cfg.img_size).to(device)  # fmt: skip
+        self.ema_of = self.student
+        self.device = device
+        self.steps_per_epoch = max(self.n // cfg.batch_size, 1)
+        self.mixer = None
+        if cfg.mixup or cfg.cutmix:
+            from timm.data import Mixup
+
+            self.mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                               label_smoothing=cfg.label_smoothing, num_classes=data.num_classes)  # fmt: skip
+        self.cached_t = None
+        if (
+            teacher is not None
+            and cfg.shift == 0
+            and self.mixer is None
+            and not self.model.need_hints
+        ):
+            self.cached_t = torch.cat(
+                [
+                    self.model.teacher_logits(x_all[i : i + 512].to(device)).cpu()
+                    for i in range(0, self.n, 512)
+                ]
+            )
+            log.info("teacher logits cached for %d training images (no augmentation)", self.n)
+        self.history: list[dict] = []
+        self.gen: torch.Generator | None = None
+        self.order: torch.Tensor | None = None
+        self._epoch_sums: dict[str, float] = {}
+
+    def optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, self.steps_per_epoch))
+
+    def micro_batches(self, step: int) -> list:
+        cfg = self.cfg
+        epoch, s = divmod(step, self.steps_per_epoch)
+        if s == 0:  # (a resumed run restores the generator and order of its epoch)
+            self.gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            self.order = torch.randperm(self.n, generator=self.gen)
+        self.model.train()
+        idx = self.order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+        x, y = self.x_all[idx], self.y_all[idx]
+        x = random_shift(x, cfg.shift, self.gen)
+        t_logits = self.cached_t[idx] if self.cached_t is not None else None
+        if self.mixer is not None:
+            import numpy as np
+
+            torch.manual_seed(cfg.seed * 100_003 + epoch * 1000 + s)  # mixup draws from the
+            np.random.seed((cfg.seed * 100_003 + epoch * 1000 + s) % 2**32)  # global RNGs
+            x, y = self.mixer(x, y)
+        world, r = dist.world_size(), dist.rank()
+        sl = slice(r * len(idx) // world, (r + 1) * len(idx) // world)
+        t_sl = None if t_logits is None else t_logits[sl].to(self.device)
+        return [(x[sl].to(self.device), y[sl].to(self.device), t_sl)]
+
+    def loss(self, micro) -> tuple[torch.Tensor, dict]:
+        return total_loss(self.losses, self.model(*micro), self.settings)
+
+    def after_step(self, step: int, rec: dict, trainer: Trainer) -> bool:
+        for k, v in rec.items():
+            if k == "loss" or k.startswith("loss_"):
+                self._epoch_sums[k] = self._epoch_sums.get(k, 0.0) + v
+        epoch, s = divmod(step, self.steps_per_epoch)
+        if s + 1 < self.steps_per_epoch:
+            return False
+        spe, sums, self._epoch_sums = self.steps_per_epoch, self._epoch_sums, {}
+        evaluated = trainer.ema if trainer.ema is not None else self.student
+        acc = evaluate(evaluated, self.data.test)
+        self.history.append({"epoch": epoch + 1, **{k: v / spe for k, v in sums.items()}, **acc,
+                             "lr": trainer.sched.get_last_lr()[0]})  # fmt: skip
+        eta = (
+            rec["seconds"] / (len(self.history) - self._first_epoch) * (self.cfg.epochs - epoch - 1)
+        )
+        log.info("epoch %d/%d loss %.4f top1 %.2f top5 %.2f (ETA %.0f s)", epoch + 1,
+                 self.cfg.epochs, self.history[-1]["loss"], acc["top1"], acc["top5"], eta)  # fmt: skip
+        return True
+
+    _first_epoch = 0
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "epoch_sums": self._epoch_sums,
+                "gen": self.gen.get_state() if self.gen is not None else None,
+                "order": self.order}  # fmt: skip
+
+    def load_state_dict(self, st: dict) -> None:
+        self.history, self._epoch_sums = list(st["history"]), dict(st["epoch_sums"])
+        self._first_epoch = len(self.history)
+        self.order = st["order"]
+        self.gen = None
+        if st["gen"] is not None:
+            self.gen = torch.Generator()
+            self.gen.set_state(st["gen"])
+
+    def finish(self, path: Path | None, trainer: Trainer) -> dict:
+        if path is None:
+            return {}
+        final = trainer.ema if trainer.ema is not None else self.student
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in final.state_dict().items()},
-            str(rd.path / "model.safetensors"),
+            str(path / "model.safetensors"),
         )
-        save_yaml(to_dict(cfg), rd.path / "config.yaml")
+        history, data = self.history, self.data
         best = max(history, key=lambda h: h["top1"])
-        report = {
-            "kind": "distill" if is_kd else "train-classifier",
-            "command": command,
-            "data": {
-                "name": data.name,
-                "train_images": n,
-                "test_images": len(data.test),
-                "classes": data.num_classes,
-            },
-            "losses": losses,
-            "global_batch": cfg.batch_size,
-            "world_size": world,
+        log.info("last top1 %.2f, best top1 %.2f (epoch %d)", history[-1]["top1"], best["top1"],
+                 best["epoch"])  # fmt: skip
+        return {
+            "kind": self.kind,
+            "data": {"name": data.name, "train_images": self.n, "test_images": len(data.test),
+                     "classes": data.num_classes},  # fmt: skip
+            "losses": self.losses,
+            "global_batch": self.cfg.batch_size,
             "last": history[-1],
             "best": best,
             "history": history,
-            "student_parameters": sum(p.numel() for p in student.parameters()),
+            "headline": {"top-1 (last epoch, %)": history[-1]["top1"],
+                         "top-1 (best epoch, %)": best["top1"], "best epoch": best["epoch"]},
+            "protocol": f"top-1 / top-5 on the {len(data.test)} test images of {data.name} "
+                        "after every epoch (the EMA weights when kept)",
+            "student_parameters": sum(p.numel() for p in self.student.parameters()),
             "training_only_parameters": sum(
                 p.numel()
-                for n_, p in distiller.named_parameters()
+                for n_, p in self.model.named_parameters()
                 if n_.startswith(("branches", "connectors"))
-            ),  # fmt: skip
-            "seconds": time.time() - t0,
-            "device": str(device),
-            "peak_rss_gb": peak_rss_gb(),
-            "versions": versions(),
-        }
-        write_json(rd.path / "report.json", report)
-        report["out"] = str(rd.commit())
-        log.info("wrote %s: last top1 %.2f, best top1 %.2f (epoch %d)", report["out"],
-                 history[-1]["top1"], best["top1"], best["epoch"])  # fmt: skip
-    dist.barrier()
-    return report
+            ),
+        }  # fmt: skip
+
+
+def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
+                 command: str = "") -> dict:  # fmt: skip
+    """Train (``TrainConfig``) or distil (``DistillConfig``) into the run directory ``out``."""
+    device = dist.resolve_device(cfg.device)
+    task = ClassifierTask(cfg, device)
+    opt, sched = task.optimizer()
+    options = LoopOptions(total_steps=cfg.epochs * task.steps_per_epoch, clip_grad=cfg.clip_grad,
+                          ema=cfg.ema)  # fmt: skip
+    return Trainer(task, opt, sched, options, device=device, out=out, config=cfg, resume=resume,
+                   overwrite=overwrite, command=command).fit()  # fmt: skip
 
 
 def train_classifier(cfg: TrainConfig, **kw) -> dict:

@@ -7,7 +7,7 @@ the batches an uninterrupted run sees. Evaluation: GPTQ-protocol perplexity on t
 ``eval_windows`` windows of the validation split.
 
 Under ``torchrun`` each rank takes an equal slice of every global batch (gloo on CPU, nccl on
-GPU); DDP averages gradients, so the loss curve matches one process with the same global batch.
+GPU); the shared trainer averages gradients, so the loss curve matches one process with the same global batch.
 Only rank 0 writes.
 """
 
@@ -25,14 +25,13 @@ import torch
 from torch import nn
 
 from slimkit.core import dist
-from slimkit.core.config import save_yaml, to_dict
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
-from slimkit.core.rundir import RunDir, peak_rss_gb, save_checkpoint, versions, write_json
 from slimkit.data.text import _tokenize, eval_windows, load_documents
 from slimkit.llm.evaluate import perplexity
 from slimkit.llm.models import cache_dir
 from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
+from slimkit.train import LoopOptions, Trainer, TrainTask
 
 log = logging.getLogger("slimkit")
 ARCHS = ("pangu-pi", "llama")
@@ -252,131 +251,125 @@ def draw_next_round(
     return drawn.tolist()
 
 
-def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
-             command: str = "") -> dict:  # fmt: skip
-    from transformers import AutoModelForCausalLM
+class LMTask(TrainTask):
+    """Next-token training of a causal LM on a packed token stream, with PanGu-π's multi-round
+    sampling: after the first round's ``steps`` batches, every later round re-draws ``keep`` x
+    steps of them by softmax(loss) under the current model."""
 
-    tok = load_tokenizer(cfg.init or cfg.tokenizer)
-    stream = token_stream(tok, cfg.data, "train")
-    if len(stream) < cfg.seq_len + 2:
-        raise SlimkitError(f"{cfg.data} has only {len(stream)} training tokens")
-    val = eval_windows(tok, cfg.data, cfg.seq_len, max_windows=cfg.eval_windows, split="validation")
-    rank0 = dist.rank() == 0
-    rd = RunDir(out, resume=resume, overwrite=overwrite) if rank0 else None
-    torch.manual_seed(cfg.seed)
-    if cfg.init:
-        from slimkit.llm.models import resolve_model_path
+    kind = "train-lm"
 
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(cfg.init), dtype=torch.float32
-        )
-    else:
-        model = PanguPiForCausalLM(cfg.model_config(len(tok), tok))
-    device = dist.resolve_device(cfg.device)
-    model.to(device).train()
-    wrapped = (
-        nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-        if dist.is_dist()
-        else model
-    )
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))  # fmt: skip
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _round_schedule(cfg))
-    bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
-    history: list[dict] = []
-    evals: list[dict] = []
-    start = 0
-    plan = list(range(cfg.steps))  # batch ids, step by step; later rounds are appended
-    ckpt = rd.checkpoint_dir / "last.pt" if rd else None
-    if resume and dist.is_dist():
-        raise SlimkitError("resume a torchrun job as a single process, or restart it")
-    if rd and rd.resumed and ckpt.is_file():
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        history, evals, start, plan = st["history"], st["evals"], st["step"], st["plan"]
-        log.info("resumed after step %d", start)
-    world, r = dist.world_size(), dist.rank()
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise SlimkitError(
-            f"--batch-size must be divisible by ranks x --grad-accum ({world} x {cfg.grad_accum})"
-        )
-    n_params = sum(p.numel() for p in model.parameters())
-    total_steps = cfg.total_steps()
-    t0, tokens_done, step_seconds = time.time(), 0, 0.0
-    for step in range(start, total_steps):
-        ts = time.perf_counter()
-        if step == len(plan):  # a round ended: draw the next one
-            plan += draw_next_round(
-                model, stream, cfg, 1 + (step - cfg.steps) // cfg.round_steps() + 1, device
+    def __init__(self, cfg: LMTrainConfig, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.device = cfg, device
+        world = dist.world_size()
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise SlimkitError(
+                f"--batch-size must be divisible by ranks x --grad-accum ({world} x {cfg.grad_accum})"
             )
-        round_no = 1 if step < cfg.steps else 2 + (step - cfg.steps) // cfg.round_steps()
-        batch = batch_at(stream, plan[step], cfg)
-        mine = batch[r * cfg.batch_size // world : (r + 1) * cfg.batch_size // world].to(device)
-        micro = mine.chunk(cfg.grad_accum)
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for i, mb in enumerate(micro):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = lm_loss(wrapped, mb) / len(micro)
-            if dist.is_dist() and i < len(micro) - 1:
-                with wrapped.no_sync():
-                    loss.backward()
-            else:
-                loss.backward()
-            total += float(loss.detach())
-        if not torch.isfinite(torch.tensor(total)):
-            raise SlimkitError(f"non-finite loss at step {step + 1}; lower --lr")
-        if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        lr_used = sched.get_last_lr()[0]  # the learning rate of this step
-        opt.step()
-        sched.step()
-        loss_all = dist.all_reduce_sum(torch.tensor([total])).item() / world
-        tokens_done += cfg.batch_size * cfg.seq_len
-        history.append({"step": step + 1, "round": round_no, "loss": loss_all, "lr": lr_used})
-        step_seconds += time.perf_counter() - ts
-        done = step + 1
+        self.tok = tok = load_tokenizer(cfg.init or cfg.tokenizer)
+        self.stream = token_stream(tok, cfg.data, "train")
+        if len(self.stream) < cfg.seq_len + 2:
+            raise SlimkitError(f"{cfg.data} has only {len(self.stream)} training tokens")
+        self.val = eval_windows(tok, cfg.data, cfg.seq_len, max_windows=cfg.eval_windows,
+                                split="validation")  # fmt: skip
+        torch.manual_seed(cfg.seed)
+        if cfg.init:
+            from slimkit.llm.models import resolve_model_path
+
+            model = AutoModelForCausalLM.from_pretrained(
+                resolve_model_path(cfg.init), dtype=torch.float32
+            )
+        else:
+            model = PanguPiForCausalLM(cfg.model_config(len(tok), tok))
+        self.model = model.to(device).train()
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.plan = list(range(cfg.steps))  # batch ids, step by step; later rounds are appended
+
+    def optimizer(self):
+        cfg, model = self.cfg, self.model
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))  # fmt: skip
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, _round_schedule(cfg))
+
+    def _round(self, step: int) -> int:
+        cfg = self.cfg
+        return 1 if step < cfg.steps else 2 + (step - cfg.steps) // cfg.round_steps()
+
+    def micro_batches(self, step: int) -> list:
+        cfg = self.cfg
+        if step == len(self.plan):  # a round ended: draw the next one
+            self.plan += draw_next_round(
+                self.model, self.stream, cfg, self._round(step), self.device
+            )
+        batch = batch_at(self.stream, self.plan[step], cfg)
+        world, r = dist.world_size(), dist.rank()
+        mine = batch[r * cfg.batch_size // world : (r + 1) * cfg.batch_size // world]
+        return list(mine.to(self.device).chunk(cfg.grad_accum))
+
+    def loss(self, micro) -> tuple[torch.Tensor, dict]:
+        return lm_loss(self.model, micro), {}
+
+    def after_step(self, step: int, rec: dict, trainer: Trainer) -> bool:
+        cfg, done = self.cfg, step + 1
+        round_no = self._round(step)
+        self.history.append({"step": done, "round": round_no, "loss": rec["loss"], "lr": rec["lr"]})
         round_end = done == cfg.steps or (
             done > cfg.steps and (done - cfg.steps) % cfg.round_steps() == 0
         )
-        if rank0 and (done % cfg.eval_every == 0 or round_end):
-            ppl = perplexity(model, val, batch_size=4, device=device)
-            model.train()
-            evals.append({"step": done, "round": round_no, "val_ppl": ppl["ppl"]})
-            el = time.time() - t0
-            log.info("step %d/%d (round %d) loss %.4f val ppl %.2f | %.0f tok/s, ETA %.0f s", done, total_steps,
-                     round_no, loss_all, ppl["ppl"], tokens_done / el, el / (done - start) * (total_steps - done))  # fmt: skip
-        if rank0 and (done % cfg.checkpoint_every == 0 and done < total_steps):
-            save_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                   "history": history, "evals": evals, "step": done, "plan": plan})  # fmt: skip
-    report = {}
-    if rank0:
-        model.save_pretrained(rd.path)
-        tok.save_pretrained(rd.path)
-        save_yaml(to_dict(cfg), rd.path / "config.yaml")
-        secs = time.time() - t0
-        report = {
-            "kind": "train-lm", "command": command, "parameters": n_params,
-            "tokens": (total_steps - start) * cfg.batch_size * cfg.seq_len, "rounds": cfg.rounds, "tokens_per_second": tokens_done / secs,
-            "step_tokens_per_second": tokens_done / max(step_seconds, 1e-9),
-            "final_val_ppl": evals[-1]["val_ppl"], "evals": evals, "plan": plan, "history": history,
-            "validation": {"corpus": cfg.data, "split": "validation", "windows": int(val.shape[0]), "seq_len": cfg.seq_len},
-            "global_batch_tokens": cfg.batch_size * cfg.seq_len, "world_size": world,
-            "seconds": secs, "peak_rss_gb": peak_rss_gb(), "versions": versions(),
-        }  # fmt: skip
-        write_json(rd.path / "report.json", report)
-        report["out"] = str(rd.commit())
-        log.info(
-            "wrote %s: %d parameters, val ppl %.2f",
-            report["out"],
-            n_params,
-            report["final_val_ppl"],
+        if dist.rank() == 0 and (done % cfg.eval_every == 0 or round_end):
+            ppl = perplexity(self.model, self.val, batch_size=4, device=self.device)
+            self.model.train()
+            self.evals.append({"step": done, "round": round_no, "val_ppl": ppl["ppl"]})
+            log.info("step %d/%d (round %d) loss %.4f val ppl %.2f", done, cfg.total_steps(),
+                     round_no, rec["loss"], ppl["ppl"])  # fmt: skip
+        return False
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "evals": self.evals, "plan": self.plan}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.history, self.evals, self.plan = (
+            list(st["history"]),
+            list(st["evals"]),
+            list(st["plan"]),
         )
-    dist.barrier()
-    return report
+
+    def finish(self, path: Path | None, trainer: Trainer) -> dict:
+        if path is None:
+            return {}
+        cfg = self.cfg
+        self.model.save_pretrained(path)
+        self.tok.save_pretrained(path)
+        steps_run = cfg.total_steps() - (trainer.resumed_at or 0)
+        tokens = steps_run * cfg.batch_size * cfg.seq_len
+        secs = max(time.time() - trainer.t0, 1e-9)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("%d parameters, val ppl %.2f", n_params, self.evals[-1]["val_ppl"])
+        return {
+            "kind": self.kind, "parameters": n_params, "tokens": tokens, "rounds": cfg.rounds,
+            "tokens_per_second": tokens / secs, "step_tokens_per_second": tokens / secs,
+            "final_val_ppl": self.evals[-1]["val_ppl"], "evals": self.evals, "plan": self.plan,
+            "history": self.history,
+            "headline": {"validation perplexity": self.evals[-1]["val_ppl"], "parameters": n_params},
+            "protocol": f"perplexity on the first {int(self.val.shape[0])} windows of {cfg.seq_len} "
+                        f"tokens of {cfg.data}'s validation split",
+            "validation": {"corpus": cfg.data, "split": "validation", "windows": int(self.val.shape[0]), "seq_len": cfg.seq_len},
+            "global_batch_tokens": cfg.batch_size * cfg.seq_len, "seconds": secs,
+        }  # fmt: skip
+
+
+def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
+             command: str = "") -> dict:  # fmt: skip
+    """Pre-train (or continue training with ``init``) a causal LM into the run directory ``out``."""
+    device = dist.resolve_device(cfg.device)
+    task = LMTask(cfg, device)
+    opt, sched = task.optimizer()
+    bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
+    options = LoopOptions(total_steps=cfg.total_steps(), clip_grad=cfg.clip_grad,
+                          precision="bf16" if bf16 else "fp32", checkpoint_every=cfg.checkpoint_every)  # fmt: skip
+    return Trainer(task, opt, sched, options, device=device, out=out, config=cfg, resume=resume,
+                   overwrite=overwrite, command=command).fit()  # fmt: skip

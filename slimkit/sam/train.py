@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,8 +29,8 @@ import torch.nn.functional as F
 from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
-from slimkit.core.rundir import RunDir, peak_rss_gb, save_checkpoint, versions, write_json
 from slimkit.sam.model import SAM_ALIASES, SAM_CONFIGS, Sam, build_sam
+from slimkit.train import LoopOptions, Trainer, TrainTask
 from slimkit.vision.data import SHAPES, clutter, shape_mask, texture
 
 log = logging.getLogger("slimkit")
@@ -196,6 +195,109 @@ def evaluate_points(model: Sam, scenes) -> dict:
     return {"miou_1pt": float(np.mean(ious)), "instances": len(ious)}
 
 
+class SamTask(TrainTask):
+    """Promptable-segmentation training: per step a batch of scenes (or COCO images), prompts
+    drawn from a generator seeded with (seed, step), the multimask + IoU loss of ``_step_loss``.
+    Under torchrun each rank takes its slice of the step's images."""
+
+    kind = "sam-train"
+
+    def __init__(self, cfg: SamTrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        world = dist.world_size()
+        if cfg.batch_size % world:
+            raise SlimkitError(
+                f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks"
+            )
+        if not (cfg.data == "scenes" or cfg.data.startswith("coco:")):
+            raise SlimkitError(f"--data must be scenes or coco:PATH (got {cfg.data!r})")
+        torch.manual_seed(cfg.seed)
+        model = build_sam(cfg.arch).train()
+        if cfg.init:
+            from slimkit.sam.checkpoint import load_into, read_state_dict
+
+            load_into(model, read_state_dict(cfg.init), cfg.init)
+        self.model = model.to(device)
+        size = model.cfg.img_size
+        self.cache: dict[int, tuple] = {}
+        if cfg.data.startswith("coco:"):
+            from slimkit.sam.coco import load_coco_folder
+
+            items = load_coco_folder(cfg.data.split(":", 1)[1], size)
+            self.val_items = items[::10] if len(items) >= 10 else items[:1]
+            self.train_items = [it for i, it in enumerate(items) if len(items) < 10 or i % 10]
+            self.n_scenes = len(self.train_items)
+        else:
+            self.n_scenes = cfg.scenes
+            self.train_items = None
+            self.val_items = None
+        self.history: list[dict] = []
+
+    def scene(self, i: int):
+        if self.train_items is not None:
+            return self.train_items[i]
+        if len(self.cache) > 4096:
+            self.cache.clear()
+        return self.cache.setdefault(i, draw_scene(self.model.cfg.img_size, i))
+
+    def optimizer(self):
+        cfg = self.cfg
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(cfg.steps, cfg.warmup_steps, cfg.min_lr / cfg.lr)
+        )
+
+    def micro_batches(self, step: int) -> list:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step])
+        ids = rng.integers(0, self.n_scenes, cfg.batch_size)
+        batch = [self.scene(int(i)) for i in ids]
+        world, r = dist.world_size(), dist.rank()
+        if world > 1:  # each rank prompts its own images from its own stream
+            batch = batch[r * len(batch) // world : (r + 1) * len(batch) // world]
+            rng = np.random.default_rng([cfg.seed, step, r])
+        return [([b[0] for b in batch], [b[1] for b in batch], rng)]
+
+    def loss(self, micro) -> tuple[torch.Tensor, dict]:
+        images, masks, rng = micro
+        return _step_loss(self.model, images, masks, self.cfg, rng), {}
+
+    def after_step(self, step: int, rec: dict, trainer: Trainer) -> bool:
+        self.history.append({"step": step + 1, "loss": rec["loss"]})
+        return False
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.history = list(st["history"])
+
+    def finish(self, path: Path | None, trainer: Trainer) -> dict:
+        if path is None:
+            return {}
+        from safetensors.torch import save_file
+
+        cfg, model = self.cfg, self.model
+        size = model.cfg.img_size
+        val_items = self.val_items
+        if val_items is None:
+            val_items = (draw_scene(size, VAL_SEED + i) for i in range(cfg.val_scenes))
+        val = evaluate_points(model, val_items)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            str(path / "model.safetensors"),
+        )
+        (path / "sam_config.json").write_text(
+            json.dumps({"arch": cfg.arch, **asdict(model.cfg)}, indent=1) + "\n"
+        )
+        log.info("validation mIoU (1 point) %.3f over %d instances", val["miou_1pt"],
+                 val["instances"])  # fmt: skip
+        return {"config": asdict(cfg), "validation": val, "history": self.history,
+                "headline": {"validation mIoU, 1 point": val["miou_1pt"]},
+                "protocol": "one positive point at the centre-most pixel of every validation "
+                            "instance; mIoU of the highest-scored of the three masks"}  # fmt: skip
+
+
 def train_sam(
     cfg: SamTrainConfig,
     *,
@@ -204,99 +306,15 @@ def train_sam(
     overwrite: bool = False,
     command: str = "",
 ) -> dict:
-    from safetensors.torch import save_file
-
-    rd = RunDir(out, resume=resume, overwrite=overwrite)
-    torch.manual_seed(cfg.seed)
+    """Train a promptable segmentation model into the run directory ``out``."""
     device = dist.resolve_device(cfg.device)
-    model = build_sam(cfg.arch).train()
-    if cfg.init:
-        from slimkit.sam.checkpoint import load_into, read_state_dict
-
-        load_into(model, read_state_dict(cfg.init), cfg.init)
-    model.to(device)
-    size = model.cfg.img_size
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(cfg.steps, cfg.warmup_steps, cfg.min_lr / cfg.lr)
+    task = SamTask(cfg, device)
+    opt, sched = task.optimizer()
+    options = LoopOptions(
+        total_steps=cfg.steps, clip_grad=1.0, checkpoint_every=cfg.checkpoint_every
     )
-    history, start = [], 0
-    ckpt = rd.checkpoint_dir / "last.pt"
-    if rd.resumed and ckpt.is_file():
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        history, start = st["history"], st["step"]
-        log.info("resumed after step %d", start)
-    cache: dict[int, tuple] = {}
-    if cfg.data.startswith("coco:"):
-        from slimkit.sam.coco import load_coco_folder
-
-        items = load_coco_folder(cfg.data.split(":", 1)[1], size)
-        val_items = items[::10] if len(items) >= 10 else items[:1]
-        train_items = [it for i, it in enumerate(items) if len(items) < 10 or i % 10]
-        n_scenes = len(train_items)
-
-        def scene(i: int):
-            return train_items[i]
-    elif cfg.data == "scenes":
-        n_scenes = cfg.scenes
-        val_items = (draw_scene(size, VAL_SEED + i) for i in range(cfg.val_scenes))
-
-        def scene(i: int):
-            return cache.setdefault(i, draw_scene(size, i))
-    else:
-        raise SlimkitError(f"--data must be scenes or coco:PATH (got {cfg.data!r})")
-    t0 = time.time()
-    for step in range(start, cfg.steps):
-        rng = np.random.default_rng([cfg.seed, step])
-        ids = rng.integers(0, n_scenes, cfg.batch_size)
-        batch = [scene(int(i)) for i in ids]
-        if len(cache) > 4096:
-            cache.clear()
-        loss = _step_loss(model, [b[0] for b in batch], [b[1] for b in batch], cfg, rng)
-        if not torch.isfinite(loss):
-            raise SlimkitError(f"non-finite loss at step {step + 1}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        history.append({"step": step + 1, "loss": float(loss.detach())})
-        done = step + 1
-        if done % 50 == 0:
-            el = time.time() - t0
-            recent = np.mean([h["loss"] for h in history[-50:]])
-            log.info(
-                "step %d/%d loss %.4f (ETA %.0f s)",
-                done,
-                cfg.steps,
-                recent,
-                el / (done - start) * (cfg.steps - done),
-            )
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                   "history": history, "step": done})  # fmt: skip
-    val = evaluate_points(model, val_items)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        str(rd.path / "model.safetensors"),
-    )
-    (rd.path / "sam_config.json").write_text(
-        json.dumps({"arch": cfg.arch, **asdict(model.cfg)}, indent=1) + "\n"
-    )
-    report = {"command": command, "config": asdict(cfg), "validation": val, "history": history,
-              "seconds": time.time() - t0, "device": str(device), "peak_rss_gb": peak_rss_gb(), "versions": versions()}  # fmt: skip
-    write_json(rd.path / "report.json", report)
-    report["out"] = str(rd.commit())
-    log.info(
-        "wrote %s: validation mIoU (1 point) %.3f over %d instances",
-        report["out"],
-        val["miou_1pt"],
-        val["instances"],
-    )
-    return report
+    return Trainer(task, opt, sched, options, device=device, out=out, config=cfg, resume=resume,
+                   overwrite=overwrite, command=command).fit()  # fmt: skip
 
 
 def load_trained(path: str | Path) -> Sam:
