@@ -40,25 +40,43 @@ def init_from_env() -> bool:
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto``: this rank's GPU when CUDA is available, else the CPU; or an explicit
-    ``cpu`` / ``cuda`` / ``cuda:N`` (a clear error when that device does not exist)."""
+    """``auto``: this rank's accelerator (CUDA, XPU, MPS ... as ``torch.accelerator`` reports it)
+    when there is one, else the CPU; or an explicit ``cpu`` / ``cuda`` / ``cuda:N`` (or another
+    accelerator type), with a clear error when that device does not exist here."""
     from slimkit.core.errors import SlimkitError
 
     spec = (spec or "auto").strip().lower()
+    acc = _accelerator()
     if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
+        if acc is None:
+            return torch.device("cpu")
+        spec = acc.type
     if spec == "cpu":
         return torch.device("cpu")
-    if not spec.startswith("cuda"):
-        raise SlimkitError(f"--device must be auto, cpu, cuda or cuda:N (got {spec!r})")
-    if not torch.cuda.is_available():
-        raise SlimkitError(f"--device {spec}: CUDA is not available here (use --device cpu)")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise SlimkitError(f"--device must be auto, cpu, cuda or cuda:N (got {spec!r})") from None
+    if acc is None or acc.type != dev.type:
+        have = f"this machine has {acc.type}" if acc is not None else "only the CPU here"
+        raise SlimkitError(
+            f"--device {spec}: {dev.type.upper()} is not available ({have}; use --device auto or cpu)"
+        )
+    count = torch.accelerator.device_count()
     if dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if dev.index >= torch.cuda.device_count():
-        raise SlimkitError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+        acc_mod = torch.accelerator
+        index = getattr(acc_mod, "current_device_index", None) or acc_mod.current_device_idx
+        dev = torch.device(dev.type, index())
+    if dev.index >= count:
+        raise SlimkitError(f"--device {spec}: only {count} {dev.type} device(s)")
     return dev
+
+
+def _accelerator() -> torch.device | None:
+    """The accelerator torch sees, or None (CPU only)."""
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return torch.device("cuda") if torch.cuda.is_available() else None  # torch < 2.6
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -41,16 +41,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """A trainer's resume state, written atomically (a kill never leaves a torn ``last.pt``)."""
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
 def write_json(path: str | Path, data: Any) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)

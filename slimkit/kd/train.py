@@ -29,7 +29,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
 from slimkit.kd.distiller import Distiller
 from slimkit.kd.losses import LOSSES, LossSettings, parse_losses, total_loss
-from slimkit.train import LoopOptions, Trainer, TrainTask
+from slimkit.train import TRAINERS, LoopOptions, Trainer, TrainTask, run_task
 from slimkit.vision.data import ImageData, load_images, random_shift, stratified_subset
 from slimkit.vision.models import create_model
 
@@ -262,6 +262,10 @@ class ClassifierTask(TrainTask):
             )
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, self.steps_per_epoch))
 
+    def loop_options(self) -> LoopOptions:
+        return LoopOptions(total_steps=self.cfg.epochs * self.steps_per_epoch,
+                           clip_grad=self.cfg.clip_grad, ema=self.cfg.ema)  # fmt: skip
+
     def micro_batches(self, step: int) -> list:
         cfg = self.cfg
         epoch, s = divmod(step, self.steps_per_epoch)
@@ -360,12 +364,8 @@ def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, ove
                  command: str = "") -> dict:  # fmt: skip
     """Train (``TrainConfig``) or distil (``DistillConfig``) into the run directory ``out``."""
     device = dist.resolve_device(cfg.device)
-    task = ClassifierTask(cfg, device)
-    opt, sched = task.optimizer()
-    options = LoopOptions(total_steps=cfg.epochs * task.steps_per_epoch, clip_grad=cfg.clip_grad,
-                          ema=cfg.ema)  # fmt: skip
-    return Trainer(task, opt, sched, options, device=device, out=out, config=cfg, resume=resume,
-                   overwrite=overwrite, command=command).fit()  # fmt: skip
+    return run_task(ClassifierTask(cfg, device), out=out, config=cfg, device=device, resume=resume,
+                    overwrite=overwrite, command=command)  # fmt: skip
 
 
 def train_classifier(cfg: TrainConfig, **kw) -> dict:
@@ -374,6 +374,25 @@ def train_classifier(cfg: TrainConfig, **kw) -> dict:
 
 def distill(cfg: DistillConfig, **kw) -> dict:
     return run_training(cfg, **kw)
+
+
+def _tiny_classifier(tmp: Path) -> TrainConfig:
+    return TrainConfig(arch="tiny-vit", data="digits", epochs=3, batch_size=32, train_subset=96,
+                       warmup_epochs=0.5)  # fmt: skip
+
+
+def _tiny_distill(tmp: Path) -> DistillConfig:
+    teacher = tmp / "teacher"
+    if not teacher.exists():
+        train_classifier(TrainConfig(arch="tiny-vit", data="digits", epochs=1, batch_size=32,
+                                     train_subset=96), out=teacher)  # fmt: skip
+    return DistillConfig(arch="tiny-vit", data="digits", epochs=3, batch_size=32, train_subset=96,
+                         warmup_epochs=0.5, teacher=str(teacher), loss="ce,kd", ema=0.9)  # fmt: skip
+
+
+TRAINERS.register("train-classifier", train_classifier, config=TrainConfig, task=ClassifierTask,
+                  tiny=_tiny_classifier)  # fmt: skip
+TRAINERS.register("distill", distill, config=DistillConfig, task=ClassifierTask, tiny=_tiny_distill)
 
 
 def load_report(run: str | Path) -> dict:

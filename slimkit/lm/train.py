@@ -31,7 +31,7 @@ from slimkit.data.text import _tokenize, eval_windows, load_documents
 from slimkit.llm.evaluate import perplexity
 from slimkit.llm.models import cache_dir
 from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
-from slimkit.train import LoopOptions, Trainer, TrainTask
+from slimkit.train import TRAINERS, LoopOptions, Trainer, TrainTask, run_task
 
 log = logging.getLogger("slimkit")
 ARCHS = ("pangu-pi", "llama")
@@ -295,6 +295,12 @@ class LMTask(TrainTask):
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))  # fmt: skip
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, _round_schedule(cfg))
 
+    def loop_options(self) -> LoopOptions:
+        cfg = self.cfg
+        bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and self.device.type == "cuda")
+        return LoopOptions(total_steps=cfg.total_steps(), clip_grad=cfg.clip_grad,
+                           precision="bf16" if bf16 else "fp32", checkpoint_every=cfg.checkpoint_every)  # fmt: skip
+
     def _round(self, step: int) -> int:
         cfg = self.cfg
         return 1 if step < cfg.steps else 2 + (step - cfg.steps) // cfg.round_steps()
@@ -366,10 +372,14 @@ def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overw
              command: str = "") -> dict:  # fmt: skip
     """Pre-train (or continue training with ``init``) a causal LM into the run directory ``out``."""
     device = dist.resolve_device(cfg.device)
-    task = LMTask(cfg, device)
-    opt, sched = task.optimizer()
-    bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
-    options = LoopOptions(total_steps=cfg.total_steps(), clip_grad=cfg.clip_grad,
-                          precision="bf16" if bf16 else "fp32", checkpoint_every=cfg.checkpoint_every)  # fmt: skip
-    return Trainer(task, opt, sched, options, device=device, out=out, config=cfg, resume=resume,
-                   overwrite=overwrite, command=command).fit()  # fmt: skip
+    return run_task(LMTask(cfg, device), out=out, config=cfg, device=device, resume=resume,
+                    overwrite=overwrite, command=command)  # fmt: skip
+
+
+def _tiny_lm(tmp: Path) -> LMTrainConfig:
+    return LMTrainConfig(layers=1, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1,
+                         seq_len=32, batch_size=4, steps=6, eval_every=3, eval_windows=2,
+                         checkpoint_every=2, as_ratio=8)  # fmt: skip
+
+
+TRAINERS.register("train-lm", train_lm, config=LMTrainConfig, task=LMTask, tiny=_tiny_lm)

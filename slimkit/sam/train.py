@@ -30,7 +30,7 @@ from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
 from slimkit.sam.model import SAM_ALIASES, SAM_CONFIGS, Sam, build_sam
-from slimkit.train import LoopOptions, Trainer, TrainTask
+from slimkit.train import TRAINERS, LoopOptions, Trainer, TrainTask, run_task
 from slimkit.vision.data import SHAPES, clutter, shape_mask, texture
 
 log = logging.getLogger("slimkit")
@@ -144,18 +144,27 @@ def mask_losses(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tens
 
 
 def _step_loss(
-    model: Sam, images: list[np.ndarray], masks: list[list[np.ndarray]], cfg: SamTrainConfig, rng
+    model: Sam,
+    images: list[np.ndarray],
+    masks: list[list[np.ndarray]],
+    cfg: SamTrainConfig,
+    rng,
+    mine: slice | None = None,
 ) -> torch.Tensor:
+    """The mean loss over the prompts of one global batch. Prompts are drawn for every image
+    from ``rng`` in batch order; with ``mine`` (a rank's slice of the images) only those images
+    are encoded and the sum of their prompt losses is scaled so that the ranks' average is the
+    global mean (the same loss as one process over the whole batch)."""
     dev = model.pixel_mean.device
-    x = torch.stack([torch.as_tensor(im).permute(2, 0, 1).float() for im in images]).to(dev)
+    prompts = [_prompts(ms, cfg.prompts_per_image, rng, cfg.box_prob) for ms in masks]
+    total = sum(len(p) for p in prompts)
+    own = range(len(images))[mine] if mine is not None else range(len(images))
+    x = torch.stack([torch.as_tensor(images[b]).permute(2, 0, 1).float() for b in own]).to(dev)
     feats = model.image_encoder(model.preprocess(x))
     losses = []
     low_size = model.prompt_encoder.mask_input_size
-    for b, ms in enumerate(masks):
-        pr = _prompts(ms, cfg.prompts_per_image, rng, cfg.box_prob)
-        if not pr:
-            continue
-        for gt, pt, box in pr:
+    for j, b in enumerate(own):
+        for gt, pt, box in prompts[b]:
             points = (
                 None
                 if pt is None
@@ -165,12 +174,16 @@ def _step_loss(
                 )
             )
             boxes = None if box is None else torch.as_tensor(box)[None].to(dev)
-            low, iou = model.decode(feats[b : b + 1], points, boxes, None, True)
+            low, iou = model.decode(feats[j : j + 1], points, boxes, None, True)
             target = F.interpolate(
                 torch.as_tensor(gt, dtype=torch.float32)[None, None].to(dev), low_size, mode="area"
             )[0]
             losses.append(mask_losses(low, (target > 0.5).float(), iou))
-    return torch.stack(losses).mean()
+    if mine is None:
+        return torch.stack(losses).mean()
+    world = len(images) // len(own)
+    own_sum = torch.stack(losses).sum() if losses else feats.sum() * 0
+    return own_sum * world / total
 
 
 @torch.no_grad()
@@ -247,20 +260,25 @@ class SamTask(TrainTask):
             opt, warmup_cosine(cfg.steps, cfg.warmup_steps, cfg.min_lr / cfg.lr)
         )
 
+    def loop_options(self) -> LoopOptions:
+        cfg = self.cfg
+        return LoopOptions(
+            total_steps=cfg.steps, clip_grad=1.0, checkpoint_every=cfg.checkpoint_every
+        )
+
     def micro_batches(self, step: int) -> list:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
         ids = rng.integers(0, self.n_scenes, cfg.batch_size)
         batch = [self.scene(int(i)) for i in ids]
         world, r = dist.world_size(), dist.rank()
-        if world > 1:  # each rank prompts its own images from its own stream
-            batch = batch[r * len(batch) // world : (r + 1) * len(batch) // world]
-            rng = np.random.default_rng([cfg.seed, step, r])
-        return [([b[0] for b in batch], [b[1] for b in batch], rng)]
+        # every rank draws the prompts of the whole batch, then computes its slice of images
+        mine = slice(r * len(batch) // world, (r + 1) * len(batch) // world) if world > 1 else None
+        return [([b[0] for b in batch], [b[1] for b in batch], rng, mine)]
 
     def loss(self, micro) -> tuple[torch.Tensor, dict]:
-        images, masks, rng = micro
-        return _step_loss(self.model, images, masks, self.cfg, rng), {}
+        images, masks, rng, mine = micro
+        return _step_loss(self.model, images, masks, self.cfg, rng, mine), {}
 
     def after_step(self, step: int, rec: dict, trainer: Trainer) -> bool:
         self.history.append({"step": step + 1, "loss": rec["loss"]})
@@ -308,13 +326,16 @@ def train_sam(
 ) -> dict:
     """Train a promptable segmentation model into the run directory ``out``."""
     device = dist.resolve_device(cfg.device)
-    task = SamTask(cfg, device)
-    opt, sched = task.optimizer()
-    options = LoopOptions(
-        total_steps=cfg.steps, clip_grad=1.0, checkpoint_every=cfg.checkpoint_every
-    )
-    return Trainer(task, opt, sched, options, device=device, out=out, config=cfg, resume=resume,
-                   overwrite=overwrite, command=command).fit()  # fmt: skip
+    return run_task(SamTask(cfg, device), out=out, config=cfg, device=device, resume=resume,
+                    overwrite=overwrite, command=command)  # fmt: skip
+
+
+def _tiny_sam(tmp: Path) -> SamTrainConfig:
+    return SamTrainConfig(steps=4, batch_size=2, prompts_per_image=2, scenes=8, checkpoint_every=2,
+                          val_scenes=2, warmup_steps=1)  # fmt: skip
+
+
+TRAINERS.register("sam-train", train_sam, config=SamTrainConfig, task=SamTask, tiny=_tiny_sam)
 
 
 def load_trained(path: str | Path) -> Sam:

@@ -6,8 +6,23 @@ every trainer without being written again.
 """
 
 from slimkit.core.registry import Registry
-from slimkit.train.loop import LoopOptions, Trainer, TrainTask
+from slimkit.train.loop import LoopOptions, Trainer, TrainTask, run_task
 
 TRAINERS = Registry("trainer")
 
-__all__ = ["TRAINERS", "LoopOptions", "TrainTask", "Trainer"]
+
+def discover() -> list[str]:
+    """Import every ``slimkit.<pillar>.train`` module so that its trainers register; return the
+    registered names. (Plugin discovery at run time: the foundation imports no pillar statically.)"""
+    import importlib
+    import pkgutil
+
+    import slimkit
+
+    for m in pkgutil.walk_packages(slimkit.__path__, "slimkit."):
+        if m.name.rsplit(".", 1)[-1] in ("train", "trainer", "training"):
+            importlib.import_module(m.name)
+    return TRAINERS.names()
+
+
+__all__ = ["TRAINERS", "LoopOptions", "TrainTask", "Trainer", "discover", "run_task"]

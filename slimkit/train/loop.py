@@ -92,6 +92,14 @@ class TrainTask:
     model: nn.Module
     ema_of: nn.Module | None = None
 
+    def optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """The optimizer and the per-step learning-rate scheduler (or None)."""
+        raise NotImplementedError
+
+    def loop_options(self) -> LoopOptions:
+        """How :class:`Trainer` runs this task (steps, clipping, precision, checkpoints)."""
+        raise NotImplementedError
+
     def micro_batches(self, step: int) -> list[Any]:
         """This rank's micro-batches of optimizer step ``step`` (0-based); one for no
         accumulation. Their losses are averaged (each is divided by their number)."""
@@ -341,9 +349,9 @@ class Trainer:
                     raise SlimkitError(
                         f"the loss or gradient is not finite at step {step + 1} after "
                         f"{o.max_rollbacks} roll-backs with halved learning rates; lower the "
-                        "learning rate (--lr), or --resume from the last checkpoint with other "
-                        "options"
+                        "learning rate (--lr) and start again"
                     )
+                failed_lr = self.opt.param_groups[0]["lr"]
                 self._restore(snapshot, with_weights=True)
                 self._scale_lr(0.5)
                 log.warning("rolled back to step %d and halved the learning rate (roll-back %d of "
@@ -351,7 +359,7 @@ class Trainer:
                 if rank0:
                     with metrics.open("a") as f:
                         f.write(json.dumps({"event": "rollback", "at_step": step + 1,
-                                            "to_step": snapshot["step"]}) + "\n")  # fmt: skip
+                                            "to_step": snapshot["step"], "lr": failed_lr}) + "\n")  # fmt: skip
                 step = snapshot["step"]
                 continue
             rec["seconds"] = time.time() - t0
@@ -376,7 +384,7 @@ class Trainer:
                     st["rollbacks"] = self.rollbacks
                     checkpoint.save(ckdir, done, task.model, st, self.ema)
             step = done
-        seconds = time.time() - t0
+        seconds = self.loop_seconds = time.time() - t0
         report = task.finish(rd.path if rank0 else None, self)
         if not rank0:
             return report
@@ -402,3 +410,11 @@ class Trainer:
         write_card(rd.path, report, to_dict(self.config))
         report["out"] = str(rd.commit())
         return report
+
+
+def run_task(task: TrainTask, *, out: str | Path, config: Any, device: torch.device,
+             resume: bool = False, overwrite: bool = False, command: str = "") -> dict:  # fmt: skip
+    """Build the task's optimizer and loop options, train, commit ``out``; return the report."""
+    opt, sched = task.optimizer()
+    return Trainer(task, opt, sched, task.loop_options(), device=device, out=out, config=config,
+                   resume=resume, overwrite=overwrite, command=command).fit()  # fmt: skip
