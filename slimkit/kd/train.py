@@ -363,9 +363,9 @@ class ClassifierTask(TrainTask):
 def run_training(cfg: TrainConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
                  command: str = "") -> dict:  # fmt: skip
     """Train (``TrainConfig``) or distil (``DistillConfig``) into the run directory ``out``."""
-    device = dist.resolve_device(cfg.device)
-    return run_task(ClassifierTask(cfg, device), out=out, config=cfg, device=device, resume=resume,
-                    overwrite=overwrite, command=command)  # fmt: skip
+    return run_task(
+        ClassifierTask, cfg, out=out, resume=resume, overwrite=overwrite, command=command
+    )
 
 
 def train_classifier(cfg: TrainConfig, **kw) -> dict:

@@ -371,9 +371,7 @@ class LMTask(TrainTask):
 def train_lm(cfg: LMTrainConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
              command: str = "") -> dict:  # fmt: skip
     """Pre-train (or continue training with ``init``) a causal LM into the run directory ``out``."""
-    device = dist.resolve_device(cfg.device)
-    return run_task(LMTask(cfg, device), out=out, config=cfg, device=device, resume=resume,
-                    overwrite=overwrite, command=command)  # fmt: skip
+    return run_task(LMTask, cfg, out=out, resume=resume, overwrite=overwrite, command=command)
 
 
 def _tiny_lm(tmp: Path) -> LMTrainConfig:

@@ -325,9 +325,7 @@ def train_sam(
     command: str = "",
 ) -> dict:
     """Train a promptable segmentation model into the run directory ``out``."""
-    device = dist.resolve_device(cfg.device)
-    return run_task(SamTask(cfg, device), out=out, config=cfg, device=device, resume=resume,
-                    overwrite=overwrite, command=command)  # fmt: skip
+    return run_task(SamTask, cfg, out=out, resume=resume, overwrite=overwrite, command=command)
 
 
 def _tiny_sam(tmp: Path) -> SamTrainConfig:

@@ -412,9 +412,12 @@ class Trainer:
         return report
 
 
-def run_task(task: TrainTask, *, out: str | Path, config: Any, device: torch.device,
-             resume: bool = False, overwrite: bool = False, command: str = "") -> dict:  # fmt: skip
-    """Build the task's optimizer and loop options, train, commit ``out``; return the report."""
+def run_task(task_cls: type[TrainTask], cfg: Any, *, out: str | Path, resume: bool = False,
+             overwrite: bool = False, command: str = "") -> dict:  # fmt: skip
+    """Build ``task_cls(cfg, device)`` on the device ``cfg.device`` names (inputs are checked
+    and models built before the run directory exists), train, commit ``out``; return the report."""
+    device = dist.resolve_device(cfg.device)
+    task = task_cls(cfg, device)
     opt, sched = task.optimizer()
-    return Trainer(task, opt, sched, task.loop_options(), device=device, out=out, config=config,
+    return Trainer(task, opt, sched, task.loop_options(), device=device, out=out, config=cfg,
                    resume=resume, overwrite=overwrite, command=command).fit()  # fmt: skip
