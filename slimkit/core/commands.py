@@ -135,7 +135,9 @@ class Command:
         base = {a.dest: a.kwargs.get("default") for a in self.selectors}
         out = [base]
         for a in self.selectors:
-            out += [{**base, a.dest: v} for v in (a.values() if a.values else [])]
+            out += [
+                {**base, a.dest: v} for v in (a.values() if a.values else []) if v != base[a.dest]
+            ]
         return out
 
     def parser(self, classes: Sequence[type], defaults: dict[str, Any] | None = None):
