@@ -258,3 +258,20 @@ def test_demo_runs_what_its_recorded_command_line_says():
 
     inv = commands.parse(["quantize", *shlex.split(DEMO_ARGS), "--out", "o"])
     assert inv.configs == demo_configs()
+
+
+def test_prune_then_quantize_gives_wbits_to_the_quantizer():
+    """`prune --method sparsegpt --then rtn --wbits 4` used to set --wbits to 16 for both steps
+    and stop with "--wbits must be an integer in 2..8 (got 16)"."""
+    from slimkit.cli.llm import prune_steps
+
+    def steps(*argv):
+        return prune_steps(commands.parse(["prune", "m", *argv, "--out", "o"]))
+
+    sgpt, rtn = steps("--method", "sparsegpt", "--sparsity", "0.5", "--then", "rtn", "--wbits", "3")
+    assert (type(sgpt).__name__, sgpt.wbits, type(rtn).__name__, rtn.wbits) == (
+        "SparseGPTConfig", 16, "RTNConfig", 3)  # fmt: skip
+    (joint,) = steps("--method", "sparsegpt", "--then", "gptq", "--wbits", "3")
+    assert (type(joint).__name__, joint.wbits) == ("SparseGPTConfig", 3)  # one joint pass
+    wanda, gptq = steps("--method", "wanda", "--then", "gptq", "--wbits", "3")
+    assert gptq.keep_zeros and gptq.wbits == 3

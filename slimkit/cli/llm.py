@@ -73,18 +73,24 @@ def prune(inv: Invocation) -> int:
     from slimkit.llm.workflow import compress_run
 
     ns = inv.ns
-    pcls, calib, ev = inv.classes[0], inv.classes[-2], inv.classes[-1]
-    qcls = inv.classes[1] if ns.then else None
-    joint = ns.method == "sparsegpt" and ns.then == "gptq"
-    if ns.method == "sparsegpt" and ns.then and not joint:
-        ns.wbits = 16  # SparseGPT only prunes; the --then method quantizes
-    steps = [inv.config(pcls)]
-    if qcls is not None and not joint:
-        keeps = "keep_zeros" in {f.name for f in dataclasses.fields(qcls)}
-        steps.append(inv.config(qcls, {"keep_zeros": True} if keeps else {}))
-    compress_run(ns.model, steps, inv.config(calib), inv.config(ev), eval_fp=ns.eval_fp,
-                 **inv.run_kwargs)  # fmt: skip
+    compress_run(ns.model, prune_steps(inv), inv.config(inv.classes[-2]),
+                 inv.config(inv.classes[-1]), eval_fp=ns.eval_fp, **inv.run_kwargs)  # fmt: skip
     return 0
+
+
+def prune_steps(inv: Invocation) -> list:
+    """The pruner's config, then the ``--then`` quantizer's (none when SparseGPT and GPTQ run as
+    one joint pass). ``--wbits`` belongs to the quantizer: SparseGPT before another method only
+    prunes."""
+    ns = inv.ns
+    pcfg = inv.config(inv.classes[0])
+    if not ns.then or (ns.method == "sparsegpt" and ns.then == "gptq"):
+        return [pcfg]
+    if ns.method == "sparsegpt":
+        pcfg = dataclasses.replace(pcfg, wbits=16)
+    qcls = inv.classes[1]
+    keeps = "keep_zeros" in {f.name for f in dataclasses.fields(qcls)}
+    return [pcfg, inv.config(qcls, {"keep_zeros": True} if keeps else {})]
 
 
 @command("eval", configs=["slimkit.llm.run_config:EvalConfig"],
