@@ -4,12 +4,13 @@ dataclass fields (``slimkit.core.config``).
 
 A command module registers its commands; nothing here knows a method:
 
-    >>> @command("train", group="sam", configs=["slimkit.sam.train:SamTrainConfig"],
-    ...          run=("out", "resume", "overwrite"), help="train a small promptable model")
-    ... def sam_train(inv):
-    ...     from slimkit.sam.train import train_sam
-    ...     train_sam(*inv.configs, **inv.run_kwargs)
-    ...     return 0
+    @command("train", group="sam", configs=["slimkit.sam.train:SamTrainConfig"],
+             run=("out", "resume", "overwrite"), help="train a small promptable model")
+    def sam_train(inv):
+        from slimkit.sam.train import train_sam
+
+        train_sam(*inv.configs, **inv.run_kwargs)  # out=, resume=, overwrite=, command=
+        return 0
 
 Every command gets, from here and not from its own code: one ``--flag`` per config field,
 ``--recipe`` (YAML; flags override it; ``preset:`` picks a preset), ``--preset`` when a config

@@ -101,7 +101,11 @@ def from_args(cls: type, ns: argparse.Namespace, base: dict[str, Any] | None = N
 
 
 def split_recipe(
-    recipe: dict, classes: Sequence[type], *, extra: Sequence[str] = ("method", "model")
+    recipe: dict,
+    classes: Sequence[type],
+    *,
+    extra: Sequence[str] = ("method", "model"),
+    what: str = "recipe key",
 ) -> list[dict]:
     """Share a recipe's keys out over ``classes``: each key goes to the first class that has a
     field of that name. ``extra`` names the other keys the caller accepts (only for the message
@@ -114,9 +118,7 @@ def split_recipe(
                 break
         else:
             allowed = sorted({f.name for c in classes for f in dataclasses.fields(c)} | set(extra))
-            raise SlimkitError(
-                f"recipe key {k!r} is not an option of this method; allowed: {allowed}"
-            )
+            raise SlimkitError(f"{what} {k!r} is not an option of this method; allowed: {allowed}")
     return parts
 
 
@@ -170,7 +172,7 @@ def from_preset(name: str, *classes: type, **overrides: Any) -> Any:
         32
     """
     parts = resolve_preset(name, classes)
-    extra = split_recipe(overrides, classes, extra=())
+    extra = split_recipe(overrides, classes, extra=(), what="from_preset keyword")
     cfgs = tuple(
         from_dict(c, {**p, **o}, where=f"preset {name!r}")
         for c, p, o in zip(classes, parts, extra, strict=True)
