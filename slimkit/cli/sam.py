@@ -10,7 +10,7 @@ import numpy as np
 from slimkit.core.commands import Invocation, arg, command, group
 from slimkit.core.errors import SlimkitError
 
-group("sam", help="segment anything: predict, everything, train")
+group("sam", help="segment anything (SAM, MobileSAM, TinySAM checkpoints): slimkit sam --help")
 
 MODEL_ARGS = [
     arg("image"),
