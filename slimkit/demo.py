@@ -9,6 +9,7 @@ would be artificially lossless.
 
 from __future__ import annotations
 
+from slimkit.core.config import from_preset
 from slimkit.llm.run_config import CalibConfig, EvalConfig
 from slimkit.llm.workflow import quantize_run
 from slimkit.quant.methods import CBQConfig
@@ -16,26 +17,25 @@ from slimkit.quant.methods import CBQConfig
 DEMO_MODEL = "smollm2-135m"
 
 
+# what `make demo` runs, as the command line its run directory records
+DEMO_ARGS = f"{DEMO_MODEL} --method cbq --preset demo --wbits 4 --group-size 64 --ppl wiki-offline --max-windows 20 --eval-fp"
+
+
+def demo_configs() -> tuple[CBQConfig, CalibConfig, EvalConfig]:
+    """The demo's method, calibration and evaluation configs (the same as ``slimkit quantize``
+    with ``DEMO_ARGS`` gives)."""
+    qcfg, calib = from_preset("demo", CBQConfig, CalibConfig, wbits=4, group_size=64)
+    return qcfg, calib, EvalConfig(ppl="wiki-offline", seq_len=512, max_windows=20)
+
+
 def run_demo(out: str) -> dict:
-    preset = CBQConfig.PRESETS["demo"]
-    qcfg = CBQConfig(wbits=4, group_size=64, epochs=preset["epochs"])
-    calib = CalibConfig(
-        calib="wiki-offline",
-        n_calib=preset["n_calib"],
-        calib_seq_len=preset["calib_seq_len"],
-        seed=0,
-    )
-    ev = EvalConfig(ppl="wiki-offline", seq_len=512, max_windows=20)
     report = quantize_run(
         DEMO_MODEL,
-        qcfg,
-        calib,
-        ev,
+        *demo_configs(),
         out=out,
         overwrite=True,
         eval_fp=True,
-        command=f"slimkit quantize {DEMO_MODEL} --method cbq --preset demo --wbits 4 --group-size 64 "
-        f"--ppl wiki-offline --max-windows 20 --eval-fp --out {out}",
+        command=f"slimkit quantize {DEMO_ARGS} --out {out}",
     )
     r = report["eval"]["wiki-offline"]
     print()

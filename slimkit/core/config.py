@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,43 +100,81 @@ def from_args(cls: type, ns: argparse.Namespace, base: dict[str, Any] | None = N
     return from_dict(cls, values, where="options")
 
 
-def split_recipe(recipe: dict, classes: list[type]) -> list[dict]:
-    parts = [{} for _ in classes]
+def split_recipe(
+    recipe: dict,
+    classes: Sequence[type],
+    *,
+    extra: Sequence[str] = ("method", "model"),
+    what: str = "recipe key",
+) -> list[dict]:
+    """Share a recipe's keys out over ``classes``: each key goes to the first class that has a
+    field of that name. ``extra`` names the other keys the caller accepts (only for the message
+    of an unknown key)."""
+    parts: list[dict] = [{} for _ in classes]
     for k, v in recipe.items():
         for i, c in enumerate(classes):
             if k in {f.name for f in dataclasses.fields(c)}:
                 parts[i][k] = v
                 break
         else:
-            allowed = sorted(
-                {f.name for c in classes for f in dataclasses.fields(c)} | {"method", "model"}
-            )
-            raise SlimkitError(
-                f"recipe key {k!r} is not an option of this method; allowed: {allowed}"
-            )
+            allowed = sorted({f.name for c in classes for f in dataclasses.fields(c)} | set(extra))
+            raise SlimkitError(f"{what} {k!r} is not an option of this method; allowed: {allowed}")
     return parts
 
 
-def parse_run_command(argv: list[str], prog: str, cfg_cls: type, description: str):
-    """The shared command line of the trainers: ``--recipe`` YAML (flags override it), ``--out``,
-    ``--resume``, ``--overwrite``, ``-v`` and one flag per field of ``cfg_cls``.
-    Returns (namespace, config); logging is set up."""
-    from slimkit.core.logs import setup_logging
+# Presets are owned by the configs: a config class may define
+#     PRESETS: ClassVar[dict[str, dict]] = {"fast": {"epochs": 1, "n_calib": 32}, ...}
+# whose values may set fields of the configs it is used with (CBQ's presets also set the
+# calibration size). A preset named on the command line (`--preset`), in a YAML recipe (`preset:`)
+# or in Python (`from_preset`) resolves through `resolve_preset`, so the three cannot differ.
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe")
-    known, _ = pre.parse_known_args(argv)
-    recipe = load_yaml(known.recipe) if known.recipe else {}
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--recipe", help="YAML file of option: value pairs (flags override it)")
-    p.add_argument("--out", required=True, help="run directory to create")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from OUT.partial's last checkpoint"
+
+def preset_names(classes: Sequence[type]) -> list[str]:
+    """The presets that any of ``classes`` defines."""
+    return sorted({n for c in classes for n in getattr(c, "PRESETS", {})})
+
+
+def resolve_preset(name: str, classes: Sequence[type]) -> list[dict]:
+    """The values preset ``name`` gives each of ``classes`` (one dict per class).
+
+    Where two classes set one key, the earlier class wins: a command lists its method config
+    before the calibration config, so CBQ's `demo` calibration length beats the generic one.
+    Keys of classes not asked for are left out: ``resolve_preset("fast", [CBQConfig])`` gives
+    CBQ's epochs without the calibration size.
+
+    Example:
+        >>> from slimkit.llm.run_config import CalibConfig
+        >>> resolve_preset("demo", [CalibConfig])
+        [{'n_calib': 16, 'calib_seq_len': 512}]
+    """
+    names = preset_names(classes)
+    if name not in names:
+        where = ", ".join(c.__name__ for c in classes) or "this command"
+        if not names:
+            raise SlimkitError(f"preset {name!r}: {where} has no presets")
+        raise SlimkitError(
+            f"unknown preset {name!r} for {where}; choose one of: {', '.join(names)}"
+        )
+    merged: dict[str, Any] = {}
+    for c in reversed(classes):
+        merged.update(getattr(c, "PRESETS", {}).get(name, {}))
+    fields = {f.name for c in classes for f in dataclasses.fields(c)}
+    return split_recipe({k: v for k, v in merged.items() if k in fields}, classes)
+
+
+def from_preset(name: str, *classes: type, **overrides: Any) -> Any:
+    """Python side of presets: build ``classes`` from preset ``name``; keyword arguments override
+    it (each goes to the class that has that field). One class gives one config, several a tuple.
+
+    Example:
+        >>> from slimkit.llm.run_config import CalibConfig
+        >>> from_preset("fast", CalibConfig, seed=1).n_calib
+        32
+    """
+    parts = resolve_preset(name, classes)
+    extra = split_recipe(overrides, classes, extra=(), what="from_preset keyword")
+    cfgs = tuple(
+        from_dict(c, {**p, **o}, where=f"preset {name!r}")
+        for c, p, o in zip(classes, parts, extra, strict=True)
     )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("-v", "--verbose", action="store_true")
-    add_arguments(p, cfg_cls)
-    ns = p.parse_args(argv)
-    setup_logging(ns.verbose)
-    (part,) = split_recipe(recipe, [cfg_cls])
-    return ns, from_args(cfg_cls, ns, part)
+    return cfgs[0] if len(cfgs) == 1 else cfgs

@@ -4,12 +4,22 @@ evaluation. Like method configs they map one-to-one onto CLI flags and YAML keys
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from slimkit.core.errors import SlimkitError
 
 
 @dataclass
 class CalibConfig:
+    # `--preset` / `preset:` / `from_preset`: calibration size; a method's own presets (CBQ's
+    # epochs and calibration) are merged over these (slimkit.core.config.resolve_preset)
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "demo": {"n_calib": 16, "calib_seq_len": 512},
+        "fast": {"n_calib": 32, "calib_seq_len": 512},
+        "default": {"n_calib": 128, "calib_seq_len": 512},
+        "paper": {"n_calib": 128, "calib_seq_len": 2048},
+    }
+
     calib: str = field(
         default="wiki-offline",
         metadata={"help": "calibration corpus (slimkit list datasets) or file:PATH"},

@@ -1,0 +1,85 @@
+"""Small-LM commands: train-lm, analyze-collapse, compress-tokenizer, inherit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slimkit.core.commands import Invocation, arg, command
+
+
+@command("train-lm", configs=["slimkit.lm.train:LMTrainConfig"], run=("out", "resume", "overwrite"),
+         help="pre-train a small causal LM (PanGu-pi or Llama)",
+         description="Pre-train a small causal LM (PanGu-π or Llama).")  # fmt: skip
+def train_lm(inv: Invocation) -> int:
+    from slimkit.lm.train import train_lm as train
+
+    r = train(*inv.configs, **inv.run_kwargs)
+    if r:
+        print(f"{r['out']}: {r['parameters']:,} parameters, validation ppl {r['final_val_ppl']:.2f}, "
+              f"{r['tokens_per_second']:.0f} tokens/s")  # fmt: skip
+    return 0
+
+
+@command("analyze-collapse",
+         args=[arg("models", nargs="+", help="model directories / names (compared in one plot)"),
+               arg("--data", default="wiki-offline"),
+               arg("--seq-len", type=int, default=256),
+               arg("--windows", type=int, default=8, help="validation windows averaged"),
+               arg("--plot", help="write the per-layer plot here (PNG)"),
+               arg("--json", help="write the profiles here")],
+         help="per-layer feature collapse of one or more models",
+         description="Per-layer feature collapse (d_rel, effective dimension d(0.8)).")  # fmt: skip
+def analyze_collapse(inv: Invocation) -> int:
+    from slimkit.data.text import eval_windows
+    from slimkit.llm.models import load_model
+    from slimkit.lm.collapse import collapse_profile, plot_profiles
+
+    ns, profiles = inv.ns, {}
+    for name in ns.models:
+        model, tok = load_model(name)
+        w = eval_windows(tok, ns.data, ns.seq_len, max_windows=ns.windows, split="validation")
+        profiles[name] = collapse_profile(model, w)
+        print(f"{name}\nlayer  d_rel   d(0.8)  cos")
+        for r in profiles[name]:
+            print(f"{r['layer']:5d}  {r['d_rel']:.3f}  {r['d80']:6.1f}  {r['cos']:.3f}")
+    if ns.plot:
+        plot_profiles(profiles, ns.plot)
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(profiles, indent=1) + "\n")
+    return 0
+
+
+@command("compress-tokenizer", run=("out",), out_help="directory to write",
+         args=[arg("model", help="registered name, HF id or local dir (tokenizer + model)"),
+               arg("--data", default="wiki-offline", help="corpus whose train split is counted"),
+               arg("--vocab", type=int, required=True, help="target vocabulary size"),
+               arg("--tokenizer-only", action="store_true", help="do not write a remapped model")],
+         help="keep the most frequent pieces of a BPE tokenizer; remap the model",
+         description="Keep the most frequent pieces of a byte-level BPE tokenizer; remap the "
+                     "model.")  # fmt: skip
+def compress_tokenizer(inv: Invocation) -> int:
+    from slimkit.lm.tokenizer import compress_run
+
+    ns = inv.ns
+    r = compress_run(ns.model, ns.data, ns.vocab, ns.out, with_model=not ns.tokenizer_only)
+    print(f"{ns.out}: vocabulary {r['vocab_before']} -> {r['vocab_after']} (covers "
+          f"{100 * r['train_token_coverage']:.1f} % of the training tokens); tokens per character on "
+          f"{ns.data} validation {r['tokens_per_char_before']:.4f} -> {r['tokens_per_char_after']:.4f}")  # fmt: skip
+    if "parameters_after" in r:
+        print(f"parameters {r['parameters_before']:,} -> {r['parameters_after']:,}")
+    return 0
+
+
+@command("inherit", configs=["slimkit.lm.inherit:InheritConfig"], run=("out",),
+         out_help="directory of the child model",
+         args=[arg("model", help="parent: registered name, HF id or local dir")],
+         help="initialise a smaller model from a larger one",
+         description="Initialise a smaller model from a larger one (layers, hidden, FFN, heads).")  # fmt: skip
+def inherit(inv: Invocation) -> int:
+    from slimkit.lm.inherit import inherit_run
+
+    r = inherit_run(inv.ns.model, *inv.configs, inv.ns.out)
+    print(f"{inv.ns.out}: {r['child_parameters']:,} parameters inherited from "
+          f"{r['parent_parameters']:,} (blocks {r['kept']['layers']})")  # fmt: skip
+    return 0

@@ -1,0 +1,71 @@
+"""Image-classification and distillation commands: train-classifier, distill, cka."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slimkit.core.commands import Invocation, arg, command
+
+RUN = ("out", "resume", "overwrite")
+
+
+def _print_report(r: dict | None) -> None:
+    if r:
+        print(f"{r['out']}: last top-1 {r['last']['top1']:.2f} %, best {r['best']['top1']:.2f} % "
+              f"(epoch {r['best']['epoch']}), {r['seconds']:.0f} s")  # fmt: skip
+
+
+@command("train-classifier", configs=["slimkit.kd.train:TrainConfig"], run=RUN,
+         help="train a timm image classifier (e.g. a teacher)",
+         description="Train a timm image classifier (e.g. a teacher) with cross-entropy.")  # fmt: skip
+def train_classifier(inv: Invocation) -> int:
+    from slimkit.kd.train import train_classifier as train
+
+    _print_report(train(*inv.configs, **inv.run_kwargs))
+    return 0
+
+
+@command("distill", configs=["slimkit.kd.train:DistillConfig"], run=RUN,
+         help="distil a frozen teacher into a student (KD, DKD, DIST, FitNet, OFA)",
+         description="Distil a frozen teacher into a student (KD, DKD, DIST, FitNet, OFA).")  # fmt: skip
+def distill(inv: Invocation) -> int:
+    from slimkit.kd.train import distill as run_distill
+
+    _print_report(run_distill(*inv.configs, **inv.run_kwargs))
+    return 0
+
+
+@command("cka",
+         args=[arg("--teacher", required=True, help="run directory (or weights file with --teacher-arch)"),
+               arg("--teacher-arch", default=""),
+               arg("--student", required=True, help="run directory (or weights file with --student-arch)"),
+               arg("--student-arch", default=""),
+               arg("--data", default="digits"),
+               arg("--img-size", type=int, default=32),
+               arg("--max-images", type=int, default=512, help="test images used"),
+               arg("--plot", help="write the heat-map here (PNG)"),
+               arg("--json", help="write the matrix here")],
+         help="linear CKA between every teacher and student stage",
+         description="Linear CKA between every teacher and student stage.")  # fmt: skip
+def cka(inv: Invocation) -> int:
+    from slimkit.kd.cka import cka_matrix, plot_cka
+    from slimkit.kd.train import load_model_from_run
+    from slimkit.vision.data import load_images
+
+    ns = inv.ns
+    data = load_images(ns.data, ns.img_size)
+    t = load_model_from_run(ns.teacher, ns.teacher_arch, data)
+    s = load_model_from_run(ns.student, ns.student_arch, data)
+    x = data.test.tensors[0][: ns.max_images]
+    m = cka_matrix(t, s, x)
+    print("CKA (rows: teacher stages 1-4, columns: student stages 1-4)")
+    for i, row in enumerate(m.tolist()):
+        print(f"T{i + 1} " + " ".join(f"{v:.3f}" for v in row))
+    print(f"mean diagonal {m.diagonal().mean():.3f}")
+    if ns.plot:
+        plot_cka(m, ns.plot, f"linear CKA on {ns.data} ({len(x)} test images)",
+                 Path(ns.teacher).name, Path(ns.student).name)  # fmt: skip
+    if ns.json:
+        Path(ns.json).write_text(json.dumps({"cka": m.tolist(), "images": len(x)}, indent=1) + "\n")
+    return 0
