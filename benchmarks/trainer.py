@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -30,10 +31,10 @@ from slimkit.train import TRAINERS, Trainer, discover  # noqa: E402
 
 # longer than the tests' tiny runs, so that set-up does not dominate; evaluation stays rare
 LONGER = {
-    "train-classifier": {"epochs": 2, "train_subset": 640},
-    "distill": {"epochs": 2, "train_subset": 640},
-    "train-lm": {"steps": 40, "eval_every": 1000, "checkpoint_every": 10},
-    "sam-train": {"steps": 20, "checkpoint_every": 10},
+    "train-classifier": {"epochs": 2, "train_subset": 320},
+    "distill": {"epochs": 2, "train_subset": 320},
+    "train-lm": {"steps": 20, "eval_every": 1000, "checkpoint_every": 10},
+    "sam-train": {"steps": 10, "checkpoint_every": 5},
 }
 
 
@@ -110,7 +111,9 @@ def main() -> None:
                 )
             ratios = [b / a for a, b in zip(p, s)]
             rows[name] = {"plain": p, "shared": s, "ratio_median": statistics.median(ratios)}
-    cmd = "python benchmarks/trainer.py " + " ".join(sys.argv[1:])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    cmd = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/trainer.py "
+    cmd += " ".join(sys.argv[1:])
     lines = [
         "# Shared training loop vs a minimal plain loop",
         "",
