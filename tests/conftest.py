@@ -127,3 +127,70 @@ def crash_on_call(monkeypatch, cls, method: str, n: int) -> None:
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, method, crashing)
+
+
+def crash_in_checkpoint(monkeypatch, n: int, windows: set[int] | None = None) -> dict:
+    """Kill the run right after the ``n``-th file-system step of the block-wise pipeline's
+    checkpoint writes (counting only the checkpoints of ``windows``; None: all).
+
+    The steps are every tensor file written, directory made, file or directory renamed, JSON
+    written and file or directory deleted: a kill between any two of them is simulated. Returns a
+    dict whose ``"steps"`` is the number of steps seen (compare it with ``n`` to know whether the
+    run was killed at all).
+    """
+    import os
+    from pathlib import Path
+
+    from slimkit.llm import pipeline
+
+    seen = {"steps": 0, "active": False}
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if seen["active"]:
+                seen["steps"] += 1
+                if seen["steps"] == n:
+                    raise Crash
+            return out
+
+        return wrapper
+
+    for name in ("replace", "rename", "mkdir", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, counted(getattr(os, name)))
+    monkeypatch.setattr(Path, "write_text", counted(Path.write_text))
+    monkeypatch.setattr(pipeline, "save_file", counted(pipeline.save_file))
+    original = pipeline.BlockwisePipeline._save_checkpoint
+
+    def save_checkpoint(self, wi, *args, **kwargs):
+        seen["active"] = windows is None or wi in windows
+        try:
+            return original(self, wi, *args, **kwargs)
+        finally:
+            seen["active"] = False
+
+    monkeypatch.setattr(pipeline.BlockwisePipeline, "_save_checkpoint", save_checkpoint)
+    return seen
+
+
+def checkpoint_files_are_only_the_latest(d) -> bool:
+    """True when a checkpoint directory holds progress.json and only the files it names."""
+    import json
+    from pathlib import Path
+
+    d = Path(d)
+    files = json.loads((d / "progress.json").read_text())["files"]
+    streams = files["streams"].format(rank=0)
+    named = {d / p for p in files["blocks"].values()} | {d / files["method"], d / streams}
+    present = {p for p in d.rglob("*") if p.is_file()} - {d / "progress.json"}
+    return present == named
+
+
+@pytest.fixture
+def one_thread():
+    """Tests that run dozens of tiny models: one intra-op thread is many times faster on a shared
+    two-core machine (thread hand-offs dominate matmuls of 64 x 64)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,7 +6,14 @@ import copy
 
 import pytest
 import torch
-from conftest import Crash, crash_on_call, random_ids, tiny_model
+from conftest import (
+    Crash,
+    checkpoint_files_are_only_the_latest,
+    crash_in_checkpoint,
+    crash_on_call,
+    random_ids,
+    tiny_model,
+)
 
 from slimkit import AWQConfig, CBQConfig, RTNConfig, quantize
 from slimkit.core.errors import SlimkitError
@@ -208,6 +215,46 @@ def test_resume_after_crash_gives_identical_quantized_weights(tmp_path, monkeypa
     assert all(torch.equal(aa[k]["act_clip"], ab[k]["act_clip"]) for k in aa)
     with torch.no_grad():
         assert torch.equal(full(ids).logits, resumed(ids).logits)
+
+
+def test_a_kill_during_a_window_checkpoint_resumes_to_the_same_weights(
+    tmp_path, monkeypatch, one_thread
+):
+    """Kill CBQ (K=2, O=1) after every file-system step of the second window's checkpoint write
+    and resume. Catches a checkpoint that is not atomic as a whole: the window replaced the file
+    of block 1 (shared with the first window) before progress.json named the window done, so the
+    resumed run trained block 1 a second time from its already hardened weights and came back
+    with different integer codes, with exit 0."""
+    ids = random_ids(4, 16)
+    cfg = CBQConfig(wbits=3, abits=6, group_size=16, epochs=1, train_batch_size=2, batch_size=2)
+    base = tiny_model("llama", layers=3)
+    inject_outliers(base, fraction=0.05, k=20)
+    full, _ = quantize(copy.deepcopy(base), cfg, ids)
+    (ra, aa) = _state(full)
+    n, killed = 0, 0
+    while True:
+        n += 1
+        d = tmp_path / f"kill-{n}"
+        with monkeypatch.context() as mp:
+            seen = crash_in_checkpoint(mp, n, windows={1})
+            try:
+                quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=d)
+            except Crash:
+                killed += 1
+            else:
+                assert seen["steps"] < n
+                break
+        resumed, _ = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=d, resume=True)
+        rb, ab = _state(resumed)
+        assert ra.keys() == rb.keys() and len(ra) == 3 * 7
+        for k in ra:
+            assert torch.equal(ra[k].codes, rb[k].codes), (n, k)
+            assert torch.equal(ra[k].scale, rb[k].scale), (n, k)
+        assert all(torch.equal(aa[k]["act_clip"], ab[k]["act_clip"]) for k in aa), n
+        with torch.no_grad():
+            assert torch.equal(full(ids).logits, resumed(ids).logits), n
+        assert checkpoint_files_are_only_the_latest(d), n
+    assert killed >= 8  # every step of the write was visited
 
 
 def test_same_command_twice_gives_the_same_model_whatever_the_global_rng():

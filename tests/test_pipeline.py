@@ -8,7 +8,15 @@ from slimkit import SlimkitError
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOptions, plan_windows
 from slimkit.quant.api import quantize
 from slimkit.quant.methods import METHODS, GPTQConfig, RTNConfig, config_class
-from tests.conftest import FAMILIES, Crash, crash_on_call, random_ids, tiny_model
+from tests.conftest import (
+    FAMILIES,
+    Crash,
+    checkpoint_files_are_only_the_latest,
+    crash_in_checkpoint,
+    crash_on_call,
+    random_ids,
+    tiny_model,
+)
 
 
 def test_plan_windows_k2_o1_visits_in_order():
@@ -126,6 +134,41 @@ def test_resume_after_crash_gives_identical_weights(tmp_path, monkeypatch, metho
     assert ra.keys() == rb.keys() and all(torch.equal(ra[k].codes, rb[k].codes) for k in ra)
     norm = "model.layers.0.input_layernorm.weight"
     assert torch.equal(a[norm], base.state_dict()[norm]) == (method == "gptq")
+
+
+def test_a_kill_at_any_step_of_a_checkpoint_write_resumes_to_the_same_weights(
+    tmp_path, monkeypatch, one_thread
+):
+    """Kill the run after every single file-system step of a middle window's checkpoint write
+    (it replaces the checkpoint of the window before) and resume: the weights and integer codes must equal those of an uninterrupted run. Catches a
+    checkpoint that is not atomic as a whole (block files replaced in place before progress.json
+    named the new window: a resume then started a window from blocks already changed by it)."""
+    ids = random_ids(4, 16)
+    cfg = GPTQConfig(wbits=3, group_size=16, batch_size=2)
+    base = tiny_model("llama", layers=3)
+    full, _ = quantize(copy.deepcopy(base), cfg, ids)
+    want = _gptq_weights(full)
+    n, killed = 0, 0
+    while True:
+        n += 1
+        d = tmp_path / f"kill-{n}"
+        with monkeypatch.context() as mp:
+            seen = crash_in_checkpoint(mp, n, windows={1})
+            try:
+                quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=d)
+            except Crash:
+                killed += 1
+            else:
+                assert seen["steps"] < n
+                break
+        resumed, _ = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=d, resume=True)
+        got = _gptq_weights(resumed)
+        assert all(torch.equal(want[k], got[k]) for k in want), f"killed after step {n}"
+        ra, rb = full._slimkit_quant["records"], resumed._slimkit_quant["records"]
+        assert all(torch.equal(ra[k].codes, rb[k].codes) for k in ra), f"killed after step {n}"
+        # what a killed write left behind is gone once the resumed run checkpoints
+        assert checkpoint_files_are_only_the_latest(d), f"killed after step {n}"
+    assert killed >= 8  # every step of the write was visited
 
 
 def test_disk_offload_matches_ram():

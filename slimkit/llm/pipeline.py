@@ -24,6 +24,9 @@ import copy
 import json
 import logging
 import os
+import re
+import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,6 +412,11 @@ class BlockwisePipeline:
         self._method = method
         method.on_start(self)
         start = 0
+        # names this process's checkpoint directories apart from those of a killed earlier one
+        # (from the OS, so the torch RNG stream that the checkpoint restores is not touched)
+        token = torch.tensor([secrets.randbits(31) if dist.rank() == 0 else 0], device=self.device)
+        self._ckpt_token = f"{int(dist.all_reduce_max(token)):08x}"
+        self._ckpt_files: dict[str, str] = {}  # block -> file in the current checkpoint
         if resume and self.checkpoint_dir and (self.checkpoint_dir / "progress.json").is_file():
             start, inputs_q, inputs_fp = self._load_checkpoint(method)
             self.resumed_at = start
@@ -473,42 +481,42 @@ class BlockwisePipeline:
         return self
 
     # ----------------------------------------------------------------------------- checkpoint
+    # A checkpoint is atomic as a whole. Each window's files (its blocks, the method state, every
+    # rank's activation streams) go into a new directory ``window-NNNN-TOKEN.tmp`` that is renamed
+    # when complete; then ``progress.json`` is replaced in one step: it names the file that holds
+    # each block, so it is the switch from the old checkpoint to the new one. Files no longer named
+    # are deleted last. A kill at any point leaves the old or the new checkpoint, never a mix (a
+    # block file overwritten in place before the switch used to resume to different weights).
     def _save_checkpoint(
         self, wi: int, method: BlockwiseMethod, q: ActivationStore, fp: ActivationStore | None
     ) -> None:
         d = self.checkpoint_dir
         if d is None:
             return
-        d.mkdir(parents=True, exist_ok=True)
-        block_ids, finalize_ids = self.plan[wi]
+        step = f"window-{wi:04d}-{self._ckpt_token}"
+        tmp = d / f"{step}.tmp"
+        block_ids, _ = self.plan[wi]
+        if dist.rank() == 0:
+            d.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a killed attempt (the token makes this unlikely)
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        dist.barrier()
         if dist.rank() == 0:
             for b in block_ids:  # finalized blocks and blocks carried into the next window
-                tensors = {
-                    k: v.detach().cpu().contiguous() for k, v in self.blocks[b].state_dict().items()
-                }
-                prefix = f"{self._block_prefix}.{b}."
-                meta = {}
-                for name, rec in self.records.items():
-                    if name.startswith(prefix):
-                        tensors.update(
-                            {f"@q.{k}": v.contiguous() for k, v in rec.tensors(name).items()}
-                        )
-                        meta[name] = json.dumps(rec.spec.__dict__)
-                for name, m in self.named_linears(b).items():
-                    hook = acts.hook_of(m)  # activation quantizers travel with their block
-                    if hook is not None:
-                        meta[f"@act.{name}"] = json.dumps(hook.spec.__dict__)
-                        for k, v in acts.saved_params(hook).items():
-                            tensors[f"@{k}.{name}"] = v
-                _save(tensors, d / f"block_{b:04d}.safetensors", meta)
-            _save(method.state_dict(), d / "method.safetensors")
+                tensors, meta = self._block_state(b)
+                _save(tensors, tmp / f"block_{b:04d}.safetensors", meta)
+            _save(method.state_dict(), tmp / "method.safetensors")
         streams = {"q": q.all().contiguous()}
         if fp is not None:
             streams["fp"] = fp.all().contiguous()
         streams["rng"] = torch.get_rng_state()
-        _save(streams, d / f"streams_rank{dist.rank()}.safetensors")
+        _save(streams, tmp / f"streams_rank{dist.rank()}.safetensors")
         dist.barrier()
         if dist.rank() == 0:
+            os.replace(tmp, d / step)
+            files = dict(self._ckpt_files)
+            files.update({str(b): f"{step}/block_{b:04d}.safetensors" for b in block_ids})
             prog = {
                 "next_window": wi + 1,
                 "n_blocks": len(self.blocks),
@@ -518,11 +526,34 @@ class BlockwisePipeline:
                 "world_size": dist.world_size(),
                 "identity": self.identity,
                 "elapsed_seconds": self.prior_seconds + time.time() - self._t_start,
+                # where this checkpoint's files are (relative to the checkpoint directory)
+                "files": {
+                    "blocks": files,
+                    "method": f"{step}/method.safetensors",
+                    "streams": f"{step}/streams_rank{{rank}}.safetensors",
+                },
             }
-            tmp = d / "progress.json.tmp"
-            tmp.write_text(json.dumps(prog))
-            os.replace(tmp, d / "progress.json")
+            _write_json(d / "progress.json", prog)  # the switch
+            self._ckpt_files = files
+            _remove_unreferenced(d, prog["files"])
         dist.barrier()
+
+    def _block_state(self, b: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A block's weights plus the records and activation quantizers of its linears."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.blocks[b].state_dict().items()}
+        prefix = f"{self._block_prefix}.{b}."
+        meta = {}
+        for name, rec in self.records.items():
+            if name.startswith(prefix):
+                tensors.update({f"@q.{k}": v.contiguous() for k, v in rec.tensors(name).items()})
+                meta[name] = json.dumps(rec.spec.__dict__)
+        for name, m in self.named_linears(b).items():
+            hook = acts.hook_of(m)  # activation quantizers travel with their block
+            if hook is not None:
+                meta[f"@act.{name}"] = json.dumps(hook.spec.__dict__)
+                for k, v in acts.saved_params(hook).items():
+                    tensors[f"@{k}.{name}"] = v
+        return tensors, meta
 
     def _load_checkpoint(self, method: BlockwiseMethod):
         d = self.checkpoint_dir
@@ -556,9 +587,24 @@ class BlockwisePipeline:
                 )
         start = prog["next_window"]
         self.prior_seconds = float(prog.get("elapsed_seconds", 0.0))
+        files = prog.get("files")
+        if files is None:  # block files replaced in place: it may mix two windows
+            raise SlimkitError(
+                f"cannot resume: {d} holds a checkpoint in the older, non-atomic layout; "
+                "rerun without --resume to start over"
+            )
+        self._ckpt_files = dict(files["blocks"])
+        if dist.rank() == 0:  # what a write killed after the switch left behind
+            _remove_unreferenced(d, files)
         touched = sorted({b for w in self.plan[:start] for b in w[0]})
+        missing = [b for b in touched if str(b) not in files["blocks"]]
+        if missing:
+            raise SlimkitError(
+                f"cannot resume: {d / 'progress.json'} names no file for blocks {missing}; "
+                "rerun without --resume to start over"
+            )
         for b in touched:
-            tensors, meta = _load(d / f"block_{b:04d}.safetensors")
+            tensors, meta = _load(d / files["blocks"][str(b)])
             state = {k: v for k, v in tensors.items() if not k.startswith("@")}
             self.blocks[b].load_state_dict(state)
             for key, spec_json in meta.items():
@@ -578,10 +624,9 @@ class BlockwisePipeline:
                     g_idx=tensors[f"@q.{name}.g_idx"],
                     spec=spec,
                 )
-        method.load_state_dict(
-            load_file(d / "method.safetensors") if (d / "method.safetensors").is_file() else {}
-        )
-        streams = load_file(d / f"streams_rank{dist.rank()}.safetensors")
+        method_file = d / files["method"]
+        method.load_state_dict(load_file(method_file) if method_file.is_file() else {})
+        streams = load_file(d / files["streams"].format(rank=dist.rank()))
         q = self.new_store()
         q.set(0, q.n, streams["q"])
         fp = None
@@ -606,6 +651,35 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | N
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta or None)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+_CHECKPOINT_FILE = re.compile(r"(block_\d+|method|streams_rank\d+)\.(safetensors|tmp)")
+
+
+def _remove_unreferenced(d: Path, files: dict) -> None:
+    """Delete the files of earlier checkpoints that ``files`` (the new checkpoint) does not
+    name: whole ``window-*`` directories, single files in a directory that still holds a named
+    block, and the flat files of the pre-atomic layout."""
+    keep = set(files["blocks"].values()) | {files["method"]}
+    keep_dirs = {Path(f).parent.name for f in keep}
+    for p in sorted(d.iterdir()):
+        if p.is_dir() and p.name.startswith("window-"):
+            if p.name not in keep_dirs:
+                shutil.rmtree(p)
+                continue
+            for f in sorted(p.iterdir()):
+                if f"{p.name}/{f.name}" not in keep and not (
+                    p.name == Path(files["method"]).parent.name and f.name.startswith("streams_")
+                ):
+                    f.unlink()
+        elif p.is_file() and _CHECKPOINT_FILE.fullmatch(p.name):
+            p.unlink()
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
