@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench_common import ROOT, machine_line  # noqa: E402
 
 from slimkit import CBQConfig, RTNConfig, SmoothQuantConfig, quantize  # noqa: E402
-from slimkit.llm.outliers import inject_outliers  # noqa: E402
+from slimkit.quant.outliers import inject_outliers  # noqa: E402
 
 logging.getLogger("slimkit").setLevel(logging.ERROR)
 OUT = ROOT / "benchmarks" / "results" / "cbq_checks.md"

@@ -10,9 +10,9 @@ would be artificially lossless.
 from __future__ import annotations
 
 from slimkit.core.config import from_preset
-from slimkit.llm.run_config import CalibConfig, EvalConfig
-from slimkit.llm.workflow import quantize_run
 from slimkit.quant.methods import CBQConfig
+from slimkit.workflows.llm import quantize_run
+from slimkit.workflows.run_config import CalibConfig, EvalConfig
 
 DEMO_MODEL = "smollm2-135m"
 

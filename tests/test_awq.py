@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from slimkit.core.errors import SlimkitError
-from slimkit.llm.obs import HessianAccumulator
-from slimkit.llm.outliers import inject_outliers
 from slimkit.llm.pipeline import BlockwisePipeline
 from slimkit.quant.api import quantize
 from slimkit.quant.methods import AWQConfig, RTNConfig
 from slimkit.quant.methods.awq import AWQ, grouped_error, search_clip
+from slimkit.quant.obs import HessianAccumulator
+from slimkit.quant.outliers import inject_outliers
 from slimkit.quant.quantizer import QuantSpec, quantize_weight
 from tests.conftest import random_ids, tiny_model
 

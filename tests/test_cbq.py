@@ -17,10 +17,10 @@ from conftest import (
 
 from slimkit import AWQConfig, CBQConfig, RTNConfig, quantize
 from slimkit.core.errors import SlimkitError
-from slimkit.llm.outliers import inject_outliers
 from slimkit.llm.pipeline import BlockwisePipeline
 from slimkit.quant.cfp import CFPParams, activation_scales, detect_outliers, truncated_weight
 from slimkit.quant.methods.cbq import CBQ, LinearQuantizer, rectified_sigmoid
+from slimkit.quant.outliers import inject_outliers
 from slimkit.quant.quantizer import QuantSpec
 
 

@@ -121,8 +121,8 @@ def test_a_preset_resolves_the_same_from_cli_yaml_and_python(cmd, flags, sel, na
 
 
 def test_preset_precedence_method_over_calibration_recipe_and_flags_over_preset(tmp_path):
-    from slimkit.llm.run_config import CalibConfig
     from slimkit.quant.methods import CBQConfig
+    from slimkit.workflows.run_config import CalibConfig
 
     cbq, calib = from_preset("demo", CBQConfig, CalibConfig, wbits=3)
     assert (cbq.epochs, cbq.wbits) == (CBQConfig.PRESETS["demo"]["epochs"], 3)

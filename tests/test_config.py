@@ -53,7 +53,7 @@ def test_shipped_quantize_recipes_build_their_configs(recipe):
     """Every key of a shipped recipe is an option of its method / calibration / evaluation
     config (a misspelt key would fail here, not on a user's machine)."""
     from slimkit.core.config import split_recipe
-    from slimkit.llm.run_config import CalibConfig, EvalConfig
+    from slimkit.workflows.run_config import CalibConfig, EvalConfig
 
     data = load_yaml(recipe)
     cls = config_class(data.pop("method"))

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from slimkit import SlimkitError
-from slimkit.llm.obs import Sparsity
 from slimkit.llm.pipeline import BlockwisePipeline
 from slimkit.prune import PRUNE_METHODS, MagnitudeConfig, SparseGPTConfig, WandaConfig, prune
 from slimkit.prune.magnitude import magnitude_prune_weight
@@ -12,6 +11,7 @@ from slimkit.prune.sparsegpt import sparsegpt_prune_weight
 from slimkit.prune.wanda import Wanda, wanda_prune_weight
 from slimkit.quant.api import quantize
 from slimkit.quant.methods import GPTQConfig
+from slimkit.quant.obs import Sparsity
 from tests.conftest import FAMILIES, random_ids, tiny_model
 
 
@@ -326,10 +326,10 @@ def test_structured_head_pruning_keeps_the_important_group():
 def test_rotation_after_pruning_is_refused_before_any_work(tiny_model_dir, tmp_path):
     """A rotated weight is dense: --rotate after pruning would silently undo the sparsity."""
     from slimkit.core.errors import SlimkitError
-    from slimkit.llm.run_config import CalibConfig
-    from slimkit.llm.workflow import compress_run
     from slimkit.prune import WandaConfig
     from slimkit.quant.methods import RTNConfig
+    from slimkit.workflows.llm import compress_run
+    from slimkit.workflows.run_config import CalibConfig
 
     for kw in ({"rotate": "random"}, {"rotate_down": "random"}):
         with pytest.raises(SlimkitError, match="dense"):

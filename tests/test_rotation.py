@@ -8,9 +8,9 @@ import torch
 
 import slimkit
 from slimkit.core.errors import SlimkitError
-from slimkit.llm.outliers import inject_outliers
 from slimkit.quant.api import attach_saved_activation_quantizers, quantize
 from slimkit.quant.methods import AWQConfig, RTNConfig
+from slimkit.quant.outliers import inject_outliers
 from slimkit.quant.rotation import attach_down_rotation, orthogonal, rotate_model
 from tests.conftest import random_ids, tiny_config, tiny_model
 

@@ -11,7 +11,7 @@ from slimkit.core.commands import Invocation, arg, command
 from slimkit.core.errors import SlimkitError
 
 RUN = ("out", "resume", "overwrite")
-CALIB_EVAL = ["slimkit.llm.run_config:CalibConfig", "slimkit.llm.run_config:EvalConfig"]
+CALIB_EVAL = ["slimkit.workflows.run_config:CalibConfig", "slimkit.workflows.run_config:EvalConfig"]
 
 
 def _quant_methods() -> list[str]:
@@ -40,7 +40,7 @@ def _quantize_configs(method: str) -> list:
          help="quantize a causal LM into a run directory",
          description="Quantize a causal LM into a run directory.")  # fmt: skip
 def quantize(inv: Invocation) -> int:
-    from slimkit.llm.workflow import quantize_run
+    from slimkit.workflows.llm import quantize_run
 
     if not inv.ns.model:
         raise SlimkitError(
@@ -70,7 +70,7 @@ def _prune_configs(method: str, then: str | None) -> list:
          help="prune a causal LM (and optionally quantize it)",
          description="Prune a causal LM (and optionally quantize it).")  # fmt: skip
 def prune(inv: Invocation) -> int:
-    from slimkit.llm.workflow import compress_run
+    from slimkit.workflows.llm import compress_run
 
     ns = inv.ns
     compress_run(ns.model, prune_steps(inv), inv.config(inv.classes[-2]),
@@ -93,14 +93,14 @@ def prune_steps(inv: Invocation) -> list:
     return [pcfg, inv.config(qcls, {"keep_zeros": True} if keeps else {})]
 
 
-@command("eval", configs=["slimkit.llm.run_config:EvalConfig"],
+@command("eval", configs=["slimkit.workflows.run_config:EvalConfig"],
          args=[arg("model", help="run directory, registered name, HF id or local dir"),
                arg("--device", default="auto"),
                arg("--json", help="also write the results here")],
          help="perplexity (GPTQ protocol) and lm-eval tasks",
          description="Perplexity (GPTQ protocol) and lm-eval tasks.")  # fmt: skip
 def eval_(inv: Invocation) -> int:
-    from slimkit.llm.workflow import eval_run
+    from slimkit.workflows.llm import eval_run
 
     (ev,) = inv.configs
     res = eval_run(inv.ns.model, ev, device=inv.ns.device, json_out=inv.ns.json)

@@ -143,7 +143,7 @@ def resolve_preset(name: str, classes: Sequence[type]) -> list[dict]:
     CBQ's epochs without the calibration size.
 
     Example:
-        >>> from slimkit.llm.run_config import CalibConfig
+        >>> from slimkit.workflows.run_config import CalibConfig
         >>> resolve_preset("demo", [CalibConfig])
         [{'n_calib': 16, 'calib_seq_len': 512}]
     """
@@ -167,7 +167,7 @@ def from_preset(name: str, *classes: type, **overrides: Any) -> Any:
     it (each goes to the class that has that field). One class gives one config, several a tuple.
 
     Example:
-        >>> from slimkit.llm.run_config import CalibConfig
+        >>> from slimkit.workflows.run_config import CalibConfig
         >>> from_preset("fast", CalibConfig, seed=1).n_calib
         32
     """

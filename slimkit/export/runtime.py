@@ -61,9 +61,9 @@ def load_for_generation(path: str | Path):
         model = load_gptq(p)
         how = "GPTQ v1 dequantized to fp32 at load (no fast int4 CPU kernel in PyTorch)"
     else:
-        from slimkit.llm.workflow import load_for_eval
+        from slimkit.quant.api import load_saved
 
-        model, tok, meta = load_for_eval(str(path))
+        model, tok, meta = load_saved(str(path))
         how = "slimkit fake-quant run (fp32)" if meta else "unquantized model"
     return model.eval(), tok, how
 

@@ -40,9 +40,6 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.logs import progress
 from slimkit.llm.activations import ActivationStore, available_ram_bytes
 from slimkit.llm.block_maps import BlockMap, block_map_for, get_blocks, get_module
-from slimkit.quant import activations as acts
-from slimkit.quant.activations import ACT_KEYS, ActSpec
-from slimkit.quant.quantizer import QuantizedWeight, QuantSpec
 
 log = logging.getLogger("slimkit")
 OFFLOAD_MODES = ("auto", "ram", "disk")
@@ -133,6 +130,42 @@ def plan_windows(n_blocks: int, window: int, overlap: int) -> list[tuple[list[in
         end = starts[i + 1] if i + 1 < len(starts) else n_blocks
         plan.append((blocks, list(range(s, end))))
     return plan
+
+
+class BlockState:
+    """State that methods leave on a block beside its ``state_dict`` (quantization records,
+    activation quantizers): saved with the block in every checkpoint, put back on resume and
+    removed from the full-precision copies. The package that creates such state registers one
+    with :func:`register_block_state`; the pipeline itself knows none of them.
+    """
+
+    def save(self, pipe: BlockwisePipeline, block_id: int):
+        """(tensors, metadata strings) to store in the block's file; keys must not collide with
+        the block's state_dict (prefix them with ``@``)."""
+        return {}, {}
+
+    def load(
+        self,
+        pipe: BlockwisePipeline,
+        block_id: int,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, str],
+    ) -> set[str]:
+        """Restore from a block file; returns the metadata keys it has read."""
+        return set()
+
+    def strip(self, module: nn.Module) -> None:
+        """Remove this state from ``module`` (a deep copy that must run in full precision)."""
+
+
+BLOCK_STATES: list[BlockState] = []
+
+
+def register_block_state(state: BlockState) -> BlockState:
+    """Add ``state`` to what every checkpoint saves per block (idempotent per class)."""
+    if not any(type(s) is type(state) for s in BLOCK_STATES):
+        BLOCK_STATES.append(state)
+    return state
 
 
 class BlockwiseMethod:
@@ -236,7 +269,9 @@ class BlockwisePipeline:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.kwargs: dict = {}
         self.args: tuple = ()
-        self.records: dict[str, QuantizedWeight] = {}
+        # compressed-weight records that methods write, by linear name (slimkit.quant's
+        # QuantizedWeight); saved with their block by a registered BlockState
+        self.records: dict[str, object] = {}
         self.log: list[dict] = []  # per-layer / per-window metrics reported by methods
         self._names = {id(m): n for n, m in model.named_modules()}
         self._block_prefix = self.bmap.blocks
@@ -539,20 +574,13 @@ class BlockwisePipeline:
         dist.barrier()
 
     def _block_state(self, b: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """A block's weights plus the records and activation quantizers of its linears."""
+        """A block's weights plus what registered :class:`BlockState` s keep beside them."""
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.blocks[b].state_dict().items()}
-        prefix = f"{self._block_prefix}.{b}."
-        meta = {}
-        for name, rec in self.records.items():
-            if name.startswith(prefix):
-                tensors.update({f"@q.{k}": v.contiguous() for k, v in rec.tensors(name).items()})
-                meta[name] = json.dumps(rec.spec.__dict__)
-        for name, m in self.named_linears(b).items():
-            hook = acts.hook_of(m)  # activation quantizers travel with their block
-            if hook is not None:
-                meta[f"@act.{name}"] = json.dumps(hook.spec.__dict__)
-                for k, v in acts.saved_params(hook).items():
-                    tensors[f"@{k}.{name}"] = v
+        meta: dict[str, str] = {}
+        for state in BLOCK_STATES:
+            t, m = state.save(self, b)
+            tensors.update(t)
+            meta.update(m)
         return tensors, meta
 
     def _load_checkpoint(self, method: BlockwiseMethod):
@@ -607,22 +635,13 @@ class BlockwisePipeline:
             tensors, meta = _load(d / files["blocks"][str(b)])
             state = {k: v for k, v in tensors.items() if not k.startswith("@")}
             self.blocks[b].load_state_dict(state)
-            for key, spec_json in meta.items():
-                if key.startswith("@act."):
-                    name = key[len("@act.") :]
-                    acts.attach_saved(
-                        get_module(self.model, name),
-                        ActSpec(**json.loads(spec_json)),
-                        {k: tensors[f"@{k}.{name}"] for k in ACT_KEYS if f"@{k}.{name}" in tensors},
-                    )
-                    continue
-                name, spec = key, QuantSpec(**json.loads(spec_json))
-                self.records[name] = QuantizedWeight(
-                    codes=tensors[f"@q.{name}.codes"],
-                    scale=tensors[f"@q.{name}.scale"],
-                    zero=tensors[f"@q.{name}.zero"],
-                    g_idx=tensors[f"@q.{name}.g_idx"],
-                    spec=spec,
+            unknown = set(meta)
+            for extra in BLOCK_STATES:
+                unknown -= extra.load(self, b, tensors, meta)
+            if unknown:
+                raise SlimkitError(
+                    f"cannot resume: {files['blocks'][str(b)]} holds state that no loaded package "
+                    f"reads ({', '.join(sorted(unknown)[:3])}); rerun without --resume"
                 )
         method_file = d / files["method"]
         method.load_state_dict(load_file(method_file) if method_file.is_file() else {})
@@ -641,7 +660,8 @@ def _fp_copy(block: nn.Module) -> nn.Module:
     """A frozen copy of a block without activation quantizers or instance-level forward
     overrides (a resumed block may carry them from its checkpoint)."""
     c = copy.deepcopy(block).requires_grad_(False)
-    acts.strip(c)
+    for state in BLOCK_STATES:
+        state.strip(c)
     for m in c.modules():
         m.__dict__.pop("forward", None)
     return c

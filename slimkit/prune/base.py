@@ -10,8 +10,8 @@ from torch import nn
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Registry
 from slimkit.llm.block_maps import set_weight, weight_of
-from slimkit.llm.obs import Sparsity
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineFields
+from slimkit.quant.obs import Sparsity
 
 PRUNE_METHODS = Registry("pruning method")
 

@@ -2,7 +2,7 @@
 
 OBS-style: the mask is chosen block by block from w^2 / [H^-1]_jj^2 (jointly over each block of
 B columns for a ratio, per group of M columns for N:M) and the surviving weights are updated to
-compensate, with the same Hessian and column sweep as GPTQ (``slimkit.llm.obs``). With
+compensate, with the same Hessian and column sweep as GPTQ (``slimkit.quant.obs``). With
 ``wbits`` < 16 the same sweep also quantizes (joint sparsity + quantization in one pass).
 """
 
@@ -15,10 +15,10 @@ import torch
 from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.block_maps import weight_of
-from slimkit.llm.obs import Sparsity, collect_hessians, inverse_factor, obs_sweep
 from slimkit.llm.pipeline import Window
 from slimkit.prune.base import PruneConfig, PruneMethod, register_pruner
 from slimkit.quant.methods.base import output_error
+from slimkit.quant.obs import Sparsity, collect_hessians, inverse_factor, obs_sweep
 from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, trivial_g_idx, validate_bits
 
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 from slimkit.llm.block_maps import weight_of
-from slimkit.llm.obs import Sparsity
 from slimkit.llm.pipeline import Window
 from slimkit.prune.base import PruneConfig, PruneMethod, register_pruner
 from slimkit.prune.magnitude import prune_by_score
 from slimkit.prune.masks import COMPARISON_GROUPS
+from slimkit.quant.obs import Sparsity
 
 
 @dataclass

@@ -152,3 +152,20 @@ def attach_saved_activation_quantizers(model: nn.Module, model_dir: str | Path) 
             params = {k: state[f"{name}.{k}"] for k in ACT_KEYS if f"{name}.{k}" in state}
             acts.attach_saved(module, spec, params)
     return meta
+
+
+def load_saved(path_or_name: str):
+    """(model, tokenizer, quantization.json or None) for a model directory that
+    :func:`save_quantized` wrote (fake-quant weights, activation quantizers re-attached) or for
+    any other model directory or name."""
+    from slimkit.llm.models import load_model
+
+    p = Path(path_or_name)
+    if p.is_dir() and (p / QUANT_JSON).is_file():
+        model, tok = load_model(str(p))
+        meta = attach_saved_activation_quantizers(model, p)
+        return model, tok, meta
+    if p.with_name(p.name + ".partial").exists() and not p.exists():
+        raise SlimkitError(f"{p} did not finish; resume it with the same command plus --resume")
+    model, tok = load_model(path_or_name)
+    return model, tok, None

@@ -39,7 +39,6 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.block_maps import get_module, set_weight, weight_of
-from slimkit.llm.obs import HessianAccumulator
 from slimkit.llm.pipeline import BlockwisePipeline, Window
 from slimkit.quant.methods.base import (
     QuantConfig,
@@ -52,6 +51,7 @@ from slimkit.quant.methods.smoothquant import (
     fold_scales,
     foldable_linear_pairs,
 )
+from slimkit.quant.obs import HessianAccumulator
 from slimkit.quant.quantizer import QuantSpec, quantize_weight
 
 

@@ -52,7 +52,6 @@ from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.core.logs import progress
 from slimkit.llm.block_maps import get_module, set_weight, weight_of
-from slimkit.llm.obs import collect_hessians
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOptions, Window
 from slimkit.quant import activations as acts
 from slimkit.quant.activations import ActQuantHook, ActSpec, quantize_activation
@@ -66,6 +65,7 @@ from slimkit.quant.methods.smoothquant import (
     foldable_linear_pairs,
     reduce_repeated,
 )
+from slimkit.quant.obs import collect_hessians
 from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, _grouped, trivial_g_idx
 
 log = logging.getLogger("slimkit")

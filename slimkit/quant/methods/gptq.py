@@ -16,9 +16,9 @@ import torch
 from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.block_maps import get_module, weight_of
-from slimkit.llm.obs import collect_hessians, inverse_factor, obs_sweep
 from slimkit.llm.pipeline import Window
 from slimkit.quant.methods.base import QuantConfig, WeightQuantMethod, output_error, register_method
+from slimkit.quant.obs import collect_hessians, inverse_factor, obs_sweep
 from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, fit_params
 
 

@@ -16,13 +16,13 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
 from slimkit.data.text import calibration_windows, eval_windows, fingerprint
 from slimkit.llm.evaluate import lm_eval_tasks, perplexity, protocol_text
-from slimkit.llm.model_card import model_card
 from slimkit.llm.models import load_model, resolve_model_path
 from slimkit.llm.pipeline import resolve_device
-from slimkit.llm.run_config import CalibConfig, EvalConfig
-from slimkit.quant.api import attach_saved_activation_quantizers, quantize, save_quantized
+from slimkit.quant.api import load_saved, quantize, save_quantized
 from slimkit.quant.methods import QuantConfig, check_model_widths, method_for_config
 from slimkit.quant.rotation import check_rotation
+from slimkit.workflows.model_card import model_card
+from slimkit.workflows.run_config import CalibConfig, EvalConfig
 
 log = logging.getLogger("slimkit")
 
@@ -207,14 +207,7 @@ def load_for_eval(path_or_name: str):
         model, tok, how = load_for_generation(p)
         log.info("%s: %s", p, how)
         return model, tok, {"method": f"export ({describe(p)})"}
-    if p.is_dir() and (p / "quantization.json").is_file():
-        model, tok = load_model(str(p))
-        meta = attach_saved_activation_quantizers(model, p)
-        return model, tok, meta
-    if p.with_name(p.name + ".partial").exists() and not p.exists():
-        raise SlimkitError(f"{p} did not finish; resume it with the same command plus --resume")
-    model, tok = load_model(path_or_name)
-    return model, tok, None
+    return load_saved(path_or_name)
 
 
 def eval_run(
