@@ -20,7 +20,7 @@ if __name__ == "__main__":
     )
     if dist.rank() == 0:
         state = {k: v.contiguous() for k, v in model.state_dict().items() if "layers" in k}
-        for name, rec in model._slimkit_quant["records"].items():
+        for name, rec in report.records.items():
             state[name + ".codes"] = rec.codes
         save_file(state, sys.argv[1])
     if dist.is_dist():

@@ -182,8 +182,8 @@ def test_linear_pair_layout_maps_gqa_columns_to_value_rows():
         linear_pair_repeat("attn", 5, 12, 4)
 
 
-def _state(model):
-    q = model._slimkit_quant
+def _state(result):
+    q = result.quantization
     return q["records"], q["act_params"]
 
 
@@ -197,7 +197,7 @@ def test_resume_after_crash_gives_identical_quantized_weights(tmp_path, monkeypa
     base = tiny_model("llama", layers=4)
     inject_outliers(base, fraction=0.05, k=20)
     torch.manual_seed(1)
-    full, _ = quantize(copy.deepcopy(base), cfg, ids)
+    full, full_res = quantize(copy.deepcopy(base), cfg, ids)
 
     with monkeypatch.context() as mp:
         crash_on_call(mp, CBQ, "on_window", 3)
@@ -205,8 +205,8 @@ def test_resume_after_crash_gives_identical_quantized_weights(tmp_path, monkeypa
         with pytest.raises(Crash):
             quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path)
     torch.manual_seed(123)  # the checkpoint restores the RNG state
-    resumed, _ = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path, resume=True)
-    (ra, aa), (rb, ab) = _state(full), _state(resumed)
+    resumed, res = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=tmp_path, resume=True)
+    (ra, aa), (rb, ab) = _state(full_res), _state(res)
     assert ra.keys() == rb.keys() and len(ra) == 4 * 7
     for k in ra:
         assert torch.equal(ra[k].codes, rb[k].codes), k
@@ -229,8 +229,8 @@ def test_a_kill_during_a_window_checkpoint_resumes_to_the_same_weights(
     cfg = CBQConfig(wbits=3, abits=6, group_size=16, epochs=1, train_batch_size=2, batch_size=2)
     base = tiny_model("llama", layers=3)
     inject_outliers(base, fraction=0.05, k=20)
-    full, _ = quantize(copy.deepcopy(base), cfg, ids)
-    (ra, aa) = _state(full)
+    full, full_res = quantize(copy.deepcopy(base), cfg, ids)
+    (ra, aa) = _state(full_res)
     n, killed = 0, 0
     while True:
         n += 1
@@ -244,8 +244,8 @@ def test_a_kill_during_a_window_checkpoint_resumes_to_the_same_weights(
             else:
                 assert seen["steps"] < n
                 break
-        resumed, _ = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=d, resume=True)
-        rb, ab = _state(resumed)
+        resumed, res = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=d, resume=True)
+        rb, ab = _state(res)
         assert ra.keys() == rb.keys() and len(ra) == 3 * 7
         for k in ra:
             assert torch.equal(ra[k].codes, rb[k].codes), (n, k)
@@ -266,7 +266,7 @@ def test_same_command_twice_gives_the_same_model_whatever_the_global_rng():
     runs = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        runs.append(_state(quantize(copy.deepcopy(base), cfg, ids)[0])[0])
+        runs.append(_state(quantize(copy.deepcopy(base), cfg, ids)[1])[0])
     assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 3 * 7
     for k in runs[0]:
         assert torch.equal(runs[0][k].codes, runs[1][k].codes), k
@@ -282,13 +282,13 @@ def test_every_block_is_hardened_exactly_once(monkeypatch):
         return original(self, w)
 
     monkeypatch.setattr(LinearQuantizer, "harden", counting)
-    model, _ = quantize(
+    model, res = quantize(
         tiny_model("llama", layers=4),
         CBQConfig(wbits=4, group_size=32, epochs=1, window=3, overlap=2),
         random_ids(2, 16),
     )
     assert len(calls) == len({id(q) for q in calls}) == 4 * 7
-    q = model._slimkit_quant["records"]
+    q = res.records
     layer = model.model.layers[2].mlp.down_proj
     assert torch.equal(layer.weight, q["model.layers.2.mlp.down_proj"].dequantize())
 

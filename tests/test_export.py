@@ -23,9 +23,9 @@ def make_run(tmp_path, tok, name="run", method="rtn", **kw):
 
     cfg = config_class(method)(**kw)
     model = tiny_model("llama", vocab=len(tok), layers=2)
-    model, _ = slimkit.quantize(model, cfg, random_ids(4, 32, len(tok)))
+    model, res = slimkit.quantize(model, cfg, random_ids(4, 32, len(tok)))
     d = tmp_path / name
-    slimkit.save_quantized(model, tok, d)
+    slimkit.save_quantized(model, tok, d, res)
     return d
 
 
@@ -274,8 +274,10 @@ def test_f16_baseline_gguf_is_the_base_model(tmp_path, tiny_tokenizer, tiny_mode
 def test_other_families(tmp_path, family):
     """OPT and Qwen2 (linear biases) export to compressed-tensors and GPTQ; GPT-2's Conv1D is refused."""
     model = tiny_model(family)
-    model, _ = slimkit.quantize(model, slimkit.RTNConfig(wbits=4, group_size=32), random_ids(2, 16))
-    slimkit.save_quantized(model, None, tmp_path / "run")
+    model, res = slimkit.quantize(
+        model, slimkit.RTNConfig(wbits=4, group_size=32), random_ids(2, 16)
+    )
+    slimkit.save_quantized(model, None, tmp_path / "run", res)
     if family == "gpt2":
         with pytest.raises(SlimkitError, match="Conv1D"):
             export(tmp_path / "run", tmp_path / "ct", ExportConfig())

@@ -87,7 +87,7 @@ def test_every_method_on_every_family(family, method):
         ref = model(input_ids=ids).logits
     cfg = config_class(method)(wbits=4, group_size=32, batch_size=2)
     model, report = quantize(model, cfg, ids)
-    records = model._slimkit_quant["records"]
+    records = report.records
     assert report["n_quantized_linears"] == len(records) > 0
     errs = [v for e in report["layers"] for k, v in e.items() if k.endswith("err")]
     assert len(errs) == len(records) and all(0 < e < 1 for e in errs)
@@ -130,7 +130,7 @@ def test_resume_after_crash_gives_identical_weights(tmp_path, monkeypatch, metho
     assert full_rep["resumed_at_window"] is None and full_rep["seconds"] < 600
     a, b = _gptq_weights(full), _gptq_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = full._slimkit_quant["records"], resumed._slimkit_quant["records"]
+    ra, rb = full_rep.records, rep.records
     assert ra.keys() == rb.keys() and all(torch.equal(ra[k].codes, rb[k].codes) for k in ra)
     norm = "model.layers.0.input_layernorm.weight"
     assert torch.equal(a[norm], base.state_dict()[norm]) == (method == "gptq")
@@ -146,7 +146,7 @@ def test_a_kill_at_any_step_of_a_checkpoint_write_resumes_to_the_same_weights(
     ids = random_ids(4, 16)
     cfg = GPTQConfig(wbits=3, group_size=16, batch_size=2)
     base = tiny_model("llama", layers=3)
-    full, _ = quantize(copy.deepcopy(base), cfg, ids)
+    full, full_res = quantize(copy.deepcopy(base), cfg, ids)
     want = _gptq_weights(full)
     n, killed = 0, 0
     while True:
@@ -161,10 +161,10 @@ def test_a_kill_at_any_step_of_a_checkpoint_write_resumes_to_the_same_weights(
             else:
                 assert seen["steps"] < n
                 break
-        resumed, _ = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=d, resume=True)
+        resumed, res = quantize(copy.deepcopy(base), cfg, ids, checkpoint_dir=d, resume=True)
         got = _gptq_weights(resumed)
         assert all(torch.equal(want[k], got[k]) for k in want), f"killed after step {n}"
-        ra, rb = full._slimkit_quant["records"], resumed._slimkit_quant["records"]
+        ra, rb = full_res.records, res.records
         assert all(torch.equal(ra[k].codes, rb[k].codes) for k in ra), f"killed after step {n}"
         # what a killed write left behind is gone once the resumed run checkpoints
         assert checkpoint_files_are_only_the_latest(d), f"killed after step {n}"

@@ -123,13 +123,13 @@ def test_joint_sparsegpt_quantization_and_gptq_after_pruning_keep_the_mask():
     m, rep = prune(
         tiny_model("llama"), SparseGPTConfig(sparsity="2:4", wbits=4, group_size=32), ids
     )
-    for name, rec in m._slimkit_quant["records"].items():
+    for name, rec in rep.records.items():
         w = rec.dequantize()
         assert torch.all(_nonzeros_per_group(w, 4) <= 2), name
         assert torch.equal(w, dict(m.named_modules())[name].weight.data)
     m, _ = prune(tiny_model("llama"), WandaConfig(sparsity="2:4"), ids)
-    m, _ = quantize(m, GPTQConfig(wbits=4, group_size=32, keep_zeros=True), ids)
-    for name, rec in m._slimkit_quant["records"].items():
+    m, res = quantize(m, GPTQConfig(wbits=4, group_size=32, keep_zeros=True), ids)
+    for name, rec in res.records.items():
         assert torch.all(_nonzeros_per_group(rec.dequantize(), 4) <= 2), name
 
 

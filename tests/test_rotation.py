@@ -85,8 +85,8 @@ def test_down_rotation_run_saves_loads_and_refuses_export(tmp_path, tiny_tokeniz
     model = tiny_model("llama", layers=2, vocab=len(tiny_tokenizer))
     ids = random_ids(4, 32, len(tiny_tokenizer))
     cfg = AWQConfig(wbits=4, group_size=32, abits=8, rotate="random", rotate_down="random")
-    q, _ = quantize(model, cfg, ids)
-    slimkit.save_quantized(q, tiny_tokenizer, tmp_path / "run")
+    q, res = quantize(model, cfg, ids)
+    slimkit.save_quantized(q, tiny_tokenizer, tmp_path / "run", res)
     loaded, _ = load_model(str(tmp_path / "run"))
     meta = attach_saved_activation_quantizers(loaded, tmp_path / "run")
     assert meta["config"]["rotate_down"] == "random"
@@ -100,8 +100,8 @@ def test_rotated_run_without_down_rotation_exports(tmp_path, tiny_tokenizer):
     from slimkit.export import ExportConfig, export
 
     model = tiny_model("llama", layers=2, vocab=len(tiny_tokenizer))
-    q, _ = quantize(model, RTNConfig(wbits=4, group_size=32, rotate="random"))
-    slimkit.save_quantized(q, tiny_tokenizer, tmp_path / "run")
+    q, res = quantize(model, RTNConfig(wbits=4, group_size=32, rotate="random"))
+    slimkit.save_quantized(q, tiny_tokenizer, tmp_path / "run", res)
     r = export(tmp_path / "run", tmp_path / "g", ExportConfig(format="gptq", verify=True))
     assert r["verify"]["passed"] and r["verify"]["max_abs_logit_diff_vs_reference"] == 0.0
 
@@ -118,9 +118,9 @@ def test_rotated_tied_model_exports_to_gguf_with_its_own_output_head(tmp_path, t
     cfg.tie_word_embeddings = True
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    q, _ = quantize(model, RTNConfig(wbits=4, group_size=32, rotate="random"))
+    q, res = quantize(model, RTNConfig(wbits=4, group_size=32, rotate="random"))
     assert not q.config.tie_word_embeddings
-    slimkit.save_quantized(q, tiny_tokenizer, tmp_path / "run")
+    slimkit.save_quantized(q, tiny_tokenizer, tmp_path / "run", res)
     r = export(tmp_path / "run", tmp_path / "m.gguf", ExportConfig(format="gguf", verify=True))
     assert r["verify"]["passed"] and r["verify"]["max_abs_logit_diff_vs_reference"] == 0.0
     names = {t.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}

@@ -58,3 +58,30 @@ class Registry:
 
     def items(self) -> list[tuple[str, Any]]:
         return [(n, self._items[n]) for n in self.names()]
+
+    def where(self, label: str, /, **match: Any) -> Registry:
+        """A live view of the entries whose metadata has ``match`` (e.g. ``kind="pruning"``),
+        called ``label`` in its messages; registering through the view adds to this registry
+        with ``match`` in the metadata."""
+        return _RegistryView(self, label, match)
+
+
+class _RegistryView(Registry):
+    def __init__(self, parent: Registry, label: str, match: dict[str, Any]):
+        self.kind, self._parent, self._match = label, parent, match
+
+    @property
+    def _items(self) -> dict[str, Any]:  # type: ignore[override]
+        p = self._parent
+        return {
+            n: o
+            for n, o in p._items.items()
+            if all(p._meta[n].get(k) == v for k, v in self._match.items())
+        }
+
+    @property
+    def _meta(self) -> dict[str, dict[str, Any]]:  # type: ignore[override]
+        return {n: self._parent._meta[n] for n in self._items}
+
+    def register(self, name: str, obj: Any = None, **meta: Any) -> Any:
+        return self._parent.register(name, obj, **meta, **self._match)

@@ -9,7 +9,7 @@ from torch import nn
 
 from slimkit.core.config import to_dict
 from slimkit.core.errors import SlimkitError
-from slimkit.llm.compress import run_blockwise
+from slimkit.llm.compress import CompressionResult, register_entry_point, run_blockwise
 from slimkit.prune.base import PRUNE_METHODS, PruneConfig, pruner_for_config
 
 
@@ -20,7 +20,7 @@ def prune(
     *,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
-) -> tuple[nn.Module, dict]:
+) -> tuple[nn.Module, CompressionResult]:
     """Prune ``model`` in place with the method that takes ``config``'s type.
 
     Args:
@@ -30,8 +30,10 @@ def prune(
         calib: int64 token ids [n_samples, seq_len]; magnitude pruning may pass None.
 
     Returns:
-        ``(model, report)``; the report has the achieved sparsity per layer and overall. The
-        weights are dense tensors with zeros: neither smaller nor faster without a sparse format.
+        ``(model, result)``; ``result`` is the report (a dict: the achieved sparsity per layer and
+        overall, ...) with ``result.sparsity`` (and, for SparseGPT with quantization,
+        ``result.quantization``) beside it. The weights are dense tensors with zeros: neither
+        smaller nor faster without a sparse format.
 
     Example:
         >>> model, report = slimkit.prune(model, WandaConfig(sparsity="2:4"), calib)  # doctest: +SKIP
@@ -53,9 +55,10 @@ def prune(
         overall = sum(per_layer[n] * sizes[n] for n in per_layer) / max(sum(sizes.values()), 1)
     report["sparsity"] = {"overall_in_pruned_layers": overall, "per_layer": per_layer}
     report["parameters"] = sum(p.numel() for p in model.parameters())
-    model._slimkit_sparsity = {"method": name, "config": to_dict(config), **report["sparsity"]}  # type: ignore[attr-defined]
+    sparsity = {"method": name, "config": to_dict(config), **report["sparsity"]}
+    quantization = None
     if pipe.records:  # SparseGPT with joint quantization
-        model._slimkit_quant = {  # type: ignore[attr-defined]
+        quantization = {
             "method": name,
             "config": {
                 **to_dict(config),
@@ -66,4 +69,7 @@ def prune(
             "records": pipe.records,
             "act_params": {},
         }
-    return model, report
+    return model, CompressionResult(report, quantization=quantization, sparsity=sparsity)
+
+
+register_entry_point("pruning", prune)

@@ -8,12 +8,17 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
-from slimkit.core.registry import Registry
 from slimkit.llm.block_maps import set_weight, weight_of
+from slimkit.llm.compress import (
+    COMPRESSION_METHODS,
+    method_for_config,
+    register_compression_method,
+)
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineFields
 from slimkit.quant.obs import Sparsity
 
-PRUNE_METHODS = Registry("pruning method")
+# the pruning methods of the one compression-method registry
+PRUNE_METHODS = COMPRESSION_METHODS.where("pruning method", kind="pruning")
 
 
 @dataclass
@@ -42,19 +47,11 @@ class PruneConfig(PipelineFields):
 
 
 def register_pruner(name: str, config_cls: type, help: str):
-    def deco(cls):
-        PRUNE_METHODS.register(name, cls, config=config_cls, help=help)
-        cls.method_name = name
-        return cls
-
-    return deco
+    return register_compression_method(name, config_cls, kind="pruning", help=help)
 
 
 def pruner_for_config(config: PruneConfig) -> str:
-    for name, _ in PRUNE_METHODS.items():
-        if type(config) is PRUNE_METHODS.meta(name)["config"]:
-            return name
-    raise SlimkitError(f"no pruning method takes a {type(config).__name__}")
+    return method_for_config(config, kind="pruning")
 
 
 class PruneMethod(BlockwiseMethod):

@@ -15,7 +15,7 @@ from torch import nn
 from slimkit.core.config import to_dict
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.block_maps import block_map_for, get_module
-from slimkit.llm.compress import run_blockwise
+from slimkit.llm.compress import CompressionResult, register_entry_point, run_blockwise
 from slimkit.quant import activations as acts
 from slimkit.quant.activations import ACT_KEYS, ActSpec
 from slimkit.quant.methods import METHODS, QuantConfig, method_for_config
@@ -32,7 +32,7 @@ def quantize(
     *,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
-) -> tuple[nn.Module, dict]:
+) -> tuple[nn.Module, CompressionResult]:
     """Quantize ``model`` in place with the method that takes ``config``'s type.
 
     Args:
@@ -45,12 +45,15 @@ def quantize(
         resume: continue from the checkpoint in ``checkpoint_dir``.
 
     Returns:
-        ``(model, report)``; the model's weights are fake-quantized (dequantized from the integer
-        codes, which are in ``model._slimkit_quant``), activation quantizers are attached.
+        ``(model, result)``; the model's weights are fake-quantized (dequantized from the integer
+        codes, which are in ``result.records``), activation quantizers are attached. ``result``
+        is the report (a dict) with ``result.quantization`` beside it (see
+        :class:`~slimkit.llm.compress.CompressionResult`); pass it to :func:`save_quantized`.
 
     Example:
         >>> from slimkit import GPTQConfig, quantize
-        >>> model, report = quantize(model, GPTQConfig(wbits=4, group_size=64), calib)  # doctest: +SKIP
+        >>> model, result = quantize(model, GPTQConfig(wbits=4, group_size=64), calib)  # doctest: +SKIP
+        >>> save_quantized(model, tokenizer, "out", result)  # doctest: +SKIP
     """
     name = method_for_config(config)
     method = METHODS.get(name)(config)
@@ -63,7 +66,7 @@ def quantize(
     pipe, report = run_blockwise(
         model, name, method, config, calib, checkpoint_dir=checkpoint_dir, resume=resume
     )
-    model._slimkit_quant = {  # type: ignore[attr-defined]
+    quantization = {
         "method": name,
         "config": to_dict(config),
         "records": pipe.records,
@@ -71,7 +74,10 @@ def quantize(
     }
     report["quantize_seconds"] = report["seconds"]
     report["n_quantized_linears"] = len(pipe.records)
-    return model, report
+    return model, CompressionResult(report, quantization=quantization)
+
+
+register_entry_point("quantization", quantize)
 
 
 def rotate(model: nn.Module, config: QuantConfig) -> None:
@@ -94,12 +100,17 @@ def _act_params(model: nn.Module, names) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path) -> None:
+def save_quantized(
+    model: nn.Module, tokenizer, out_dir: str | Path, result: CompressionResult
+) -> None:
     """Write a ``save_pretrained`` directory with fake-quant weights plus ``quant_state.safetensors``
-    (integer codes, scales, zero points, g_idx, static activation ranges) and ``quantization.json``."""
-    q = getattr(model, "_slimkit_quant", None)
+    (integer codes, scales, zero points, g_idx, static activation ranges) and ``quantization.json``.
+
+    ``result``: what :func:`quantize` (or a pruning method that quantizes) returned for ``model``.
+    """
+    q = getattr(result, "quantization", None)
     if q is None:
-        raise SlimkitError("model has not been quantized by slimkit")
+        raise SlimkitError("no quantization result: pass the result that slimkit.quantize returned")
     out = Path(out_dir)
     model.save_pretrained(out)
     if tokenizer is not None:

@@ -15,11 +15,12 @@ from slimkit.core.config import save_yaml, to_dict
 from slimkit.core.errors import SlimkitError
 from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
 from slimkit.data.text import calibration_windows, eval_windows, fingerprint
+from slimkit.llm.compress import compress, method_for_config
 from slimkit.llm.evaluate import lm_eval_tasks, perplexity, protocol_text
 from slimkit.llm.models import load_model, resolve_model_path
 from slimkit.llm.pipeline import resolve_device
-from slimkit.quant.api import load_saved, quantize, save_quantized
-from slimkit.quant.methods import QuantConfig, check_model_widths, method_for_config
+from slimkit.quant.api import load_saved, save_quantized
+from slimkit.quant.methods import QuantConfig, check_model_widths
 from slimkit.quant.rotation import check_rotation
 from slimkit.workflows.model_card import model_card
 from slimkit.workflows.run_config import CalibConfig, EvalConfig
@@ -57,17 +58,15 @@ def evaluate_model(model, tok, ev: EvalConfig, *, device: str = "auto", label: s
 
 
 def _method_name(cfg) -> str:
-    from slimkit.prune.base import PruneConfig, pruner_for_config
+    from slimkit.prune import PruneConfig  # noqa: F401  (registers the pruning methods)
 
-    return pruner_for_config(cfg) if isinstance(cfg, PruneConfig) else method_for_config(cfg)
+    return method_for_config(cfg)
 
 
 def _apply(model, cfg, ids, ckpt: Path, resume: bool):
-    from slimkit.prune import prune
-    from slimkit.prune.base import PruneConfig
+    from slimkit.prune import PruneConfig  # noqa: F401  (registers the pruning entry point)
 
-    fn = prune if isinstance(cfg, PruneConfig) else quantize
-    return fn(model, cfg, ids, checkpoint_dir=ckpt, resume=resume)
+    return compress(model, cfg, ids, checkpoint_dir=ckpt, resume=resume)
 
 
 def compress_run(
@@ -131,6 +130,9 @@ def compress_run(
         sub = ckpt if len(steps) == 1 else ckpt / f"step{i}"
         model, rep = _apply(model, cfg, ids, sub, resume)
         step_reports.append(rep)
+    # the last step that quantized (pruned) holds the model's quantization (sparsity)
+    quantized = next((r for r in reversed(step_reports) if r.quantization), None)
+    sparsity = next((r.sparsity for r in reversed(step_reports) if r.sparsity), None)
     report: dict = dict(step_reports[-1])
     scheme = " + ".join(r["scheme"] for r in step_reports)
     report.update(
@@ -150,12 +152,11 @@ def compress_run(
             c: {"quant": q_eval[c], "fp": fp_eval.get(c, {}), "protocol": q_eval[c]["protocol"]}
             for c in ev.corpora()
         }
-    if getattr(model, "_slimkit_quant", None) is not None:
-        save_quantized(model, tok, rd.path)
+    if quantized is not None:
+        save_quantized(model, tok, rd.path, quantized)
     else:
         model.save_pretrained(rd.path)
         tok.save_pretrained(rd.path)
-    sparsity = getattr(model, "_slimkit_sparsity", None)
     if sparsity is not None:
         write_json(rd.path / "sparsity.json", sparsity)
     report.update(
@@ -179,7 +180,7 @@ def compress_run(
         "model_path": model_path,
         "command": command or " ".join(["slimkit", *sys.argv[1:]]),
         "quantization": {"method": "+".join(names), "scheme": scheme},
-        "quantized": getattr(model, "_slimkit_quant", None) is not None,
+        "quantized": quantized is not None,
         "pruned": sparsity is not None,
         "calibration": to_dict(calib),
         "report": report,

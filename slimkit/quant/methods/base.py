@@ -9,15 +9,17 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
-from slimkit.core.registry import Registry
 from slimkit.llm.block_maps import set_weight, weight_of
+from slimkit.llm.compress import COMPRESSION_METHODS, register_compression_method
+from slimkit.llm.compress import method_for_config as compression_method_for_config
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineFields, Window
 from slimkit.quant import activations as acts
 from slimkit.quant.activations import GRANULARITIES, ActSpec
 from slimkit.quant.quantizer import CLIP_METHODS, QuantizedWeight, QuantSpec, validate_bits
 from slimkit.quant.rotation import ROTATIONS
 
-METHODS = Registry("method")
+# the quantization methods of the one compression-method registry
+METHODS = COMPRESSION_METHODS.where("method", kind="quantization")
 
 
 def rotation_field(help: str):
@@ -93,12 +95,7 @@ class QuantConfig(PipelineFields):
 def register_method(name: str, config_cls: type, help: str):
     """Register a :class:`BlockwiseMethod` class under ``name`` with its config class."""
 
-    def deco(cls):
-        METHODS.register(name, cls, config=config_cls, help=help)
-        cls.method_name = name
-        return cls
-
-    return deco
+    return register_compression_method(name, config_cls, kind="quantization", help=help)
 
 
 def config_class(method: str) -> type:
@@ -106,10 +103,7 @@ def config_class(method: str) -> type:
 
 
 def method_for_config(config: QuantConfig) -> str:
-    for name, _ in METHODS.items():
-        if type(config) is METHODS.meta(name)["config"]:
-            return name
-    raise SlimkitError(f"no quantization method takes a {type(config).__name__}")
+    return compression_method_for_config(config, kind="quantization")
 
 
 def check_widths(pipe: BlockwisePipeline, spec: QuantSpec) -> None:
