@@ -1,4 +1,6 @@
-"""Run GPTQ on a tiny model (alone or under torchrun) and save the quantized weights (rank 0)."""
+"""Run GPTQ on a tiny model (alone or under torchrun) and save the quantized weights (rank 0).
+
+Usage: dist_gptq_worker.py OUT.safetensors [CHECKPOINT_DIR]"""
 
 import sys
 
@@ -16,7 +18,10 @@ if __name__ == "__main__":
     model = tiny_model("llama", layers=3)
     ids = random_ids(8, 32)
     model, report = quantize(
-        model, GPTQConfig(wbits=3, group_size=32, batch_size=2, device="cpu"), ids
+        model,
+        GPTQConfig(wbits=3, group_size=32, batch_size=2, device="cpu"),
+        ids,
+        checkpoint_dir=sys.argv[2] if len(sys.argv) > 2 else None,
     )
     if dist.rank() == 0:
         state = {k: v.contiguous() for k, v in model.state_dict().items() if "layers" in k}

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -19,8 +20,16 @@ def test_gptq_under_torchrun_matches_one_process(tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     _run([sys.executable, "tests/dist_gptq_worker.py", str(one)], tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-          "tests/dist_gptq_worker.py", str(two)], tmp_path)  # fmt: skip
+          "tests/dist_gptq_worker.py", str(two), str(tmp_path / "ckpt")], tmp_path)  # fmt: skip
     a, b = load_file(one), load_file(two)
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # both ranks' activation streams are in the last checkpoint, and only its files are left
+    # (catches a rank writing into a directory another rank has already renamed or deleted)
+    files = json.loads((tmp_path / "ckpt" / "progress.json").read_text())["files"]
+    streams = [tmp_path / "ckpt" / files["streams"].format(rank=r) for r in (0, 1)]
+    assert all(p.is_file() for p in streams)
+    left = {p for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+    named = {tmp_path / "ckpt" / f for f in [*files["blocks"].values(), files["method"]]}
+    assert left == named | set(streams) | {tmp_path / "ckpt" / "progress.json"}
