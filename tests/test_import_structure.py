@@ -42,7 +42,9 @@ def import_edges() -> dict[tuple[str, str], list[str]]:
         for node in ast.walk(tree):
             targets: list[str] = []
             if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
+                # a bare `import slimkit` only names the root package, which every slimkit module
+                # has imported already as its parent (plugin discovery reads slimkit.__path__)
+                targets = [a.name for a in node.names if a.name != "slimkit"]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 # `from slimkit import data` imports the package slimkit.data
                 targets = [
