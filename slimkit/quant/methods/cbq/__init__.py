@@ -43,7 +43,7 @@ Where each idea lives:
   LoRA-Rounding, AdaRound and nearest rounding;
 - ``act_clipping.py``: the learnable activation quantizer;
 - ``cfp_preprocessing.py``: CFP applied to a window's block (rules in ``slimkit/quant/cfp.py``);
-- ``training.py``: the reconstruction loss and the window's training loop;
+- ``window_training.py``: the reconstruction loss and the window's training loop;
 - ``config.py``: :class:`CBQConfig`.
 """
 
@@ -57,7 +57,7 @@ from slimkit.quant.methods.cbq.lora_rounding import (
     rectified_sigmoid,
     rounding_logits,
 )
-from slimkit.quant.methods.cbq.training import distance
+from slimkit.quant.methods.cbq.window_training import distance
 
 __all__ = [
     "CBQ",

@@ -25,7 +25,7 @@ from slimkit.quant.methods.cbq.act_clipping import LearnableActQuant
 from slimkit.quant.methods.cbq.cfp_preprocessing import CFPSteps
 from slimkit.quant.methods.cbq.config import CBQConfig
 from slimkit.quant.methods.cbq.lora_rounding import LinearQuantizer
-from slimkit.quant.methods.cbq.training import WindowTraining
+from slimkit.quant.methods.cbq.window_training import WindowTraining
 from slimkit.quant.methods.gptq import gptq_quantize
 from slimkit.quant.obs import collect_hessians
 from slimkit.quant.quantizer import QuantizedWeight
