@@ -254,7 +254,7 @@ def test_every_readme_command_parses_and_builds_its_configs(argv, monkeypatch):
 def test_demo_runs_what_its_recorded_command_line_says():
     """`make demo` builds its configs in Python and records a `slimkit quantize` line in the run
     directory; catches the two drifting apart (e.g. a preset resolved differently)."""
-    from slimkit.demo import DEMO_ARGS, demo_configs
+    from slimkit.workflows.demo import DEMO_ARGS, demo_configs
 
     inv = commands.parse(["quantize", *shlex.split(DEMO_ARGS), "--out", "o"])
     assert inv.configs == demo_configs()

@@ -139,7 +139,7 @@ def list_(inv: Invocation) -> int:
          help="quantize the embedded model with CBQ and compare perplexity",
          description="Quantize the embedded model and compare perplexity.")  # fmt: skip
 def demo(inv: Invocation) -> int:
-    from slimkit.demo import run_demo
+    from slimkit.workflows.demo import run_demo
 
     run_demo(inv.ns.out)
     return 0
