@@ -12,7 +12,7 @@ TRAINERS = Registry("trainer")
 
 
 def discover() -> list[str]:
-    """Import every ``slimkit.<pillar>.train`` module so that its trainers register; return the
+    """Import every module named ``train`` (``slimkit.<pillar>.train``) so that its trainers register; return the
     registered names. (Plugin discovery at run time: the foundation imports no pillar statically.)"""
     import importlib
     import pkgutil
@@ -20,7 +20,7 @@ def discover() -> list[str]:
     import slimkit
 
     for m in pkgutil.walk_packages(slimkit.__path__, "slimkit."):
-        if m.name.rsplit(".", 1)[-1] in ("train", "trainer", "training"):
+        if m.name.rsplit(".", 1)[-1] == "train":
             importlib.import_module(m.name)
     return TRAINERS.names()
 
