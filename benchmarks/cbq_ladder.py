@@ -212,7 +212,7 @@ def summarize(results: dict, a) -> str:
         "",
         "Command: `python benchmarks/cbq_ladder.py [--settings ...] [--rows ...] [--seeds ...]` "
         "(runs accumulate in cbq_ladder.json; each invocation skips finished runs; the "
-        "invocations behind this table are listed in the README).",
+        "invocations behind this table are listed in docs/cbq.md).",
         machine_line(),
         "",
     ]
@@ -448,9 +448,10 @@ def main() -> None:
     plot(results, path.with_suffix(".png"))
     plot_steps(results, path.with_name(path.stem + "_steps.png"))
     if path.resolve() == (RESULTS / "cbq_ladder.json").resolve():
-        # the README's copy of the table and the target verdicts, between its markers
-        if not sync_readme("cbq_ladder", md[md.index("FP32:") : md.index("Plots:")]):
-            print("README.md has no <!-- cbq_ladder:begin/end --> markers: its table not updated")
+        # docs/cbq.md's copy of the table and the target verdicts, between its markers
+        doc = ROOT / "docs" / "cbq.md"
+        if not sync_readme("cbq_ladder", md[md.index("FP32:") : md.index("Plots:")], readme=doc):
+            print("docs/cbq.md has no <!-- cbq_ladder:begin/end --> markers: its table not updated")
     print(md)
 
 
