@@ -210,8 +210,11 @@ def test_a_new_group_is_one_registration(scratch_group, tmp_path, capsys):
 
 
 def _readme_commands():
-    """Every `slimkit ...` command of the README's code blocks, and the complete inline ones."""
-    text = (ROOT / "README.md").read_text()
+    """Every `slimkit ...` command of the code blocks of the README and docs/*.md (where the
+    method write-ups live), and the complete inline ones."""
+    text = "\n".join(
+        p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    )
     found, buf, fence = [], "", False
     for line in text.splitlines():
         if line.strip().startswith("```"):
