@@ -96,6 +96,31 @@ def test_down_rotation_run_saves_loads_and_refuses_export(tmp_path, tiny_tokeniz
         export(tmp_path / "run", tmp_path / "x", ExportConfig(format="gptq"))
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("abits", [16, 8])
+def test_a_reloaded_run_runs_its_own_attention_and_is_bit_identical(
+    tmp_path, tiny_tokenizer, attn, abits
+):
+    """Bug: config.json does not keep the attention implementation, so a run quantized with eager
+    attention came back with transformers' default (sdpa). Their fp32 round-off differs (~1e-7),
+    and with 8-bit activations one code at a rounding tie flipped: logits off by ~1e-3, which
+    failed the test above on some machines. The reload must be the same computation, bit for bit."""
+    from slimkit.llm.models import load_model
+
+    model = tiny_model("llama", layers=2, vocab=len(tiny_tokenizer))
+    model.set_attn_implementation(attn)
+    ids = random_ids(4, 32, len(tiny_tokenizer))
+    cfg = AWQConfig(wbits=4, group_size=32, abits=abits, rotate="random", rotate_down="random")
+    q, _ = quantize(model, cfg, ids)
+    slimkit.save_quantized(q, tiny_tokenizer, tmp_path / "run")
+    loaded, _ = load_model(str(tmp_path / "run"))
+    assert loaded.config._attn_implementation == "sdpa"  # what from_pretrained picks by itself
+    meta = attach_saved_activation_quantizers(loaded, tmp_path / "run")
+    assert meta["attn_implementation"] == attn == loaded.config._attn_implementation
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, q(ids).logits)
+
+
 def test_rotated_run_without_down_rotation_exports(tmp_path, tiny_tokenizer):
     from slimkit.export import ExportConfig, export
 

@@ -135,6 +135,8 @@ def save_quantized(
         "method": q["method"],
         "config": cfg,
         "activations": act,
+        # config.json does not keep it (transformers drops it on save), see _restore_attention
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "layers": layers,
     }
     (out / QUANT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
@@ -142,11 +144,13 @@ def save_quantized(
 
 def attach_saved_activation_quantizers(model: nn.Module, model_dir: str | Path) -> dict | None:
     """Re-attach activation quantizers (and an online down-projection rotation) of a saved
-    slimkit model; returns its quantization.json."""
+    slimkit model and give it back the attention implementation it was quantized with; returns
+    its quantization.json."""
     path = Path(model_dir) / QUANT_JSON
     if not path.is_file():
         return None
     meta = json.loads(path.read_text())
+    _restore_attention(model, meta.get("attn_implementation"), path)
     kind = meta.get("config", {}).get("rotate_down", "none")
     if kind != "none":  # the saved down projections already hold W H; the hook brings x H
         from slimkit.quant.rotation import attach_down_rotation
@@ -180,3 +184,20 @@ def load_saved(path_or_name: str):
         raise SlimkitError(f"{p} did not finish; resume it with the same command plus --resume")
     model, tok = load_model(path_or_name)
     return model, tok, None
+
+
+def _restore_attention(model: nn.Module, saved: str | None, path: Path) -> None:
+    """``from_pretrained`` builds a model with transformers' default attention (sdpa) whatever
+    the model ran when it was quantized: config.json does not record it. Eager and sdpa attention
+    differ in fp32 round-off (~1e-7), and an 8-bit activation that sits at a rounding tie then
+    takes the neighbouring code, which moved the logits by ~1e-3. A saved run runs the attention
+    it was quantized with. (Runs saved before this was recorded keep the default.)"""
+    current = getattr(model.config, "_attn_implementation", None)
+    if saved is None or current == saved:
+        return
+    model.set_attn_implementation(saved)
+    if model.config._attn_implementation != saved:
+        raise SlimkitError(
+            f"{path} was quantized with {saved!r} attention, which this "
+            f"{type(model).__name__} cannot switch to (it runs {current!r})"
+        )
