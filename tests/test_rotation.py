@@ -111,8 +111,8 @@ def test_a_reloaded_run_runs_its_own_attention_and_is_bit_identical(
     model.set_attn_implementation(attn)
     ids = random_ids(4, 32, len(tiny_tokenizer))
     cfg = AWQConfig(wbits=4, group_size=32, abits=abits, rotate="random", rotate_down="random")
-    q, _ = quantize(model, cfg, ids)
-    slimkit.save_quantized(q, tiny_tokenizer, tmp_path / "run")
+    q, res = quantize(model, cfg, ids)
+    slimkit.save_quantized(q, tiny_tokenizer, tmp_path / "run", res)
     loaded, _ = load_model(str(tmp_path / "run"))
     assert loaded.config._attn_implementation == "sdpa"  # what from_pretrained picks by itself
     meta = attach_saved_activation_quantizers(loaded, tmp_path / "run")
