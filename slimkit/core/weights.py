@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -56,11 +57,12 @@ def _load_pickle(p: Path, *, mmap: bool = False):
     try:
         return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        line = next((s for s in str(e).splitlines() if "GLOBAL" in s), "")
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's advice to allowlist it is left out
+        what = f"it would call {found.group(1)}" if found else "custom objects"
         raise SlimkitError(
-            f"{p} is a pickle that holds more than tensors ({line.strip() or 'custom objects'}); "
-            "slimkit reads checkpoints with weights_only=True and never unpickles objects: "
-            "save a plain state dict or safetensors"
+            f"{p} is a pickle that holds more than tensors ({what}); slimkit reads checkpoints "
+            "with weights_only=True and never unpickles objects: save a plain state dict or "
+            "safetensors"
         ) from None
     except Exception as e:  # not a torch.save file: zip / pickle / EOF errors of every kind
         if mmap and "mmap" in str(e):  # the legacy (non-zip) format cannot be memory-mapped
