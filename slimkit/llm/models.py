@@ -158,3 +158,32 @@ def load_model(
         raise SlimkitError(f"could not load model {name_or_path!r}: {first}") from None
     model.eval()
     return model, tok
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings``), if it says."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(model, seq_len: int, flag: str) -> None:
+    """Refuse windows longer than the model's context (positions it never saw in training, or
+    an index error in a learned position table) before the run starts."""
+    n = context_length(model)
+    if n is not None and seq_len > n:
+        raise SlimkitError(
+            f"{flag} {seq_len} is longer than the model's context of {n} tokens "
+            f"(max_position_embeddings); use {flag} {n} or less"
+        )
+
+
+def check_finite(model) -> None:
+    """Refuse a model whose weights hold NaN or Inf (a corrupted checkpoint): every method
+    would turn them into NaN activations and fail later with a misleading message."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise SlimkitError(
+                f"the model's weights are not finite: {name} holds {bad} NaN/Inf value(s) of "
+                f"{t.numel()}; the checkpoint is corrupted (no method can quantize or prune it)"
+            )
