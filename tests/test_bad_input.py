@@ -366,6 +366,12 @@ def test_refused_before_the_model_is_compressed(tiny_model_dir, tmp_path, capsys
     assert no_output(out)
 
 
+def test_eval_refuses_windows_longer_than_the_context(tiny_model_dir, capsys):
+    # bug: perplexity windows past max_position_embeddings were evaluated without a word
+    refused(capsys, ["eval", str(tiny_model_dir), "--ppl", "wiki-offline", "--seq-len", "4096"],
+            "--seq-len 4096 is longer than the model's context of 2048 tokens")  # fmt: skip
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_gpu_leaves_no_partial(tiny_model_dir, tmp_path, capsys):
     # bug: OUT.partial was left behind when the pipeline found the device missing

@@ -232,6 +232,8 @@ def eval_run(
     if not ev.corpora() and not ev.tasks:
         raise SlimkitError("nothing to evaluate: pass --ppl CORPUS[,CORPUS] and/or --tasks")
     model, tok, meta = load_for_eval(path_or_name)
+    if ev.corpora():
+        check_context(model, ev.seq_len, "--seq-len")
     res = evaluate_model(model, tok, ev, device=device, label=path_or_name)
     out = {
         "model": path_or_name,
