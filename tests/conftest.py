@@ -36,6 +36,8 @@ def tiny_config(family: str, *, layers: int = 2, hidden: int = 64, vocab: int = 
             "qwen3": tf.Qwen3Config,
         }[family]
         extra = {"head_dim": hidden // 4} if family == "qwen3" else {}
+        # RoPE holds no position weights: a context as long as the default --calib-seq-len (512),
+        # which slimkit refuses to exceed, costs nothing
         return cls(
             hidden_size=hidden,
             intermediate_size=2 * hidden,
@@ -43,7 +45,7 @@ def tiny_config(family: str, *, layers: int = 2, hidden: int = 64, vocab: int = 
             num_attention_heads=4,
             num_key_value_heads=2,
             **extra,
-            **common,
+            **{**common, "max_position_embeddings": 2048},
         )
     if family == "opt":
         return tf.OPTConfig(

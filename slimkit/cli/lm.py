@@ -50,7 +50,7 @@ def analyze_collapse(inv: Invocation) -> int:
     return 0
 
 
-@command("compress-tokenizer", run=("out",), out_help="directory to write",
+@command("compress-tokenizer", run=("out", "overwrite"), out_help="directory to write",
          args=[arg("model", help="registered name, HF id or local dir (tokenizer + model)"),
                arg("--data", default="wiki-offline", help="corpus whose train split is counted"),
                arg("--vocab", type=int, required=True, help="target vocabulary size"),
@@ -62,7 +62,8 @@ def compress_tokenizer(inv: Invocation) -> int:
     from slimkit.lm.tokenizer import compress_run
 
     ns = inv.ns
-    r = compress_run(ns.model, ns.data, ns.vocab, ns.out, with_model=not ns.tokenizer_only)
+    r = compress_run(ns.model, ns.data, ns.vocab, ns.out, with_model=not ns.tokenizer_only,
+                     overwrite=ns.overwrite)  # fmt: skip
     print(f"{ns.out}: vocabulary {r['vocab_before']} -> {r['vocab_after']} (covers "
           f"{100 * r['train_token_coverage']:.1f} % of the training tokens); tokens per character on "
           f"{ns.data} validation {r['tokens_per_char_before']:.4f} -> {r['tokens_per_char_after']:.4f}")  # fmt: skip
@@ -71,7 +72,7 @@ def compress_tokenizer(inv: Invocation) -> int:
     return 0
 
 
-@command("inherit", configs=["slimkit.lm.inherit:InheritConfig"], run=("out",),
+@command("inherit", configs=["slimkit.lm.inherit:InheritConfig"], run=("out", "overwrite"),
          out_help="directory of the child model",
          args=[arg("model", help="parent: registered name, HF id or local dir")],
          help="initialise a smaller model from a larger one",
@@ -79,7 +80,7 @@ def compress_tokenizer(inv: Invocation) -> int:
 def inherit(inv: Invocation) -> int:
     from slimkit.lm.inherit import inherit_run
 
-    r = inherit_run(inv.ns.model, *inv.configs, inv.ns.out)
+    r = inherit_run(inv.ns.model, *inv.configs, inv.ns.out, overwrite=inv.ns.overwrite)
     print(f"{inv.ns.out}: {r['child_parameters']:,} parameters inherited from "
           f"{r['parent_parameters']:,} (blocks {r['kept']['layers']})")  # fmt: skip
     return 0

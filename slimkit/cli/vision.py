@@ -56,7 +56,7 @@ def cka(inv: Invocation) -> int:
     ns = inv.ns
     data = load_images(ns.data, ns.img_size)
     t = load_model_from_run(ns.teacher, ns.teacher_arch, data)
-    s = load_model_from_run(ns.student, ns.student_arch, data)
+    s = load_model_from_run(ns.student, ns.student_arch, data, "--student-arch")
     x = data.test.tensors[0][: ns.max_images]
     m = cka_matrix(t, s, x)
     print("CKA (rows: teacher stages 1-4, columns: student stages 1-4)")

@@ -160,6 +160,17 @@ def _file_documents(path: Path) -> tuple[Document, ...]:
     raise SlimkitError(f"unsupported data file {path}: use .txt or .jsonl")
 
 
+def check_corpus(name: str) -> None:
+    """Refuse an unknown corpus name or a missing ``file:PATH`` without reading any text, so a
+    config can be checked before the work it is for (e.g. perplexity after quantization)."""
+    if name.startswith("file:"):
+        path = Path(name[5:]).expanduser()
+        if not path.is_file():
+            raise SlimkitError(f"data file not found: {path}")
+    else:
+        CORPORA.get(name)
+
+
 def load_documents(name: str, split: str | None = None) -> list[Document]:
     """All documents of corpus ``name`` (or of one ``split`` of it).
 

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
 from slimkit.core.errors import SlimkitError
-from slimkit.core.rundir import versions
+from slimkit.core.rundir import atomic_output, check_output, versions
 from slimkit.export import compressed_tensors, gguf_format, gptq, sparse24  # noqa: F401  (register formats)
 from slimkit.export.base import FORMATS, ExportConfig, QuantizedModel, load_quantized, verify
 
@@ -35,54 +33,44 @@ def export(
     """Write the quantized run ``run_dir`` in ``cfg.format`` at ``out``; with ``cfg.verify``
     reload it independently and compare. Returns the report (also written next to the export).
 
-    The export is written to ``OUT.partial`` and renamed when complete, so a killed export never
-    leaves a half-written model under the final name. A failed verification keeps the files and
-    raises :class:`SlimkitError` with the figures."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SlimkitError(f"{out} exists; pass --overwrite to replace it")
+    The export is written and verified under ``OUT.partial`` and renamed when complete, so a
+    killed export (even during ``--verify``) never leaves a half-written or unverified model
+    under the final name. A failed verification keeps the files (their ``export.json`` says
+    FAILED) and raises :class:`SlimkitError` with the figures."""
+    out = check_output(out, overwrite=overwrite)  # before the source is even read
     exporter = FORMATS.get(cfg.format)()
     t0 = time.perf_counter()
     qm: QuantizedModel = exporter.load_source(run_dir)
     exporter.check(qm, cfg)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    elif tmp.exists():
-        tmp.unlink()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not exporter.single_file:
-        tmp.mkdir()
-    log.info("writing %s (%s)", out, cfg.format)
-    info = exporter.write(qm, cfg, tmp)
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    os.replace(tmp, out)
-    report = {
-        "source_run": str(run_dir),
-        "format": cfg.format,
-        **info,
-        "dtype": cfg.dtype,
-        "method": qm.meta["method"],
-        "quantization": {
-            k: qm.config[k] for k in ("wbits", "group_size", "sym", "abits") if k in qm.config
-        },
-        "weights_only": cfg.weights_only,
-        "layers": len(qm.layers),
-        "size_bytes": disk_size(out),
-        "source_size_bytes": disk_size(Path(run_dir) / "model.safetensors"),
-        "export_seconds": round(time.perf_counter() - t0, 2),
-        "versions": versions() | _extra_versions(),
-    }
-    if cfg.verify:
-        log.info("verifying %s through %s", out, exporter.reader_name)
-        report["verify"] = verify(qm, exporter, cfg, out)
-    side = out.with_name(out.name + ".export.json") if exporter.single_file else out / "export.json"
-    side.write_text(json.dumps(report, indent=2) + "\n")
-    if not exporter.single_file:
-        (out / "README.md").write_text(export_card(qm, report))
+    # written and verified under OUT.partial: a kill, even during --verify, leaves no OUT
+    with atomic_output(out, overwrite=overwrite, directory=not exporter.single_file) as tmp:
+        log.info("writing %s (%s)", out, cfg.format)
+        info = exporter.write(qm, cfg, tmp)
+        report = {
+            "source_run": str(run_dir),
+            "format": cfg.format,
+            **info,
+            "dtype": cfg.dtype,
+            "method": qm.meta["method"],
+            "quantization": {
+                k: qm.config[k] for k in ("wbits", "group_size", "sym", "abits") if k in qm.config
+            },
+            "weights_only": cfg.weights_only,
+            "layers": len(qm.layers),
+            "size_bytes": disk_size(tmp),
+            "source_size_bytes": disk_size(Path(run_dir) / "model.safetensors"),
+            "export_seconds": round(time.perf_counter() - t0, 2),
+            "versions": versions() | _extra_versions(),
+        }
+        if cfg.verify:
+            log.info("verifying %s through %s", out, exporter.reader_name)
+            report["verify"] = verify(qm, exporter, cfg, tmp)
+        if not exporter.single_file:
+            (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "README.md").write_text(export_card(qm, report))
+    if exporter.single_file:
+        side = out.with_name(out.name + ".export.json")
+        side.write_text(json.dumps(report, indent=2) + "\n")
     v = report.get("verify")
     if v and not v["passed"]:
         raise SlimkitError(

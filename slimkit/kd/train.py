@@ -138,7 +138,9 @@ class DistillConfig(TrainConfig):
         return LossSettings(**{k: getattr(self, k) for k in LossSettings.__dataclass_fields__})
 
 
-def load_model_from_run(path: str, arch: str, data: ImageData) -> nn.Module:
+def load_model_from_run(
+    path: str, arch: str, data: ImageData, arch_flag: str = "--teacher-arch"
+) -> nn.Module:
     """A trained classifier: a slimkit run directory (its config names the architecture) or a
     weights file with an explicit ``arch``."""
     p = Path(path)
@@ -147,7 +149,10 @@ def load_model_from_run(path: str, arch: str, data: ImageData) -> nn.Module:
 
         arch = load_yaml(p / "config.yaml")["arch"]
     if not arch:
-        raise SlimkitError(f"name the architecture of {p} (--teacher-arch / --student-arch)")
+        raise SlimkitError(
+            f"name the architecture of {p} with {arch_flag}, or give a run directory (its "
+            "config.yaml names it)"
+        )
     return create_model(arch, num_classes=data.num_classes, in_chans=data.in_chans,
                         img_size=data.img_size, checkpoint=str(p)).eval()  # fmt: skip
 

@@ -10,8 +10,10 @@ results on it are artificially lossless and must not be reported as evidence.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -63,9 +65,48 @@ def _smollm2_135m() -> Path:
     return out
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A registered name -> its local directory; a local path is checked; anything else is
-    treated as a Hugging Face Hub id."""
+def check_model_dir(path: str | Path, *, trust_remote_code: bool = False) -> None:
+    """Refuse a local model directory that transformers would fail on with a traceback, before
+    anything expensive: an unreadable ``config.json``, a ``model_type`` this transformers does not
+    know, a config that maps to custom code (unless ``trust_remote_code``), and weight files that
+    are truncated, not safetensors, or pickles holding more than tensors."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    from slimkit.core.weights import check_weights_file
+
+    p = Path(path)
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SlimkitError(f"{p / 'config.json'} is not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise SlimkitError(f"{p / 'config.json'} is not a JSON object")
+    model_type = config.get("model_type")
+    if model_type and model_type not in CONFIG_MAPPING:
+        auto_map = config.get("auto_map") or {}
+        code = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig")
+        if code and not trust_remote_code:
+            raise SlimkitError(
+                f"{p} maps its model_type {model_type!r} to custom code ({code}) that ships with "
+                "the checkpoint; slimkit runs no such code unless asked: this model needs "
+                "trust_remote_code (read that code first; Python: "
+                "slimkit.load_model(path, trust_remote_code=True))"
+            )
+        if not code:
+            raise SlimkitError(
+                f"{p}: model_type {model_type!r} is not known to transformers "
+                f"{transformers.__version__} (a newer transformers may support it: "
+                "pip install -U transformers; else the config.json is wrong)"
+            )
+    weights = sorted(p.glob("*.safetensors")) or sorted(p.glob("pytorch_model*.bin"))
+    for f in weights:  # transformers reads the .bin files only when no safetensors exist
+        check_weights_file(f)
+
+
+def resolve_model_path(name_or_path: str, *, trust_remote_code: bool = False) -> str:
+    """A registered name -> its local directory; a local path is checked (see
+    :func:`check_model_dir`); anything else is treated as a Hugging Face Hub id."""
     if name_or_path in MODELS:
         return str(MODELS.get(name_or_path)())
     p = Path(name_or_path).expanduser()
@@ -74,6 +115,7 @@ def resolve_model_path(name_or_path: str) -> str:
             raise SlimkitError(
                 f"model directory {p} has no config.json (not a save_pretrained dir)"
             )
+        check_model_dir(p, trust_remote_code=trust_remote_code)
         return str(p)
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path or "/" not in name_or_path:
@@ -101,15 +143,47 @@ def load_model(
     Example:
         >>> model, tok = load_model("smollm2-135m")   # doctest: +SKIP
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, trust_remote_code=trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    except OSError as e:
-        raise SlimkitError(f"could not load model {name_or_path!r}: {e}") from None
+    except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as e:
+        # hub models and files changed after the checks: transformers' message, first line only
+        first = next((s.strip() for s in str(e).splitlines() if s.strip()), type(e).__name__)
+        raise SlimkitError(f"could not load model {name_or_path!r}: {first}") from None
     model.eval()
     return model, tok
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings``), if it says."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(model, seq_len: int, flag: str) -> None:
+    """Refuse windows longer than the model's context (positions it never saw in training, or
+    an index error in a learned position table) before the run starts."""
+    n = context_length(model)
+    if n is not None and seq_len > n:
+        raise SlimkitError(
+            f"{flag} {seq_len} is longer than the model's context of {n} tokens "
+            f"(max_position_embeddings); use {flag} {n} or less"
+        )
+
+
+def check_finite(model) -> None:
+    """Refuse a model whose weights hold NaN or Inf (a corrupted checkpoint): every method
+    would turn them into NaN activations and fail later with a misleading message."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise SlimkitError(
+                f"the model's weights are not finite: {name} holds {bad} NaN/Inf value(s) of "
+                f"{t.numel()}; the checkpoint is corrupted (no method can quantize or prune it)"
+            )

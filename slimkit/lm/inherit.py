@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.logs import progress
+
+log = logging.getLogger("slimkit")
 
 SCORES = ("l1", "l2", "taylor", "mask")
 
@@ -113,7 +117,7 @@ def _weight_scores(model, score: str, ids: torch.Tensor | None) -> dict[str, tor
     params = dict(model.named_parameters())
     if score == "taylor":
         model.zero_grad(set_to_none=True)
-        for i in range(ids.shape[0]):
+        for i in progress(range(ids.shape[0]), desc="taylor scores", unit="window"):
             _lm_loss(model, ids[i : i + 1]).backward()
         out = {
             n: (p.detach() * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
@@ -161,7 +165,7 @@ def learn_masks(
         p.requires_grad_(False)
     opt = torch.optim.Adam(logits.values(), lr=cfg.mask_lr)
     try:
-        for step in range(cfg.mask_steps):
+        for step in progress(range(cfg.mask_steps), desc="learning masks", unit="step"):
             gates.update({k: torch.sigmoid(v) for k, v in logits.items()})
             ids = calib[step % calib.shape[0]][None]
             penalty = sum((gates[k].mean() - keep[k]) ** 2 for k in logits)
@@ -205,12 +209,14 @@ def inherit(
             "the taylor and mask scores and importance layer selection need calibration windows"
         )
     parent.eval()
+    log.info("inheriting %d of %d blocks, hidden %d of %d, FFN %d of %d, %d of %d KV groups "
+             "(score %s)", Lc, L, Hc, H, Fc, F, Gc, n_kv, cfg.score)  # fmt: skip
     # layers
     if cfg.layer_select == "importance" and Lc < L:
         base = float(_lm_loss(parent, calib).detach())
         drops = []
         layers = parent.model.layers
-        for i in range(L):
+        for i in progress(range(L), desc="block importance", unit="block"):
             keep = nn.ModuleList([m for j, m in enumerate(layers) if j != i])
             parent.model.layers = keep
             with torch.no_grad():
@@ -269,7 +275,7 @@ def inherit(
     out["model.norm.weight"] = sd["model.norm.weight"][keep_h]
     if "lm_head.weight" in child.state_dict() and not getattr(c, "tie_word_embeddings", False):
         out["lm_head.weight"] = sd["lm_head.weight"][:, keep_h]
-    for new_i, i in enumerate(kept_layers):
+    for new_i, i in enumerate(progress(kept_layers, desc="copying blocks", unit="block")):
         p, q = f"{pre}.{i}.", f"{pre}.{new_i}."
         ffn_score = (
             ws[p + "mlp.gate_proj.weight"].sum(1)
@@ -336,18 +342,25 @@ def inherit(
     return child, record
 
 
-def inherit_run(parent_name: str, cfg: InheritConfig, out: str | Path) -> dict:
+def inherit_run(
+    parent_name: str, cfg: InheritConfig, out: str | Path, *, overwrite: bool = False
+) -> dict:
+    """``slimkit inherit``: the child model, its tokenizer and ``inherit.json`` in ``out``
+    (written under ``OUT.partial`` and renamed when complete; an existing ``out`` is refused
+    unless ``overwrite``)."""
+    from slimkit.core.rundir import atomic_output, check_output
     from slimkit.data.text import calibration_windows
     from slimkit.llm.models import load_model
 
+    out = check_output(out, overwrite=overwrite)  # before the parent is loaded
+    log.info("loading the parent %s", parent_name)
     model, tok = load_model(parent_name)
     calib = None
     if cfg.score in ("taylor", "mask") or cfg.layer_select == "importance":
+        log.info("calibration: %d windows of %d tokens from %s", cfg.n_calib, cfg.calib_seq_len,
+                 cfg.data)  # fmt: skip
         calib = calibration_windows(tok, cfg.data, cfg.n_calib, cfg.calib_seq_len, seed=0)
     child, record = inherit(model, cfg, calib)
-    out = Path(out)
-    child.save_pretrained(out)
-    tok.save_pretrained(out)
     rep = {
         "parent": parent_name,
         "parent_parameters": sum(p.numel() for p in model.parameters()),
@@ -355,5 +368,9 @@ def inherit_run(parent_name: str, cfg: InheritConfig, out: str | Path) -> dict:
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "kept": record,
     }
-    (out / "inherit.json").write_text(json.dumps(rep) + "\n")
+    log.info("writing %s", out)
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        child.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "inherit.json").write_text(json.dumps(rep) + "\n")
     return rep

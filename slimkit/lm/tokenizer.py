@@ -144,18 +144,26 @@ def tokens_per_char(tok, corpus: str, split: str = "validation") -> float:
 
 
 def compress_run(
-    model_name: str, corpus: str, target_size: int, out: str | Path, *, with_model: bool = True
+    model_name: str,
+    corpus: str,
+    target_size: int,
+    out: str | Path,
+    *,
+    with_model: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """``slimkit compress-tokenizer``: the compressed tokenizer (and the remapped model) in ``out``."""
+    """``slimkit compress-tokenizer``: the compressed tokenizer (and the remapped model) in ``out``
+    (written under ``OUT.partial`` and renamed when complete; an existing ``out`` is refused
+    unless ``overwrite``)."""
+    from slimkit.core.rundir import atomic_output, check_output
+    from slimkit.data.text import check_corpus
     from slimkit.llm.models import load_model
 
+    out = check_output(out, overwrite=overwrite)  # before the model is loaded
+    check_corpus(corpus)
     model, tok = load_model(model_name)
     counts = token_counts(tok, corpus)
     new_tok, old_ids = compress_tokenizer(tok, counts, target_size)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    new_tok.save_pretrained(out)
-    (out / TOKEN_MAP).write_text(json.dumps({"old_ids": old_ids}) + "\n")
     before = sum(p.numel() for p in model.parameters())
     total = sum(counts.values())
     covered = sum(counts.get(i, 0) for i in old_ids)
@@ -167,7 +175,11 @@ def compress_run(
     }  # fmt: skip
     if with_model:
         remap_model(model, old_ids)
-        model.save_pretrained(out)
         report["parameters_after"] = sum(p.numel() for p in model.parameters())
-    (out / "compress_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        new_tok.save_pretrained(tmp)
+        (tmp / TOKEN_MAP).write_text(json.dumps({"old_ids": old_ids}) + "\n")
+        if with_model:
+            model.save_pretrained(tmp)
+        (tmp / "compress_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

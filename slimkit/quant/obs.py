@@ -111,12 +111,23 @@ def inverse_factor(
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+    if not bool(torch.isfinite(H).all()):  # no dampening repairs NaN / Inf inputs
+        raise SlimkitError(
+            "the calibration inputs of a layer are not finite (NaN/Inf in its Hessian): the "
+            "model's weights or its activations on the calibration data overflow; check the "
+            "model (slimkit eval --ppl ...) before compressing it"
+        )
     H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     try:
         L = torch.linalg.cholesky(H)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     except torch.linalg.LinAlgError:
-        raise SlimkitError("the Hessian is not positive definite; increase --damp") from None
+        # callers without a --damp flag reach here too (CBQ's GPTQ starting point): name both
+        raise SlimkitError(
+            f"the Hessian of a layer is not positive definite after dampening by {damp} x its "
+            "mean diagonal: raise --damp (gptq, sparsegpt), or for cbq start the rounding from "
+            "round-to-nearest (--rounding-init nearest)"
+        ) from None
     return W, Hinv, perm
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.weights import load_state_dict
 from slimkit.sam.model import SAM_CONFIGS, Sam, build_sam
 
 
@@ -14,19 +15,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A raw state dict, {"model": ...} or {"state_dict": ...}; ``module.`` prefixes stripped;
     read with ``weights_only=True`` (pickled modules are refused)."""
     p = Path(path)
-    if not p.is_file():
-        raise SlimkitError(f"checkpoint {p} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(p))
-    else:
-        try:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickled modules, corrupt files
-            raise SlimkitError(
-                f"{p} is not a plain state dict readable with weights_only=True ({type(e).__name__}: {str(e)[:200]})"
-            ) from None
+    sd = load_state_dict(p)
     for key in ("model", "state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -23,6 +23,7 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Registry
+from slimkit.core.weights import load_state_dict
 
 TINY = Registry("vision model")
 
@@ -104,16 +105,16 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     p = Path(path)
     if p.is_dir():
         p = p / "model.safetensors"
-    if not p.is_file():
-        raise SlimkitError(f"checkpoint {p} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(p))
-    else:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+    state = load_state_dict(p)  # safetensors, or a pickle read with weights_only=True
+    if isinstance(state, dict) and p.suffix != ".safetensors":
         state = state.get("state_dict", state.get("model", state))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not isinstance(state, dict):
+        raise SlimkitError(f"checkpoint {p} does not hold a state dict")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches are raised even when strict=False
+        first = next((s.strip() for s in str(e).splitlines() if "size mismatch" in s), str(e))
+        raise SlimkitError(f"checkpoint {p} does not fit the model: {first[:240]}") from None
     if missing or unexpected:
         raise SlimkitError(
             f"checkpoint {p} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"

@@ -63,6 +63,10 @@ class EvalConfig:
             raise SlimkitError(f"--seq-len must be >= 2 (got {self.seq_len})")
         if self.max_windows < 0:
             raise SlimkitError(f"--max-windows must be >= 0 (got {self.max_windows})")
+        from slimkit.data.text import check_corpus
+
+        for corpus in self.corpora():  # a typo is refused now, not after a whole quantization
+            check_corpus(corpus)
 
     def corpora(self) -> list[str]:
         return [c.strip() for c in self.ppl.split(",") if c.strip()]
