@@ -262,10 +262,10 @@ def test_read_only_out_directory_is_one_line(tiny_model_dir, tmp_path, capsys, m
 
 def quantized_run(tmp_path: Path, tok) -> Path:
     model = tiny_model("llama", vocab=len(tok), layers=2)
-    model, _ = slimkit.quantize(
+    model, result = slimkit.quantize(
         model, slimkit.RTNConfig(wbits=4, group_size=32), random_ids(2, 16, len(tok))
     )
-    slimkit.save_quantized(model, tok, tmp_path / "run")
+    slimkit.save_quantized(model, tok, tmp_path / "run", result)
     return tmp_path / "run"
 
 
