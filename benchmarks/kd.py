@@ -72,8 +72,8 @@ def student(data: str, pair: str, loss: str, seed: int, a) -> dict:
 
 def cka(data: str, a) -> dict:
     """Heterogeneous (ViT teacher, CE CNN student) vs homogeneous (CNN teacher, same student)."""
-    from slimkit.kd.cka import cka_matrix, plot_cka
-    from slimkit.kd.train import load_model_from_run
+    from slimkit.distill.cka import cka_matrix, plot_cka
+    from slimkit.distill.train import load_model_from_run
     from slimkit.vision.data import load_images
 
     d = load_images(data, 32)

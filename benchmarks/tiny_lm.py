@@ -54,7 +54,7 @@ def sk(args: list[str], log: Path) -> None:
 
 
 def n_params(arch: str, ffn: int, vocab: int, siaf: bool, aug: bool) -> int:
-    from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
+    from slimkit.tinylm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
 
     cfg = PanguPiConfig(vocab_size=vocab, hidden_size=SHAPE["hidden_size"], intermediate_size=ffn,
                         num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
@@ -98,7 +98,7 @@ def tokens_per_char(model_dir: Path) -> float:
     """Validation tokens per character of the run's tokenizer (the eval protocol's text)."""
     from transformers import AutoTokenizer
 
-    from slimkit.lm.tokenizer import tokens_per_char as tpc
+    from slimkit.tinylm.tokenizer import tokens_per_char as tpc
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     key = len(tok)
@@ -143,7 +143,7 @@ def part_a(a, res, seeds):
 def collapse(a, res):
     from slimkit.data.text import eval_windows
     from slimkit.llm.models import load_model
-    from slimkit.lm.collapse import collapse_profile, plot_profiles
+    from slimkit.tinylm.collapse import collapse_profile, plot_profiles
 
     profiles = {}
     for arm in ("vanilla", "siaf", "as", "pangu-pi"):
@@ -238,8 +238,8 @@ def throughput(a, res):
 
     import torch
 
-    from slimkit.lm.pangu_pi import PanguPiForCausalLM
-    from slimkit.lm.train import LMTrainConfig, batch_at, load_tokenizer, token_stream, train_lm
+    from slimkit.tinylm.pangu_pi import PanguPiForCausalLM
+    from slimkit.tinylm.train import LMTrainConfig, batch_at, load_tokenizer, token_stream, train_lm
 
     tok = load_tokenizer(str(compressed_tokenizer(a)))
     stream = token_stream(tok, "wiki-offline")

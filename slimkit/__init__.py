@@ -17,7 +17,6 @@ from slimkit.core.errors import SlimkitError
 from slimkit.llm.compress import CompressionResult, compress
 from slimkit.llm.evaluate import perplexity
 from slimkit.llm.models import load_model
-from slimkit.lm import pangu_pi as _pangu_pi  # noqa: F401  (registers pangu_pi with the Auto classes)
 from slimkit.prune import MagnitudeConfig, SparseGPTConfig, WandaConfig, prune
 from slimkit.quant.api import quantize, save_quantized
 from slimkit.quant.methods import (
@@ -28,6 +27,7 @@ from slimkit.quant.methods import (
     RTNConfig,
     SmoothQuantConfig,
 )
+from slimkit.tinylm import pangu_pi as _pangu_pi  # noqa: F401  (registers pangu_pi with the Auto classes)
 
 __version__ = "0.1.0"
 __all__ = [

@@ -40,7 +40,7 @@ def _history(run: Path) -> list[float]:
 def test_distillation_on_cuda_matches_cpu(tmp_path, loss):
     from safetensors.torch import load_file
 
-    from slimkit.kd.train import DistillConfig, TrainConfig, run_training
+    from slimkit.distill.train import DistillConfig, TrainConfig, run_training
 
     base = dict(data="digits", epochs=2, batch_size=32, train_subset=96, warmup_epochs=0.5)
     run_training(TrainConfig(arch="tiny-vit", epochs=1, device="cpu", **{k: v for k, v in base.items() if k != "epochs"}),

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from slimkit.core.errors import SlimkitError
-from slimkit.kd import losses as L
-from slimkit.kd.cka import cka_matrix, linear_cka
-from slimkit.kd.distiller import Distiller
-from slimkit.kd.train import DistillConfig, TrainConfig, run_training
+from slimkit.distill import losses as L
+from slimkit.distill.cka import cka_matrix, linear_cka
+from slimkit.distill.distiller import Distiller
+from slimkit.distill.train import DistillConfig, TrainConfig, run_training
 from slimkit.vision.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_distilled_student_is_saved_without_branches(tmp_path, teacher_run):
 def test_resume_after_a_crash_is_exact(tmp_path, teacher_run, monkeypatch):
     from conftest import Crash
 
-    import slimkit.kd.train as tr
+    import slimkit.distill.train as tr
 
     cfg = small(DistillConfig, arch="tiny-resnet", teacher=str(teacher_run), loss="ce,kd", epochs=3)
     run_training(cfg, out=tmp_path / "full")

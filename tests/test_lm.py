@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from slimkit.core.errors import SlimkitError
-from slimkit.lm.collapse import d_rel, effective_dim
-from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM, count_extra_parameters
+from slimkit.tinylm.collapse import d_rel, effective_dim
+from slimkit.tinylm.pangu_pi import PanguPiConfig, PanguPiForCausalLM, count_extra_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -89,7 +89,7 @@ def lm_args(out, *extra):
 def test_train_lm_resume_is_bit_identical(tmp_path, monkeypatch):
     from conftest import Crash
 
-    import slimkit.lm.train as tr
+    import slimkit.tinylm.train as tr
     from slimkit.cli import main
 
     assert main(lm_args(tmp_path / "full")) == 0
@@ -148,7 +148,7 @@ def test_tokenizer_compression_round_trips_and_stays_closed(tiny_model_dir, tmp_
 
     from slimkit.cli import main
     from slimkit.data.text import load_documents
-    from slimkit.lm.tokenizer import TOKEN_MAP
+    from slimkit.tinylm.tokenizer import TOKEN_MAP
 
     assert (
         main(
@@ -193,7 +193,7 @@ def test_tokenizer_compression_round_trips_and_stays_closed(tiny_model_dir, tmp_
 def test_inheritance_with_nothing_removed_reproduces_the_parent(family):
     from conftest import tiny_model
 
-    from slimkit.lm.inherit import InheritConfig, inherit
+    from slimkit.tinylm.inherit import InheritConfig, inherit
 
     parent = pangu() if family == "pangu" else tiny_model(family)
     child, rec = inherit(parent, InheritConfig(score="l1"))
@@ -209,7 +209,7 @@ def test_inheritance_with_nothing_removed_reproduces_the_parent(family):
 def test_inheritance_builds_the_requested_smaller_model(tmp_path):
     from conftest import random_ids, tiny_model
 
-    from slimkit.lm.inherit import InheritConfig, inherit, spread_layers
+    from slimkit.tinylm.inherit import InheritConfig, inherit, spread_layers
 
     assert len(spread_layers(30, 10, 2)) == 10
     assert spread_layers(30, 10, 2)[:2] == [0, 1] and spread_layers(30, 10, 2)[-2:] == [28, 29]
@@ -242,7 +242,7 @@ def test_learnable_masks_keep_the_live_neurons():
     """Half the FFN neurons of a (briefly trained) model are dead: learned gates must drop them."""
     from conftest import tiny_model
 
-    from slimkit.lm.inherit import InheritConfig, inherit
+    from slimkit.tinylm.inherit import InheritConfig, inherit
 
     torch.manual_seed(0)
     m = tiny_model("llama", layers=2, vocab=32)
@@ -280,7 +280,7 @@ def test_learnable_masks_keep_the_live_neurons():
 def test_multi_round_draws_without_replacement_and_resumes_exactly(tmp_path, monkeypatch):
     from conftest import Crash
 
-    import slimkit.lm.train as tr
+    import slimkit.tinylm.train as tr
     from slimkit.cli import main
 
     args = ["--rounds", "2", "--keep", "0.5"]  # 6 first-round steps, then 3 drawn batches
@@ -313,7 +313,7 @@ def test_multi_round_draws_without_replacement_and_resumes_exactly(tmp_path, mon
 
 
 def test_round_schedule_restarts_or_continues_the_cosine():
-    from slimkit.lm.train import LMTrainConfig, _round_schedule
+    from slimkit.tinylm.train import LMTrainConfig, _round_schedule
 
     common = dict(steps=100, rounds=2, keep=0.5, warmup_steps=10, lr=1e-3, min_lr=1e-4)
     restart = _round_schedule(LMTrainConfig(**common))

@@ -160,7 +160,7 @@ def test_rotation_flags_are_validated():
 def test_rotation_of_a_pangu_pi_model_turns_its_augmented_shortcut_too():
     """PanGu-pi's augmented shortcut writes into the residual beside o_proj (block map's
     residual_writers): forgetting it would change the function."""
-    from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
+    from slimkit.tinylm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
 
     torch.manual_seed(0)
     cfg = PanguPiConfig(

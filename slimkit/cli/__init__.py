@@ -10,7 +10,12 @@ import importlib
 
 from slimkit.core.commands import main as _main
 
-COMMAND_MODULES = ("slimkit.cli.llm", "slimkit.cli.lm", "slimkit.cli.vision", "slimkit.cli.sam")
+COMMAND_MODULES = (
+    "slimkit.cli.llm",
+    "slimkit.cli.tinylm",
+    "slimkit.cli.distill",
+    "slimkit.cli.sam",
+)
 for _module in COMMAND_MODULES:
     importlib.import_module(_module)
 

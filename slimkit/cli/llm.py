@@ -119,7 +119,7 @@ LISTS = {  # `slimkit list WHAT`: the registry (module, name) behind each
     "formats": ("slimkit.export", "FORMATS"),
     "vision-models": ("slimkit.vision.models", "TINY"),
     "images": ("slimkit.vision.data", "IMAGE_SETS"),
-    "losses": ("slimkit.kd.losses", "LOSSES"),
+    "losses": ("slimkit.distill.losses", "LOSSES"),
 }
 
 

@@ -38,7 +38,7 @@ from torch import nn
 from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.core.logs import progress
-from slimkit.llm.activations import ActivationStore, available_ram_bytes
+from slimkit.llm.activation_store import ActivationStore, available_ram_bytes
 from slimkit.llm.block_maps import BlockMap, block_map_for, get_blocks, get_module
 
 log = logging.getLogger("slimkit")

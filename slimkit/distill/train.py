@@ -27,8 +27,8 @@ from torch import nn
 from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
-from slimkit.kd.distiller import Distiller
-from slimkit.kd.losses import LOSSES, LossSettings, parse_losses, total_loss
+from slimkit.distill.distiller import Distiller
+from slimkit.distill.losses import LOSSES, LossSettings, parse_losses, total_loss
 from slimkit.train import TRAINERS, LoopOptions, Trainer, TrainTask, run_task
 from slimkit.vision.data import ImageData, load_images, random_shift, stratified_subset
 from slimkit.vision.models import create_model

@@ -8,11 +8,11 @@ from pathlib import Path
 from slimkit.core.commands import Invocation, arg, command
 
 
-@command("train-lm", configs=["slimkit.lm.train:LMTrainConfig"], run=("out", "resume", "overwrite"),
+@command("train-lm", configs=["slimkit.tinylm.train:LMTrainConfig"], run=("out", "resume", "overwrite"),
          help="pre-train a small causal LM (PanGu-pi or Llama)",
          description="Pre-train a small causal LM (PanGu-π or Llama).")  # fmt: skip
 def train_lm(inv: Invocation) -> int:
-    from slimkit.lm.train import train_lm as train
+    from slimkit.tinylm.train import train_lm as train
 
     r = train(*inv.configs, **inv.run_kwargs)
     if r:
@@ -33,7 +33,7 @@ def train_lm(inv: Invocation) -> int:
 def analyze_collapse(inv: Invocation) -> int:
     from slimkit.data.text import eval_windows
     from slimkit.llm.models import load_model
-    from slimkit.lm.collapse import collapse_profile, plot_profiles
+    from slimkit.tinylm.collapse import collapse_profile, plot_profiles
 
     ns, profiles = inv.ns, {}
     for name in ns.models:
@@ -59,7 +59,7 @@ def analyze_collapse(inv: Invocation) -> int:
          description="Keep the most frequent pieces of a byte-level BPE tokenizer; remap the "
                      "model.")  # fmt: skip
 def compress_tokenizer(inv: Invocation) -> int:
-    from slimkit.lm.tokenizer import compress_run
+    from slimkit.tinylm.tokenizer import compress_run
 
     ns = inv.ns
     r = compress_run(ns.model, ns.data, ns.vocab, ns.out, with_model=not ns.tokenizer_only,
@@ -72,13 +72,13 @@ def compress_tokenizer(inv: Invocation) -> int:
     return 0
 
 
-@command("inherit", configs=["slimkit.lm.inherit:InheritConfig"], run=("out", "overwrite"),
+@command("inherit", configs=["slimkit.tinylm.inherit:InheritConfig"], run=("out", "overwrite"),
          out_help="directory of the child model",
          args=[arg("model", help="parent: registered name, HF id or local dir")],
          help="initialise a smaller model from a larger one",
          description="Initialise a smaller model from a larger one (layers, hidden, FFN, heads).")  # fmt: skip
 def inherit(inv: Invocation) -> int:
-    from slimkit.lm.inherit import inherit_run
+    from slimkit.tinylm.inherit import inherit_run
 
     r = inherit_run(inv.ns.model, *inv.configs, inv.ns.out, overwrite=inv.ns.overwrite)
     print(f"{inv.ns.out}: {r['child_parameters']:,} parameters inherited from "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimkit.kd.branches import CNNBranch, Connector, TokenBranch
-from slimkit.kd.losses import LOSSES, Batch
+from slimkit.distill.branches import CNNBranch, Connector, TokenBranch
+from slimkit.distill.losses import LOSSES, Batch
 from slimkit.vision.models import StageTaps, family, pooled_width, stage_shapes
 
 

@@ -30,7 +30,7 @@ from slimkit.core.optim import warmup_cosine
 from slimkit.data.text import _tokenize, eval_windows, load_documents
 from slimkit.llm.evaluate import perplexity
 from slimkit.llm.models import cache_dir
-from slimkit.lm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
+from slimkit.tinylm.pangu_pi import PanguPiConfig, PanguPiForCausalLM
 from slimkit.train import TRAINERS, LoopOptions, Trainer, TrainTask, run_task
 
 log = logging.getLogger("slimkit")

@@ -16,21 +16,21 @@ def _print_report(r: dict | None) -> None:
               f"(epoch {r['best']['epoch']}), {r['seconds']:.0f} s")  # fmt: skip
 
 
-@command("train-classifier", configs=["slimkit.kd.train:TrainConfig"], run=RUN,
+@command("train-classifier", configs=["slimkit.distill.train:TrainConfig"], run=RUN,
          help="train a timm image classifier (e.g. a teacher)",
          description="Train a timm image classifier (e.g. a teacher) with cross-entropy.")  # fmt: skip
 def train_classifier(inv: Invocation) -> int:
-    from slimkit.kd.train import train_classifier as train
+    from slimkit.distill.train import train_classifier as train
 
     _print_report(train(*inv.configs, **inv.run_kwargs))
     return 0
 
 
-@command("distill", configs=["slimkit.kd.train:DistillConfig"], run=RUN,
+@command("distill", configs=["slimkit.distill.train:DistillConfig"], run=RUN,
          help="distil a frozen teacher into a student (KD, DKD, DIST, FitNet, OFA)",
          description="Distil a frozen teacher into a student (KD, DKD, DIST, FitNet, OFA).")  # fmt: skip
 def distill(inv: Invocation) -> int:
-    from slimkit.kd.train import distill as run_distill
+    from slimkit.distill.train import distill as run_distill
 
     _print_report(run_distill(*inv.configs, **inv.run_kwargs))
     return 0
@@ -49,8 +49,8 @@ def distill(inv: Invocation) -> int:
          help="linear CKA between every teacher and student stage",
          description="Linear CKA between every teacher and student stage.")  # fmt: skip
 def cka(inv: Invocation) -> int:
-    from slimkit.kd.cka import cka_matrix, plot_cka
-    from slimkit.kd.train import load_model_from_run
+    from slimkit.distill.cka import cka_matrix, plot_cka
+    from slimkit.distill.train import load_model_from_run
     from slimkit.vision.data import load_images
 
     ns = inv.ns
