@@ -13,6 +13,13 @@ scales (the attention, the MLP); a pair without one compares its consumers' own 
 ``score_linears`` are the linears whose outputs enter the attention scores (q, k; GPT-2's fused
 q/k/v), which AWQ's clipping search leaves alone. ``residual_writers`` are the linears whose
 outputs are added to the residual stream (what a residual rotation turns on the output side).
+
+A block map is also the pipeline's model adapter: ``feed`` runs the model on a batch of
+calibration inputs (the pipeline stops it at the first block and caches that block's input),
+``check_calib`` refuses calibration data of the wrong form before anything runs. The defaults
+feed token ids to a causal LM; :func:`encoder_block_map` builds the adapter of any encoder that
+keeps its blocks in one ``nn.ModuleList`` (a ViT image encoder such as SAM's), whose linears are
+found by walking the block.
 """
 
 from __future__ import annotations
@@ -27,6 +34,31 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Registry
 
 BLOCK_MAPS = Registry("model family")
+
+
+def feed_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
+    """The causal-LM feed: token ids into the model, no KV cache."""
+    model(input_ids=ids, use_cache=False)
+
+
+def check_token_ids(calib: torch.Tensor) -> None:
+    if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
+        raise SlimkitError(
+            f"calibration ids must be [n_samples >= 1, seq_len >= 2]; got {tuple(calib.shape)}"
+        )
+
+
+def feed_inputs(model: nn.Module, x: torch.Tensor) -> None:
+    """An encoder's feed: the batch is the model's one positional input (e.g. images)."""
+    model(x)
+
+
+def check_batch(calib: torch.Tensor) -> None:
+    if not isinstance(calib, torch.Tensor) or calib.ndim < 2 or calib.shape[0] < 1:
+        raise SlimkitError(
+            "calibration inputs must be one tensor [n_samples >= 1, ...]; got "
+            + (str(tuple(calib.shape)) if isinstance(calib, torch.Tensor) else type(calib).__name__)
+        )
 
 
 @dataclass(frozen=True)
@@ -52,6 +84,9 @@ class BlockMap:
     # the head count and head_dim from its config (Llama family)
     attn: tuple[str, str, str, str] | None = None
     smooth_ok: Callable[[object], bool] = field(default=lambda config: True)
+    # the model adapter: how a calibration batch enters the model, and what a batch must be
+    feed: Callable[[nn.Module, torch.Tensor], object] = feed_token_ids
+    check_calib: Callable[[torch.Tensor], None] = check_token_ids
 
     def linears(self) -> list[str]:
         return [n for group in self.sequential for n in group]
@@ -180,6 +215,43 @@ def block_map_for(model: nn.Module) -> BlockMap:
     supported = sorted(t for _, bm in BLOCK_MAPS.items() for t in bm.model_types)
     raise SlimkitError(
         f"unsupported model family {mt!r}; supported model types: {', '.join(supported)}"
+    )
+
+
+def encoder_block_map(
+    model: nn.Module,
+    blocks: str,
+    *,
+    pre_blocks: tuple[str, ...] = (),
+    post_blocks: tuple[str, ...] = (),
+    family: str = "encoder",
+) -> BlockMap:
+    """The adapter of an encoder whose blocks form one ``nn.ModuleList`` at ``blocks`` (a dotted
+    path), fed with one input tensor (images): the block's ``nn.Linear`` modules, found by walking
+    block 0, each in its own sequential group in module order. No folds are declared, so the
+    methods that need one (SmoothQuant, AWQ, CFP) are refused; RTN and GPTQ run.
+
+    Example:
+        >>> bmap = encoder_block_map(sam.image_encoder, "blocks", pre_blocks=("patch_embed",))  # doctest: +SKIP
+        >>> BlockwisePipeline(sam.image_encoder, images, block_map=bmap).run(GPTQ(config))  # doctest: +SKIP
+    """
+    found = get_module(model, blocks)
+    if not isinstance(found, nn.ModuleList) or len(found) == 0:
+        raise SlimkitError(
+            f"{type(model).__name__} has no non-empty ModuleList of blocks at {blocks!r}"
+        )
+    linears = tuple((n,) for n, m in found[0].named_modules() if isinstance(m, nn.Linear))
+    if not linears:
+        raise SlimkitError(f"the blocks at {blocks!r} hold no nn.Linear to compress")
+    return BlockMap(
+        family=family,
+        model_types=(),
+        blocks=blocks,
+        pre_blocks=pre_blocks,
+        post_blocks=post_blocks,
+        sequential=linears,
+        feed=feed_inputs,
+        check_calib=check_batch,
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -218,12 +219,15 @@ class BlockwisePipeline:
     """Runs a :class:`BlockwiseMethod` over a causal LM's decoder blocks.
 
     Args:
-        model: a transformers causal LM of a family in ``slimkit list families``.
-        calib: int64 token ids [n_samples, seq_len].
+        model: a transformers causal LM of a family in ``slimkit list families``, or any model
+            with a ``block_map`` (its adapter, e.g. :func:`encoder_block_map` for a ViT encoder).
+        calib: int64 token ids [n_samples, seq_len], or what the adapter's ``feed`` takes
+            ([n_samples, ...] images for an encoder).
         options: :class:`PipelineOptions`.
         checkpoint_dir: where per-block checkpoints go (None: no checkpoints).
         identity: JSON-able description of the job (method config, data fingerprint); a
             checkpoint is only resumed by a job with the same identity.
+        block_map: the model adapter; None: the registered map of ``model.config.model_type``.
 
     Example:
         >>> pipe = BlockwisePipeline(model, calib, PipelineOptions(window=2, overlap=1))  # doctest: +SKIP
@@ -237,6 +241,7 @@ class BlockwisePipeline:
         options: PipelineOptions | None = None,
         checkpoint_dir: str | Path | None = None,
         identity: dict | None = None,
+        block_map: BlockMap | None = None,
     ):
         self.model = model
         self.identity = identity or {}  # what must match for a checkpoint to be resumed
@@ -252,12 +257,9 @@ class BlockwisePipeline:
             )
         if self.opts.batch_size < 1:
             raise SlimkitError(f"batch size must be >= 1 (got {self.opts.batch_size})")
-        self.bmap: BlockMap = block_map_for(model)
+        self.bmap: BlockMap = block_map or block_map_for(model)
         self.blocks = get_blocks(model, self.bmap)
-        if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
-            raise SlimkitError(
-                f"calibration ids must be [n_samples >= 1, seq_len >= 2]; got {tuple(calib.shape)}"
-            )
+        self.bmap.check_calib(calib)
         if calib.shape[0] < dist.world_size():
             raise SlimkitError(
                 f"{calib.shape[0]} calibration samples cannot be shared by {dist.world_size()} ranks"
@@ -275,6 +277,7 @@ class BlockwisePipeline:
         self.log: list[dict] = []  # per-layer / per-window metrics reported by methods
         self._names = {id(m): n for n, m in model.named_modules()}
         self._block_prefix = self.bmap.blocks
+        self._act_shape: tuple[int, ...] | None = None  # one sample's block input, from capture
 
     # ----------------------------------------------------------------------------- helpers
     def named_linears(self, block_id: int) -> dict[str, nn.Module]:
@@ -292,22 +295,22 @@ class BlockwisePipeline:
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         return dist.all_reduce_max(t)
 
+    def act_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's block input (e.g. [seq_len, hidden]), learned by running
+        the adapter's feed on one batch up to block 0."""
+        if self._act_shape is None:
+            self.capture(kwargs_only=True)
+        return self._act_shape
+
     def new_store(self) -> ActivationStore:
-        n, L = self.calib.shape
-        hidden = (
-            self.model.config.hidden_size
-            if hasattr(self.model.config, "hidden_size")
-            else self.model.config.n_embd
-        )
-        return ActivationStore(n, (L, hidden), self._disk_dir())
+        return ActivationStore(self.calib.shape[0], self.act_shape(), self._disk_dir())
 
     def _disk_dir(self) -> str | None:
         if self.opts.offload == "ram":
             return None
-        n, L = self.calib.shape
-        hidden = getattr(self.model.config, "hidden_size", None) or self.model.config.n_embd
+        n = self.calib.shape[0]
         streams = 3 if getattr(self, "_method", None) is not None and self._method.needs_fp else 2
-        need = streams * n * L * hidden * 4
+        need = streams * n * math.prod(self.act_shape()) * 4
         if self.opts.offload == "auto" and need < available_ram_bytes() // 2:
             return None
         if not hasattr(self, "_tmp_dir"):
@@ -404,9 +407,9 @@ class BlockwisePipeline:
         """Inputs of block 0 for every local calibration sample (and the block kwargs).
 
         ``kwargs_only``: run one batch just to learn the block's extra arguments (on resume)."""
-        store = None if kwargs_only else self.new_store()
         first = self.blocks[0]
         caught: dict = {}
+        store = None
 
         def hook(module, args, kwargs):
             caught["x"] = args[0] if args else kwargs.pop("hidden_states")
@@ -416,16 +419,23 @@ class BlockwisePipeline:
 
         pre = [get_module(self.model, p) for p in self.bmap.pre_blocks]
         for m in pre:
-            if m is not None:
-                m.to(self.device)
+            _to(m, self.device)
         h = first.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             for i0, i1 in self.batches():
-                ids = self.calib[i0:i1].to(self.device)
+                batch = self.calib[i0:i1].to(self.device)
+                caught.pop("x", None)
                 try:
-                    self.model(input_ids=ids, use_cache=False)
+                    self.bmap.feed(self.model, batch)
                 except _Stop:
                     pass
+                if "x" not in caught:
+                    raise SlimkitError(
+                        f"the model's forward pass never reached its first block "
+                        f"({self.bmap.blocks}.0); check the block map's feed"
+                    )
+                if self._act_shape is None:
+                    self._act_shape = tuple(caught["x"].shape[1:])
                 if not self.kwargs and not self.args:
                     kw = {k: v for k, v in caught["kwargs"].items() if not _is_cache(v)}
                     self.kwargs = {k: _first_row(v) for k, v in kw.items()}
@@ -434,12 +444,13 @@ class BlockwisePipeline:
                     )
                 if kwargs_only:
                     return None
+                if store is None:
+                    store = self.new_store()
                 store.set(i0, i1, caught["x"])
         finally:
             h.remove()
             for m in pre:
-                if m is not None:
-                    m.to("cpu")
+                _to(m, "cpu")
         return store
 
     # ----------------------------------------------------------------------------- main loop
@@ -654,6 +665,14 @@ class BlockwisePipeline:
             fp.set(0, fp.n, streams["fp"])
         torch.set_rng_state(streams["rng"])
         return start, q, fp
+
+
+def _to(m: nn.Module | nn.Parameter | None, device) -> None:
+    """Move a pre-block module, or a parameter such as a ViT's ``pos_embed``, in place."""
+    if isinstance(m, nn.Parameter):
+        m.data = m.data.to(device)
+    elif m is not None:
+        m.to(device)
 
 
 def _fp_copy(block: nn.Module) -> nn.Module:

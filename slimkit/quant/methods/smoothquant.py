@@ -153,7 +153,7 @@ class SmoothQuant(BlockwiseMethod):
         self.inner = (GPTQ if config.weight_method == "gptq" else RTN)(config)
 
     def on_start(self, pipe: BlockwisePipeline) -> None:
-        self.enabled = pipe.bmap.smooth_ok(pipe.model.config) and bool(pipe.bmap.smooth)
+        self.enabled = bool(pipe.bmap.smooth) and pipe.bmap.smooth_ok(pipe.model.config)
         if not self.enabled:
             from logging import getLogger
 
