@@ -428,3 +428,51 @@ def test_gptq_start_reproduces_gptq_codes(rounding):
     assert same >= 1 - q.start_mismatch - 1e-6
     # and GPTQ's codes differ from round-to-nearest, so the start is not RTN in disguise
     assert not torch.equal(LinearQuantizer(w, spec, rounding, rank=4).harden(w).codes, codes)
+
+
+def _poison_step(monkeypatch, on_steps):
+    """AdamW steps whose 1-based index is in ``on_steps`` leave NaN parameters behind."""
+    original, count = torch.optim.AdamW.step, [0]
+
+    def step(self, *a, **k):
+        out = original(self, *a, **k)
+        count[0] += 1
+        if on_steps(count[0]):
+            with torch.no_grad():
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        p.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def _windows(res):
+    return [e for e in res["events"] if "loss_first_epoch" in e]
+
+
+def test_a_nan_in_window_training_is_rolled_back(monkeypatch):
+    """A step that leaves NaN parameters is undone (shared RollbackBudget): the window counts one
+    roll-back and ends with finite weights. Catches a roll-back that does not restore the
+    parameters, or a count that is not recorded."""
+    _poison_step(monkeypatch, lambda i: i == 2)
+    model, res = quantize(
+        tiny_model("llama", layers=2),
+        CBQConfig(wbits=3, group_size=16, epochs=2, train_batch_size=2, batch_size=2, window=2),
+        random_ids(4, 16),
+    )
+    assert [e["rollbacks"] for e in _windows(res)] == [1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_window_that_stays_nan_keeps_its_last_good_state(monkeypatch):
+    """Every step poisoned: the budget of 3 roll-backs runs out, CBQ keeps the window's last good
+    state (its start) instead of failing the whole quantization; the weights stay finite."""
+    _poison_step(monkeypatch, lambda i: True)
+    model, res = quantize(
+        tiny_model("llama", layers=2),
+        CBQConfig(wbits=3, group_size=16, epochs=2, train_batch_size=2, batch_size=2, window=2),
+        random_ids(4, 16),
+    )
+    assert [e["rollbacks"] for e in _windows(res)] == [4]
+    assert all(torch.isfinite(p).all() for p in model.parameters())

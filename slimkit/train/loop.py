@@ -49,6 +49,7 @@ from slimkit.core.config import load_yaml, save_yaml, to_dict
 from slimkit.core.errors import SlimkitError
 from slimkit.core.rundir import RunDir, peak_rss_gb, versions, write_json
 from slimkit.train import checkpoint
+from slimkit.train.rollback import RollbackBudget
 
 log = logging.getLogger("slimkit")
 PRECISIONS = ("fp32", "bf16")
@@ -160,7 +161,7 @@ class Trainer:
         src = task.ema_of if task.ema_of is not None else task.model
         self.ema_src = src
         self.ema = copy.deepcopy(src).eval().requires_grad_(False) if options.ema else None
-        self.rollbacks = 0
+        self.budget = RollbackBudget(options.max_rollbacks)
         self.resumed_at: int | None = None
         self.step = 0
         self.t0 = time.time()
@@ -204,12 +205,6 @@ class Trainer:
         random.setstate((3, tuple(int(x) for x in rng["python"]), rng["python_pos"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-
-    def _scale_lr(self, factor: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"] *= factor
-        if self.sched is not None and hasattr(self.sched, "base_lrs"):
-            self.sched.base_lrs = [b * factor for b in self.sched.base_lrs]
 
     # ---- one step ----------------------------------------------------------------------
     def _average_gradients(self) -> None:
@@ -327,7 +322,7 @@ class Trainer:
                 st = checkpoint.load(found, task.model, self.ema)
                 self._restore(st, with_weights=False)
                 start = int(st["step"])
-                self.rollbacks = int(st.get("rollbacks", 0))
+                self.budget.count = int(st.get("rollbacks", 0))
                 self.resumed_at = start
                 log.info("resumed from %s (step %d of %d)", found, start, o.total_steps)
         metrics = partial / "metrics.jsonl"
@@ -344,8 +339,7 @@ class Trainer:
             self.step = step
             rec = self._one_step(step)
             if rec is None:
-                self.rollbacks += 1
-                if self.rollbacks > o.max_rollbacks:
+                if self.budget.spend():
                     raise SlimkitError(
                         f"the loss or gradient is not finite at step {step + 1} after "
                         f"{o.max_rollbacks} roll-backs with halved learning rates; lower the "
@@ -353,9 +347,9 @@ class Trainer:
                     )
                 failed_lr = self.opt.param_groups[0]["lr"]
                 self._restore(snapshot, with_weights=True)
-                self._scale_lr(0.5)
+                self.budget.scale_lr(self.opt, self.sched)
                 log.warning("rolled back to step %d and halved the learning rate (roll-back %d of "
-                            "at most %d)", snapshot["step"], self.rollbacks, o.max_rollbacks)  # fmt: skip
+                            "at most %d)", snapshot["step"], self.budget.count, o.max_rollbacks)  # fmt: skip
                 if rank0:
                     with metrics.open("a") as f:
                         f.write(json.dumps({"event": "rollback", "at_step": step + 1,
@@ -381,7 +375,7 @@ class Trainer:
                 snapshot = self._snapshot(done)
                 if rank0:
                     st = self._state(done)
-                    st["rollbacks"] = self.rollbacks
+                    st["rollbacks"] = self.budget.count
                     checkpoint.save(ckdir, done, task.model, st, self.ema)
             step = done
         seconds = self.loop_seconds = time.time() - t0
@@ -395,7 +389,7 @@ class Trainer:
                 "command": self.command,
                 "seconds": report.get("seconds", seconds),
                 "steps_per_second": steps_run / max(seconds, 1e-9),
-                "rollbacks": self.rollbacks,
+                "rollbacks": self.budget.count,
                 "resumed_at_step": self.resumed_at,
                 "device": str(self.device),
                 "world_size": dist.world_size(),

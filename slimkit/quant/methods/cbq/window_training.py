@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from slimkit.core.logs import progress
 from slimkit.llm.pipeline import Window
+from slimkit.train.rollback import RollbackBudget, all_finite
 
 log = logging.getLogger("slimkit")
 
@@ -73,7 +74,7 @@ class WindowTraining:
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
         gen = torch.Generator().manual_seed(cfg.train_seed * 100003 + win.index)
         snapshot = _snapshot(groups)
-        rollbacks, step, first, last = 0, 0, None, None
+        budget, step, first, last = RollbackBudget(max_rollbacks=3), 0, None, None
         trace: list[float] = []
         bar = progress(total=total, desc=f"window {win.index + 1}", unit="step", leave=False)
         for _epoch in range(cfg.epochs):
@@ -94,15 +95,13 @@ class WindowTraining:
                     if lam > 0 and cfg.rounding != "nearest":
                         loss = loss + lam * sum(q.reg(beta) for q in quants) / len(quants)
                 if not torch.isfinite(loss):
-                    rollbacks += 1
                     _restore(groups, snapshot)
-                    if rollbacks > 3:
+                    if budget.spend():
                         log.warning(
                             "window %d: loss is not finite; keeping the last good state", win.index
                         )
                         break
-                    for g in opt.param_groups:
-                        g["lr"] *= 0.5
+                    budget.scale_lr(opt)
                     opt = torch.optim.AdamW(
                         [{"params": g["params"], "lr": g["lr"]} for g in opt.param_groups],
                         weight_decay=0.0,
@@ -112,11 +111,10 @@ class WindowTraining:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if not all(torch.isfinite(p).all() for g in groups for p in g["params"]):
-                    rollbacks += 1
+                if not all_finite(p for g in groups for p in g["params"]):
                     _restore(groups, snapshot)
                     log.warning("window %d: non-finite parameters, rolled back", win.index)
-                    if rollbacks > 3:
+                    if budget.spend():
                         break
                     continue
                 ep_losses.append(float(rec.detach()))
@@ -141,7 +139,7 @@ class WindowTraining:
                 "rec_err": last if last is not None else float("nan"),
                 "loss_first_steps": _avg(trace[: max(1, len(trace) // 8)]),
                 "loss_last_steps": _avg(trace[-max(1, len(trace) // 8) :]),
-                "rollbacks": rollbacks,
+                "rollbacks": budget.count,
                 "round_params": sum(q.n_round_params() for q in quants),
             }
         )
