@@ -450,3 +450,23 @@ def test_nan_hessian_names_the_real_cause_not_damp():
     assert "--damp" not in str(e.value)
     with pytest.raises(SlimkitError, match="--rounding-init nearest"):  # finite, indefinite
         inverse_factor(torch.randn(4, 8), -torch.eye(8), damp=0.01, act_order=False)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["analyze-collapse", "no-such-model", "--json", "{bad}/profiles.json"],
+        ["analyze-collapse", "no-such-model", "--plot", "{bad}/collapse.png"],
+        ["cka", "--teacher", "no-such-run", "--student", "no-such-run", "--plot", "{bad}/cka.png"],
+        ["eval", "no-such-model", "--json", "{bad}/eval.json"],
+        ["sam", "predict", "no-such.png", "--random-weights", "--out", "{bad}/mask.png"],
+    ],
+    ids=["collapse-json", "collapse-plot", "cka-plot", "eval-json", "sam-predict-out"],
+)
+def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(args, tmp_path, capsys):
+    # bug: --json / --plot / sam predict --out were opened only after the model ran (minutes),
+    # then failed with an OSError traceback. The check comes first, so the bad model path given
+    # here is never reached: the one error line names the output.
+    (tmp_path / "a-file").write_text("x")
+    bad = str(tmp_path / "a-file")
+    refused(capsys, [a.replace("{bad}", bad) for a in args], "cannot write")

@@ -44,8 +44,8 @@ def distill(inv: Invocation) -> int:
                arg("--data", default="digits"),
                arg("--img-size", type=int, default=32),
                arg("--max-images", type=int, default=512, help="test images used"),
-               arg("--plot", help="write the heat-map here (PNG)"),
-               arg("--json", help="write the matrix here")],
+               arg("--plot", output=True, help="write the heat-map here (PNG)"),
+               arg("--json", output=True, help="write the matrix here")],
          help="linear CKA between every teacher and student stage",
          description="Linear CKA between every teacher and student stage.")  # fmt: skip
 def cka(inv: Invocation) -> int:

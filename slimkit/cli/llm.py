@@ -96,7 +96,7 @@ def prune_steps(inv: Invocation) -> list:
 @command("eval", configs=["slimkit.workflows.run_config:EvalConfig"],
          args=[arg("model", help="run directory, registered name, HF id or local dir"),
                arg("--device", default="auto"),
-               arg("--json", help="also write the results here")],
+               arg("--json", output=True, help="also write the results here")],
          help="perplexity (GPTQ protocol) and lm-eval tasks",
          description="Perplexity (GPTQ protocol) and lm-eval tasks.")  # fmt: skip
 def eval_(inv: Invocation) -> int:
@@ -192,7 +192,7 @@ def generate(inv: Invocation) -> int:
                arg("--prompt-tokens", type=int, default=128),
                arg("--new-tokens", type=int, default=64),
                arg("--threads", type=int, default=2),
-               arg("--json", help="also write the results here")],
+               arg("--json", output=True, help="also write the results here")],
          help="size and llama.cpp tokens/s of a GGUF beside its F16 baseline",
          description="Size and llama.cpp prefill/decode tokens/s of a GGUF beside its F16 baseline.")  # fmt: skip
 def bench(inv: Invocation) -> int:

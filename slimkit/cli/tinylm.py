@@ -26,8 +26,8 @@ def train_lm(inv: Invocation) -> int:
                arg("--data", default="wiki-offline"),
                arg("--seq-len", type=int, default=256),
                arg("--windows", type=int, default=8, help="validation windows averaged"),
-               arg("--plot", help="write the per-layer plot here (PNG)"),
-               arg("--json", help="write the profiles here")],
+               arg("--plot", output=True, help="write the per-layer plot here (PNG)"),
+               arg("--json", output=True, help="write the profiles here")],
          help="per-layer feature collapse of one or more models",
          description="Per-layer feature collapse (d_rel, effective dimension d(0.8)).")  # fmt: skip
 def analyze_collapse(inv: Invocation) -> int:

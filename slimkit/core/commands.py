@@ -57,12 +57,15 @@ class Arg:
 
     ``kwargs`` go to ``argparse.add_argument``. A recipe key of the same name sets the default.
     ``values`` lists what a selector accepts (for the enrolled tests; validation stays with the
-    registry the selector names, so an unknown value gets that registry's message)."""
+    registry the selector names, so an unknown value gets that registry's message). ``output``
+    marks a file the command writes (``--json``, ``--plot``): a path where nothing can be written
+    is refused before the command starts."""
 
     flags: tuple[str, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
     selects: bool = False
     values: Callable[[], list[str]] | None = None
+    output: bool = False
 
     @property
     def dest(self) -> str:
@@ -77,9 +80,23 @@ class Arg:
 
 
 def arg(*flags: str, selects: bool = False, values: Callable[[], list[str]] | None = None,
-        **kwargs: Any) -> Arg:  # fmt: skip
-    """``arg("--json", help="also write the results here")``; see ``Arg``."""
-    return Arg(tuple(flags), kwargs, selects, values)
+        output: bool = False, **kwargs: Any) -> Arg:  # fmt: skip
+    """``arg("--json", output=True, help="also write the results here")``; see ``Arg``."""
+    return Arg(tuple(flags), kwargs, selects, values, output)
+
+
+def check_outputs(inv: Invocation) -> None:
+    """Refuse, before any work, an output file (``output=True`` arguments, and ``--out``) whose
+    place cannot be written: a read-only directory, a parent that is a file. Whether an existing
+    ``--out`` may be replaced is the command's own rule (``--overwrite``)."""
+    from slimkit.core.rundir import check_output
+
+    paths = [getattr(inv.ns, a.dest) for a in inv.command.args if a.output]
+    if "out" in inv.command.run:
+        paths.append(inv.ns.out)
+    for p in paths:
+        if p:
+            check_output(p, overwrite=True)
 
 
 ConfigSpec = Sequence["type | str"] | Callable[..., Sequence["type | str"]]
@@ -337,7 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(node.usage(), file=sys.stderr)
             raise SlimkitError(f"name a {node.name} command: {', '.join(node.commands.names())}")
         dist.init_from_env()
-        return node.func(node.parse(rest))
+        inv = node.parse(rest)
+        check_outputs(inv)
+        return node.func(inv)
     except SlimkitError as e:
         print(f"slimkit: error: {e}", file=sys.stderr)
         return 2
