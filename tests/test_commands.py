@@ -38,7 +38,7 @@ def _required_args(cmd, tmp_path) -> list[str]:
         if a.positional and a.kwargs.get("nargs") != "?":
             argv.append("x")
         elif a.kwargs.get("required"):
-            argv += [a.flags[-1], "x"]
+            argv += [a.flags[-1], "1" if a.kwargs.get("type") in (int, float) else "x"]
     if "out" in cmd.run and not cmd.out_default:
         argv += ["--out", str(tmp_path / "out")]
     return argv

@@ -36,36 +36,25 @@ def distill(inv: Invocation) -> int:
     return 0
 
 
-@command("cka",
+@command("cka", configs=["slimkit.distill.cka:CKAConfig"],
          args=[arg("--teacher", required=True, help="run directory (or weights file with --teacher-arch)"),
-               arg("--teacher-arch", default=""),
                arg("--student", required=True, help="run directory (or weights file with --student-arch)"),
-               arg("--student-arch", default=""),
-               arg("--data", default="digits"),
-               arg("--img-size", type=int, default=32),
-               arg("--max-images", type=int, default=512, help="test images used"),
                arg("--plot", output=True, help="write the heat-map here (PNG)"),
                arg("--json", output=True, help="write the matrix here")],
          help="linear CKA between every teacher and student stage",
          description="Linear CKA between every teacher and student stage.")  # fmt: skip
 def cka(inv: Invocation) -> int:
-    from slimkit.distill.cka import cka_matrix, plot_cka
-    from slimkit.distill.train import load_model_from_run
-    from slimkit.vision.data import load_images
+    from slimkit.distill.cka import cka_between_runs, plot_cka
 
-    ns = inv.ns
-    data = load_images(ns.data, ns.img_size)
-    t = load_model_from_run(ns.teacher, ns.teacher_arch, data)
-    s = load_model_from_run(ns.student, ns.student_arch, data, "--student-arch")
-    x = data.test.tensors[0][: ns.max_images]
-    m = cka_matrix(t, s, x)
+    ns, (cfg,) = inv.ns, inv.configs
+    m, n = cka_between_runs(ns.teacher, ns.student, cfg)
     print("CKA (rows: teacher stages 1-4, columns: student stages 1-4)")
     for i, row in enumerate(m.tolist()):
         print(f"T{i + 1} " + " ".join(f"{v:.3f}" for v in row))
     print(f"mean diagonal {m.diagonal().mean():.3f}")
     if ns.plot:
-        plot_cka(m, ns.plot, f"linear CKA on {ns.data} ({len(x)} test images)",
+        plot_cka(m, ns.plot, f"linear CKA on {cfg.data} ({n} test images)",
                  Path(ns.teacher).name, Path(ns.student).name)  # fmt: skip
     if ns.json:
-        Path(ns.json).write_text(json.dumps({"cka": m.tolist(), "images": len(x)}, indent=1) + "\n")
+        Path(ns.json).write_text(json.dumps({"cka": m.tolist(), "images": n}, indent=1) + "\n")
     return 0

@@ -166,19 +166,16 @@ def export(inv: Invocation) -> int:
     return 0
 
 
-@command("generate",
+@command("generate", configs=["slimkit.export.runtime:GenerateConfig"],
          args=[arg("model", help="export (dir or .gguf), run directory, registered name or HF id"),
-               arg("--prompt", required=True),
-               arg("--max-new-tokens", type=int, default=32)],
+               arg("--prompt", required=True)],
          help="greedy text continuation with any slimkit model",
          description="Greedy text continuation with any slimkit model.")  # fmt: skip
 def generate(inv: Invocation) -> int:
     from slimkit.export.runtime import generate as generate_text
 
-    ns = inv.ns
-    if ns.max_new_tokens < 1:
-        raise SlimkitError("--max-new-tokens must be >= 1")
-    r = generate_text(ns.model, ns.prompt, ns.max_new_tokens)
+    ns, (cfg,) = inv.ns, inv.configs
+    r = generate_text(ns.model, ns.prompt, cfg.max_new_tokens)
     print(f"[{r['how']}]", file=sys.stderr)
     print(ns.prompt + r["text"])
     print(f"[{r['new_tokens']} tokens in {r['seconds']:.2f} s, "
@@ -186,12 +183,9 @@ def generate(inv: Invocation) -> int:
     return 0
 
 
-@command("bench",
+@command("bench", configs=["slimkit.export.runtime:BenchConfig"],
          args=[arg("model", help="a .gguf file written by slimkit export"),
                arg("--baseline", help="F16 GGUF to compare with (default: written from the base model)"),
-               arg("--prompt-tokens", type=int, default=128),
-               arg("--new-tokens", type=int, default=64),
-               arg("--threads", type=int, default=2),
                arg("--json", output=True, help="also write the results here")],
          help="size and llama.cpp tokens/s of a GGUF beside its F16 baseline",
          description="Size and llama.cpp prefill/decode tokens/s of a GGUF beside its F16 baseline.")  # fmt: skip
@@ -204,8 +198,7 @@ def bench(inv: Invocation) -> int:
             "slimkit bench measures GGUF files through llama.cpp (CPU speed is real there); export "
             "with --format gguf first. compressed-tensors / GPTQ exports are served by vLLM on GPUs."
         )
-    r = bench_gguf(ns.model, ns.baseline, prompt_tokens=ns.prompt_tokens,
-                   new_tokens=ns.new_tokens, threads=ns.threads)  # fmt: skip
+    r = bench_gguf(ns.model, ns.baseline, **dataclasses.asdict(inv.configs[0]))
     print(f"engine: {r['engine']}; prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens")  # fmt: skip
     print("| file | size MB | prefill tok/s | decode tok/s |\n|---|---|---|---|")
     for k in ("model", "f16"):

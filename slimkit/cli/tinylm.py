@@ -21,27 +21,21 @@ def train_lm(inv: Invocation) -> int:
     return 0
 
 
-@command("analyze-collapse",
+@command("analyze-collapse", configs=["slimkit.tinylm.collapse:CollapseConfig"],
          args=[arg("models", nargs="+", help="model directories / names (compared in one plot)"),
-               arg("--data", default="wiki-offline"),
-               arg("--seq-len", type=int, default=256),
-               arg("--windows", type=int, default=8, help="validation windows averaged"),
                arg("--plot", output=True, help="write the per-layer plot here (PNG)"),
                arg("--json", output=True, help="write the profiles here")],
          help="per-layer feature collapse of one or more models",
          description="Per-layer feature collapse (d_rel, effective dimension d(0.8)).")  # fmt: skip
 def analyze_collapse(inv: Invocation) -> int:
-    from slimkit.data.text import eval_windows
-    from slimkit.llm.models import load_model
-    from slimkit.tinylm.collapse import collapse_profile, plot_profiles
+    from slimkit.tinylm.collapse import analyze_collapse as run
+    from slimkit.tinylm.collapse import plot_profiles
 
-    ns, profiles = inv.ns, {}
-    for name in ns.models:
-        model, tok = load_model(name)
-        w = eval_windows(tok, ns.data, ns.seq_len, max_windows=ns.windows, split="validation")
-        profiles[name] = collapse_profile(model, w)
+    ns, (cfg,) = inv.ns, inv.configs
+    profiles = run(ns.models, cfg)
+    for name, rows in profiles.items():
         print(f"{name}\nlayer  d_rel   d(0.8)  cos")
-        for r in profiles[name]:
+        for r in rows:
             print(f"{r['layer']:5d}  {r['d_rel']:.3f}  {r['d80']:6.1f}  {r['cos']:.3f}")
     if ns.plot:
         plot_profiles(profiles, ns.plot)
@@ -50,23 +44,22 @@ def analyze_collapse(inv: Invocation) -> int:
     return 0
 
 
-@command("compress-tokenizer", run=("out", "overwrite"), out_help="directory to write",
+@command("compress-tokenizer", configs=["slimkit.tinylm.tokenizer:CompressTokenizerConfig"],
+         run=("out", "overwrite"), out_help="directory to write",
          args=[arg("model", help="registered name, HF id or local dir (tokenizer + model)"),
-               arg("--data", default="wiki-offline", help="corpus whose train split is counted"),
-               arg("--vocab", type=int, required=True, help="target vocabulary size"),
-               arg("--tokenizer-only", action="store_true", help="do not write a remapped model")],
+               arg("--vocab", type=int, required=True, help="target vocabulary size")],
          help="keep the most frequent pieces of a BPE tokenizer; remap the model",
          description="Keep the most frequent pieces of a byte-level BPE tokenizer; remap the "
                      "model.")  # fmt: skip
 def compress_tokenizer(inv: Invocation) -> int:
     from slimkit.tinylm.tokenizer import compress_run
 
-    ns = inv.ns
-    r = compress_run(ns.model, ns.data, ns.vocab, ns.out, with_model=not ns.tokenizer_only,
+    ns, (cfg,) = inv.ns, inv.configs
+    r = compress_run(ns.model, cfg.data, ns.vocab, ns.out, with_model=not cfg.tokenizer_only,
                      overwrite=ns.overwrite)  # fmt: skip
     print(f"{ns.out}: vocabulary {r['vocab_before']} -> {r['vocab_after']} (covers "
           f"{100 * r['train_token_coverage']:.1f} % of the training tokens); tokens per character on "
-          f"{ns.data} validation {r['tokens_per_char_before']:.4f} -> {r['tokens_per_char_after']:.4f}")  # fmt: skip
+          f"{cfg.data} validation {r['tokens_per_char_before']:.4f} -> {r['tokens_per_char_after']:.4f}")  # fmt: skip
     if "parameters_after" in r:
         print(f"parameters {r['parameters_before']:,} -> {r['parameters_after']:,}")
     return 0

@@ -7,6 +7,8 @@ over fixed batches, CKA = sum HSIC(K, L) / sqrt(sum HSIC(K, K) sum HSIC(L, L)).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -57,6 +59,46 @@ def cka_matrix(
                 cur[a, b, 2] = _hsic_unbiased(gram, gram)
         sums = cur if sums is None else sums + cur
     return (sums[..., 0] / (sums[..., 1] * sums[..., 2]).sqrt()).float()
+
+
+@dataclass
+class CKAConfig:
+    """Options of ``slimkit cka`` (:func:`cka_between_runs`)."""
+
+    teacher_arch: str = field(
+        default="", metadata={"help": "timm arch when --teacher is a weights file"}
+    )
+    student_arch: str = field(
+        default="", metadata={"help": "timm arch when --student is a weights file"}
+    )
+    data: str = field(default="digits", metadata={"help": "image set whose test split is read"})
+    img_size: int = field(default=32, metadata={"help": "input resolution"})
+    max_images: int = field(default=512, metadata={"help": "test images used"})
+
+    def __post_init__(self) -> None:
+        from slimkit.core.errors import SlimkitError
+
+        if self.img_size < 1 or self.max_images < 2:
+            raise SlimkitError(
+                f"img_size must be >= 1 and max_images >= 2 (got {self.img_size}, {self.max_images})"
+            )
+
+
+def cka_between_runs(
+    teacher: str, student: str, cfg: CKAConfig | None = None
+) -> tuple[torch.Tensor, int]:
+    """Linear CKA between every stage of two trained classifiers (run directories, or weights
+    files with ``*_arch``) on the test images of ``cfg.data``; returns the matrix and the image
+    count."""
+    from slimkit.distill.train import load_model_from_run
+    from slimkit.vision.data import load_images
+
+    cfg = cfg or CKAConfig()
+    data = load_images(cfg.data, cfg.img_size)
+    t = load_model_from_run(teacher, cfg.teacher_arch, data)
+    s = load_model_from_run(student, cfg.student_arch, data, "--student-arch")
+    x = data.test.tensors[0][: cfg.max_images]
+    return cka_matrix(t, s, x), len(x)
 
 
 def plot_cka(m: torch.Tensor, path: str, title: str, teacher: str, student: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +67,31 @@ def load_for_generation(path: str | Path):
         model, tok, meta = load_saved(str(path))
         how = "slimkit fake-quant run (fp32)" if meta else "unquantized model"
     return model.eval(), tok, how
+
+
+@dataclass
+class GenerateConfig:
+    """Options of ``slimkit generate`` (keyword arguments of :func:`generate`)."""
+
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens to generate"})
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise SlimkitError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+
+
+@dataclass
+class BenchConfig:
+    """Options of ``slimkit bench`` (keyword arguments of :func:`bench_gguf`)."""
+
+    prompt_tokens: int = field(default=128, metadata={"help": "prompt length (prefill)"})
+    new_tokens: int = field(default=64, metadata={"help": "tokens decoded"})
+    threads: int = field(default=2, metadata={"help": "llama.cpp threads"})
+
+    def __post_init__(self) -> None:
+        for k in ("prompt_tokens", "new_tokens", "threads"):
+            if getattr(self, k) < 1:
+                raise SlimkitError(f"{k} must be >= 1 (got {getattr(self, k)})")
 
 
 def generate(path: str | Path, prompt: str, max_new_tokens: int = 32) -> dict:

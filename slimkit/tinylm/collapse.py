@@ -9,6 +9,8 @@ Each is averaged over the evaluation windows. Layer 0 is the embedding output.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -47,6 +49,41 @@ def collapse_profile(model: nn.Module, windows: torch.Tensor) -> list[dict]:
         rows = cur if rows is None else [{k: a[k] + b[k] for k in a} for a, b in zip(rows, cur)]
     n = windows.shape[0]
     return [{"layer": i, **{k: v / n for k, v in r.items()}} for i, r in enumerate(rows)]
+
+
+@dataclass
+class CollapseConfig:
+    """Options of ``slimkit analyze-collapse`` (:func:`analyze_collapse`)."""
+
+    data: str = field(
+        default="wiki-offline", metadata={"help": "corpus whose validation split is read"}
+    )
+    seq_len: int = field(default=256, metadata={"help": "tokens per window"})
+    windows: int = field(default=8, metadata={"help": "validation windows averaged"})
+
+    def __post_init__(self) -> None:
+        from slimkit.core.errors import SlimkitError
+
+        if self.seq_len < 2 or self.windows < 1:
+            raise SlimkitError(
+                f"seq_len must be >= 2 and windows >= 1 (got {self.seq_len}, {self.windows})"
+            )
+
+
+def analyze_collapse(models: list[str], cfg: CollapseConfig | None = None) -> dict[str, list[dict]]:
+    """:func:`collapse_profile` of each model (directory, registered name or HF id) on the same
+    validation windows of ``cfg.data``."""
+    from slimkit.data.text import check_corpus, eval_windows
+    from slimkit.llm.models import load_model
+
+    cfg = cfg or CollapseConfig()
+    check_corpus(cfg.data)
+    profiles = {}
+    for name in models:
+        model, tok = load_model(name)
+        w = eval_windows(tok, cfg.data, cfg.seq_len, max_windows=cfg.windows, split="validation")
+        profiles[name] = collapse_profile(model, w)
+    return profiles
 
 
 def plot_profiles(profiles: dict[str, list[dict]], path: str) -> None:

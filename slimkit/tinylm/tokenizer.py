@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -141,6 +142,17 @@ def remap_model(model: nn.Module, old_ids: list[int]) -> nn.Module:
 def tokens_per_char(tok, corpus: str, split: str = "validation") -> float:
     text = "\n\n".join(d.text for d in load_documents(corpus, split))
     return len(_tokenize(tok, text)) / max(len(text), 1)
+
+
+@dataclass
+class CompressTokenizerConfig:
+    """Options of ``slimkit compress-tokenizer`` (keyword arguments of :func:`compress_run`;
+    the target vocabulary size is a required input of the command)."""
+
+    data: str = field(
+        default="wiki-offline", metadata={"help": "corpus whose train split is counted"}
+    )
+    tokenizer_only: bool = field(default=False, metadata={"help": "do not write a remapped model"})
 
 
 def compress_run(
