@@ -61,6 +61,15 @@ class ExportConfig:
             "quantizers (deploy W4A4 / W4A8 as W4A16); re-measure accuracy"
         },
     )
+    gguf_embeddings: str = field(
+        default="llama.cpp",
+        metadata={
+            "help": "GGUF type of the token embedding and output matrix: llama.cpp (its default for "
+            "the file type: the output, or a tied embedding, in Q6_K where the width divides by 256, "
+            "else Q8_0; an untied embedding in the file's type), q8_0, or f16 (unquantized)",
+            "choices": ["llama.cpp", "q8_0", "f16"],
+        },
+    )
     gguf_pre: str = field(
         default="",
         metadata={
@@ -187,6 +196,13 @@ class Exporter:
         """dtype the format stores an unquantized tensor in."""
         return cfg.torch_dtype
 
+    def stored_tensor(
+        self, name: str, t: torch.Tensor, qm: QuantizedModel, cfg: ExportConfig
+    ) -> torch.Tensor:
+        """The fp32 values a correct reader gets back for ``name``, a tensor outside the
+        quantized linears (an embedding, a norm): ``t`` in the dtype the format stores it in."""
+        return t.to(self.other_dtype(name, cfg)).float()
+
     def read_codes(self, out: Path, qm: QuantizedModel) -> dict[str, torch.Tensor]:
         """Integer codes per layer (slimkit's unsigned convention), decoded from the files."""
         raise NotImplementedError
@@ -288,7 +304,7 @@ def reference_model(qm: QuantizedModel, exporter: Exporter, cfg: ExportConfig) -
             if name.endswith(".weight") and mod in qm.layers:
                 p.copy_(exporter.reference_weight(qm.layers[mod], cfg))
             else:
-                p.copy_(p.to(exporter.other_dtype(name, cfg)).float())
+                p.copy_(exporter.stored_tensor(name, p.detach(), qm, cfg))
     return ref
 
 

@@ -148,6 +148,56 @@ class GGUFExporter(Exporter):
             )
         return data
 
+    @staticmethod
+    def embedding_types(qm: QuantizedModel, cfg: ExportConfig) -> dict[str, str]:
+        """GGML types of the token embedding and the output matrix, by Hugging Face name; an
+        absent name is stored unquantized. ``llama.cpp`` follows llama.cpp's quantizer
+        (``llama_tensor_get_type``): the output matrix (or the embedding when they are tied) is
+        Q6_K, falling back to Q8_0 when its width is not a multiple of 256 or the file is Q8_0;
+        an untied embedding takes the file's type.
+
+        Not yet: slimkit writes no Q6_K (gguf's Python package only reads it), so where llama.cpp
+        picks Q6_K this writes Q8_0 (8.5 instead of 6.56 bits per value) and logs it."""
+        kinds = {gguf_type(qw) for qw in qm.layers.values()}
+        if not kinds or cfg.gguf_embeddings == "f16":
+            return {}
+        file_kind = sorted(kinds)[0]
+        c = qm.model.config
+        if cfg.gguf_embeddings == "q8_0" or file_kind == "Q8_0":
+            out_kind = emb_kind = "Q8_0"
+        else:
+            out_kind = "Q8_0"  # llama.cpp: Q8_0 here, or Q6_K for widths divisible by 256
+            if c.hidden_size % 256 == 0:
+                log.warning(
+                    "GGUF: llama.cpp stores the output matrix of this width as Q6_K; slimkit "
+                    "writes Q8_0 (no Q6_K writer yet), so the file is slightly larger"
+                )
+            emb_kind = file_kind
+        if getattr(c, "tie_word_embeddings", False):
+            return {"model.embed_tokens.weight": out_kind}
+        return {"model.embed_tokens.weight": emb_kind, "lm_head.weight": out_kind}
+
+    @staticmethod
+    def _ggml_quantize(t: torch.Tensor, kind: str) -> np.ndarray:
+        """llama.cpp's reference quantization (gguf's port of it) of ``t`` as read from an F16
+        file: the bytes of the GGML blocks."""
+        import gguf
+
+        x = t.detach().half().float().numpy()
+        return gguf.quants.quantize(x, getattr(gguf.GGMLQuantizationType, kind))
+
+    def stored_tensor(
+        self, name: str, t: torch.Tensor, qm: QuantizedModel, cfg: ExportConfig
+    ) -> torch.Tensor:
+        kind = self.embedding_types(qm, cfg).get(name)
+        if kind is None:
+            return super().stored_tensor(name, t, qm, cfg)
+        import gguf
+
+        raw = self._ggml_quantize(t, kind)
+        deq = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind))
+        return torch.from_numpy(np.ascontiguousarray(deq)).reshape(t.shape).float()
+
     def _permutations(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         c = model.config
         return {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}
@@ -164,6 +214,7 @@ class GGUFExporter(Exporter):
         self._metadata(w, qm, ftype, cfg)
         heads = self._permutations(model)
         tied = getattr(c, "tie_word_embeddings", False)
+        emb_types = self.embedding_types(qm, cfg)
         for name, t in model.state_dict().items():
             if tied and name == "lm_head.weight":
                 continue
@@ -185,6 +236,12 @@ class GGUFExporter(Exporter):
                     encode_blocks(qw, kind),
                     raw_dtype=getattr(gguf.GGMLQuantizationType, kind),
                 )
+            elif name in emb_types:
+                w.add_tensor(
+                    gname,
+                    self._ggml_quantize(t, emb_types[name]),
+                    raw_dtype=getattr(gguf.GGMLQuantizationType, emb_types[name]),
+                )
             else:
                 x = t.detach().float()
                 if short in heads and name.endswith(".weight"):
@@ -197,7 +254,7 @@ class GGUFExporter(Exporter):
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        return {"gguf_types": sorted(kinds)}
+        return {"gguf_types": sorted(kinds), "gguf_embedding_types": emb_types}
 
     def _metadata(self, w, qm: QuantizedModel, ftype: int, cfg: ExportConfig) -> None:
         import gguf
