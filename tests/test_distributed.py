@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ def _run(cmd, tmp_path):
 def test_gptq_under_torchrun_matches_one_process(tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     _run([sys.executable, "tests/dist_gptq_worker.py", str(one)], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
           "tests/dist_gptq_worker.py", str(two), str(tmp_path / "ckpt")], tmp_path)  # fmt: skip
     a, b = load_file(one), load_file(two)
     assert a.keys() == b.keys() and len(a) > 0

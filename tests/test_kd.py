@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import free_port
 from safetensors.torch import load_file
 
 from slimkit.core.errors import SlimkitError
@@ -215,7 +216,7 @@ def test_distill_under_torchrun_matches_one_process(tmp_path, teacher_run):
     args = ["distill", "--arch", "tiny-vit", "--data", "digits", "--epochs", "1", "--batch-size", "32",
             "--train-subset", "64", "--teacher", str(teacher_run), "--loss", "ce,kd", "--shift", "0"]  # fmt: skip
     one = [sys.executable, "-m", "slimkit", *args, "--out", str(tmp_path / "one")]
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "slimkit", *args, "--out", str(tmp_path / "two")]  # fmt: skip
     for cmd in (one, two):
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from slimkit.core.errors import SlimkitError
@@ -117,7 +118,7 @@ def test_train_lm_resume_is_bit_identical(tmp_path, monkeypatch):
 def test_train_lm_under_torchrun_matches_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one = [sys.executable, "-m", "slimkit", *lm_args(tmp_path / "one")]
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "slimkit", *lm_args(tmp_path / "two")]  # fmt: skip
     for cmd in (one, two):
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

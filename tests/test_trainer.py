@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Crash, crash_on_call
+from conftest import Crash, crash_on_call, free_port
 from safetensors.torch import load_file
 
 from slimkit.core.config import save_yaml, to_dict
@@ -158,7 +158,7 @@ def test_two_gloo_processes_match_one(name, tmp_path):
     worker = [str(ROOT / "tests" / "dist_train_worker.py"), name, str(tmp_path / "cfg.yaml")]
     one = [sys.executable, *worker, str(tmp_path / "one")]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29541", *worker, str(tmp_path / "two")]  # fmt: skip
+           f"--master_port={free_port()}", *worker, str(tmp_path / "two")]  # fmt: skip
     for cmd in (one, two):
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
