@@ -2,10 +2,13 @@
 hand computation, a reference implementation written here from the paper or the format
 description, or an independent reader.
 
-Each mutation below passed the whole suite before this module existed; each now makes the named
-tests fail. To rerun: apply one mutation to the working tree, run
-``python -m pytest tests/test_mutations.py -q -p no:cacheprovider`` (the named tests must fail and
-no other module should be needed to see it), then ``git checkout -- <file>``. Never commit one.
+Mutations 1, 2a, 3, 4a, 4b, 5, 6a and 7 each passed the whole suite before this module existed;
+2b and 6b are other ways to break the same pieces that the earlier tests missed as well
+(test_cbq.py, resp. test_gptq.py, test_smoothquant.py and test_pipeline.py pass with them); 4c was
+already caught by test_kd.py and is listed for completeness. Each now makes the named tests fail.
+To rerun: apply one mutation to the working tree, run
+``python -m pytest tests/test_mutations.py -q -p no:cacheprovider`` (the named tests must fail),
+then ``git checkout -- <file>``. Never commit a mutation.
 
 1. ``slimkit/quant/methods/cbq/window_training.py`` (``_train``): delete
    ``targets.append(pipe.run_blocks(win.fp_blocks, win.inputs_q))``, CBQ's homologous second
