@@ -29,10 +29,9 @@ from torch import nn
 
 from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
-from slimkit.core.optim import warmup_cosine
 from slimkit.lvm.losses import IGNORE, SUPERVISE, masked_kd_loss, sentence_labels
 from slimkit.lvm.sentences import Sentences
-from slimkit.lvm.vq import VQConfig, VQVAE, round_trip, save_vq
+from slimkit.lvm.vq import VQVAE, VQConfig, round_trip, save_vq
 from slimkit.tinylm.train import ARCHS, LMTask
 from slimkit.train import TRAINERS, LoopOptions, Trainer, TrainTask, run_task
 

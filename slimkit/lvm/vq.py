@@ -112,6 +112,7 @@ class VQVAE(nn.Module):
         else:
             self.codebook = nn.Parameter(emb)
         self.register_buffer("usage", torch.ones(cfg.codebook) / cfg.codebook)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.long))
 
     # ---- the tokenizer interface --------------------------------------------------------
     def codes_of(self, z: torch.Tensor) -> torch.Tensor:
@@ -149,6 +150,8 @@ class VQVAE(nn.Module):
         """Reconstruction, loss and its parts; updates the EMA codebook in training mode."""
         cfg = self.cfg
         z = self.encoder(images)
+        if self.training and not int(self.initialized):
+            self._init_from(z.detach())
         codes = self.codes_of(z.detach())
         e = F.embedding(codes, self.codebook).permute(0, 3, 1, 2)
         commit = F.mse_loss(z, e.detach())
@@ -165,6 +168,25 @@ class VQVAE(nn.Module):
         if self.training:
             self._update(z.detach(), codes)
         return recon, rec + loss_q, parts
+
+    @torch.no_grad()
+    def _init_from(self, z: torch.Tensor) -> None:
+        """Data-dependent start: the codes are K encoder outputs of the first global batch, evenly
+        spaced in raster order (gathered over ranks in rank order, so every rank and one process
+        on the whole batch start from the same codebook)."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+        if dist.is_dist():
+            w, r = dist.world_size(), dist.rank()
+            full = torch.zeros(w * len(flat), flat.shape[1], device=flat.device)
+            full[r * len(flat) : (r + 1) * len(flat)] = flat
+            flat = dist.all_reduce_sum(full)
+        idx = torch.linspace(0, len(flat) - 1, self.cfg.codebook).round().long().to(flat.device)
+        self.codebook.data.copy_(
+            flat[idx] + 1e-3 * torch.arange(self.cfg.codebook, device=flat.device)[:, None]
+        )
+        if self.cfg.quantizer == "ema":
+            self.ema_sum.copy_(self.codebook)
+        self.initialized.fill_(1)
 
     @torch.no_grad()
     def _update(self, z: torch.Tensor, codes: torch.Tensor) -> None:
