@@ -320,3 +320,63 @@ def test_prompt_command_writes_the_answer_and_refuses_odd_examples(work, tmp_pat
                  "--json", str(tmp_path / "m.json")]) == 0  # fmt: skip
     res = json.loads((tmp_path / "m.json").read_text())
     assert {r["metric"] for r in res.values()} <= {"psnr", "miou"} and res
+
+
+def _tiny_vqgan_cfg():
+    from slimkit.lvm.vqgan import VQGANConfig
+
+    return VQGANConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=32,
+                       resolution=16, embed_dim=8, n_embed=16)  # fmt: skip
+
+
+def test_vqgan_checkpoint_in_taming_layout_loads_with_weights_only(tmp_path):
+    """A Lightning-style {"state_dict": ...} of plain tensors with taming's key names (and its
+    training-only loss.* keys) loads strictly and becomes a tokenizer directory; a missing key
+    or a pickle holding an object is refused. Catches renamed modules (taming's names are the
+    contract) and any unpickling of untrusted files."""
+    import pickle
+
+    from slimkit.cli import main
+    from slimkit.lvm.vqgan import VQGAN, load_vqgan
+
+    cfg = _tiny_vqgan_cfg()
+    torch.manual_seed(0)
+    ref = VQGAN(cfg).eval()
+    sd = dict(ref.state_dict())
+    for k in ("encoder.down.0.block.0.norm1.weight", "encoder.down.0.downsample.conv.weight",
+              "encoder.mid.attn_1.q.weight", "decoder.up.0.block.0.nin_shortcut.weight", "decoder.up.1.upsample.conv.weight",
+              "decoder.up.1.attn.0.proj_out.weight", "quantize.embedding.weight", "quant_conv.weight",
+              "post_quant_conv.weight"):  # fmt: skip
+        assert k in sd, k
+    sd["loss.discriminator.main.0.weight"] = torch.zeros(1)
+    torch.save({"state_dict": sd, "global_step": 10}, tmp_path / "last.ckpt")
+    (tmp_path / "model.yaml").write_text(
+        "model:\n  params:\n    embed_dim: 8\n    n_embed: 16\n    ddconfig:\n      double_z: false\n"
+        "      z_channels: 32\n      resolution: 16\n      in_channels: 3\n      out_ch: 3\n      ch: 32\n"
+        "      ch_mult: [1, 2]\n      num_res_blocks: 1\n      attn_resolutions: [8]\n      dropout: 0.0\n"
+    )
+    m = load_vqgan(tmp_path / "last.ckpt", tmp_path / "model.yaml")
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(m.encode(x), ref.encode(x)) and m.encode(x).shape == (2, 8, 8)
+    assert main(["lvm", "import-vqgan", str(tmp_path / "last.ckpt"), "--config", str(tmp_path / "model.yaml"),
+                 "--out", str(tmp_path / "tok")]) == 0  # fmt: skip
+    tok = load_vq(tmp_path / "tok")
+    assert type(tok).__name__ == "VQGAN" and torch.equal(tok.encode(x), ref.encode(x))
+    assert torch.allclose(tok.decode(tok.encode(x)), ref.decode(ref.encode(x)))
+    del sd["quant_conv.weight"]
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(SlimkitError, match="missing keys"):
+        load_vqgan(tmp_path / "broken.pth", tmp_path / "model.yaml")
+    marker = tmp_path / "boom"
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"state_dict": _Boom(marker)}))
+    with pytest.raises(SlimkitError, match="never unpickles|not a readable"):
+        load_vqgan(tmp_path / "evil.pth", tmp_path / "model.yaml")
+    assert not marker.exists()
+
+
+class _Boom:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (Path.touch, (self.marker,))

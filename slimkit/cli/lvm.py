@@ -27,6 +27,30 @@ def train_tokenizer(inv: Invocation) -> int:
     return 0
 
 
+@command("import-vqgan", group="lvm", run=("out", "overwrite"), out_help="tokenizer directory to create",
+         args=[arg("weights", help="taming-layout VQGAN weights (.safetensors, or .ckpt / .pth of plain tensors)"),
+               arg("--config", required=True, help="its shape: taming's YAML (model.params.ddconfig, embed_dim, n_embed) or JSON"),
+               arg("--input-range", default="", choices=["", "-1,1", "0,1"],
+                   help="pixel range the model expects (default: the config's, else taming's -1,1; open-muse: 0,1)")],
+         help="turn a VQGAN checkpoint into a tokenizer directory",
+         description="Load a VQGAN checkpoint in the taming key layout (weights_only / safetensors) "
+                     "and write it as a tokenizer directory for make-sentences and prompt.")  # fmt: skip
+def import_vqgan(inv: Invocation) -> int:
+    from slimkit.core.rundir import atomic_output
+    from slimkit.lvm.vqgan import load_vqgan, save_vqgan
+
+    ns = inv.ns
+    model = load_vqgan(
+        ns.weights, ns.config, **({"input_range": ns.input_range} if ns.input_range else {})
+    )
+    with atomic_output(ns.out, overwrite=ns.overwrite) as tmp:
+        save_vqgan(model, tmp)
+    c = model.cfg
+    print(f"{ns.out}: VQGAN f{c.factor}, {c.n_embed} codes of {c.embed_dim}, {c.resolution} px -> "
+          f"{c.grid} x {c.grid} tokens, inputs in [{c.input_range}]")  # fmt: skip
+    return 0
+
+
 @command("make-sentences", group="lvm", configs=["slimkit.lvm.sentences:SentencesConfig"],
          run=("out", "overwrite"), out_help="sentence directory to create",
          help="visual sentences of task pairs as token shards",

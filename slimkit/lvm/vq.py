@@ -268,8 +268,8 @@ def save_vq(vq: VQVAE, path: str | Path) -> None:
 
 
 def load_vq(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
-    """A tokenizer directory written by ``slimkit lvm train-tokenizer`` (safetensors only),
-    in eval mode."""
+    """A tokenizer directory written by ``slimkit lvm train-tokenizer`` or ``import-vqgan``
+    (safetensors only), in eval mode."""
     from slimkit.core.weights import check_safetensors
 
     p = Path(path)
@@ -282,13 +282,19 @@ def load_vq(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
             "make one with `slimkit lvm train-tokenizer`"
         )
     try:
-        cfg = VQConfig(**json.loads(cfg_file.read_text()))
-    except (TypeError, ValueError) as e:
+        raw = json.loads(cfg_file.read_text())
+        if raw.get("arch") == "vqgan":  # an imported VQGAN (slimkit lvm import-vqgan)
+            from slimkit.lvm.vqgan import VQGAN, VQGANConfig
+
+            cfg, build = VQGANConfig(**raw), VQGAN
+        else:
+            cfg, build = VQConfig(**raw), VQVAE
+    except (TypeError, ValueError, AttributeError) as e:
         raise SlimkitError(f"{cfg_file}: not a tokenizer config ({e})") from None
     check_safetensors(w_file)
     from safetensors.torch import load_file
 
-    vq = VQVAE(cfg)
+    vq = build(cfg)
     try:
         vq.load_state_dict(load_file(str(w_file)))
     except RuntimeError as e:
