@@ -380,3 +380,22 @@ class _Boom:
 
     def __reduce__(self):  # unpickling this would create the marker file
         return (Path.touch, (self.marker,))
+
+
+def test_image_sources_read_a_folder_and_refuse_bad_ones(tmp_path):
+    """`--images DIR` crops the folder's files; an empty or missing folder is one clear error."""
+    import numpy as np
+    from PIL import Image
+
+    from slimkit.lvm.images import load_images
+
+    for i in range(2):
+        Image.fromarray(np.full((40, 60, 3), 80 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    x = load_images(str(tmp_path), 6, 16, seed=1)
+    assert x.shape == (6, 3, 16, 16) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert torch.equal(x, load_images(str(tmp_path), 6, 16, seed=1))  # seeded
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SlimkitError, match="no .png"):
+        load_images(str(tmp_path / "empty"), 2, 16)
+    with pytest.raises(SlimkitError, match="not a directory"):
+        load_images(str(tmp_path / "nope"), 2, 16)
