@@ -43,6 +43,7 @@ def _losses(d: Path) -> list[float]:
 def test_every_trainer_is_registered():
     # a trainer module that forgot to register would silently escape every test below
     assert {"train-classifier", "distill", "train-lm", "sam-train"} <= set(NAMES)
+    assert {"lvm-tokenizer", "lvm-train", "lvm-distill"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -160,10 +160,36 @@ def _file_documents(path: Path) -> tuple[Document, ...]:
     raise SlimkitError(f"unsupported data file {path}: use .txt or .jsonl")
 
 
+SHARD_SPLITS = {"train": "train", "validation": "val", "test": "test"}
+
+
+def token_shard(name: str, split: str) -> torch.Tensor:
+    """The ids of a ``sentences:DIR`` corpus: DIR/{train,val,test}.safetensors holding an
+    integer tensor ``tokens`` (token shards, e.g. the visual sentences of ``slimkit lvm
+    make-sentences``), concatenated in their stored order, int64."""
+    from safetensors.torch import load_file
+
+    from slimkit.core.weights import check_safetensors
+
+    path = (
+        Path(name[len("sentences:") :]).expanduser()
+        / f"{SHARD_SPLITS.get(split, split)}.safetensors"
+    )
+    check_safetensors(path)
+    shard = load_file(str(path))
+    if "tokens" not in shard or shard["tokens"].is_floating_point():
+        raise SlimkitError(f"{path} holds no integer tensor 'tokens'")
+    return shard["tokens"].reshape(-1).long()
+
+
 def check_corpus(name: str) -> None:
     """Refuse an unknown corpus name or a missing ``file:PATH`` without reading any text, so a
     config can be checked before the work it is for (e.g. perplexity after quantization)."""
-    if name.startswith("file:"):
+    if name.startswith("sentences:"):
+        path = Path(name[len("sentences:") :]).expanduser()
+        if not (path / "test.safetensors").is_file():
+            raise SlimkitError(f"{name}: no token shards (test.safetensors) in {path}")
+    elif name.startswith("file:"):
         path = Path(name[5:]).expanduser()
         if not path.is_file():
             raise SlimkitError(f"data file not found: {path}")
@@ -214,6 +240,14 @@ def calibration_windows(
         )
     if split == "test":
         raise SlimkitError("calibration never reads the test split (it is the evaluation text)")
+    if name.startswith("sentences:"):  # already tokens: consecutive windows from a seeded start
+        ids_t = token_shard(name, split)
+        need = n_samples * seq_len
+        if len(ids_t) < need:
+            raise SlimkitError(f"calibration data {name!r} ({split}) has {len(ids_t)} tokens; "
+                               f"{n_samples} samples x {seq_len} tokens need {need}")  # fmt: skip
+        start = random.Random(seed).randrange(len(ids_t) - need + 1)
+        return ids_t[start : start + need].view(n_samples, seq_len)
     docs = load_documents(name, split)
     random.Random(seed).shuffle(docs)
     need = n_samples * seq_len
@@ -240,9 +274,13 @@ def eval_windows(
     """GPTQ-protocol evaluation windows: the split's documents in a fixed order joined with a
     blank line, tokenized once (only the tokenizer's own leading special tokens), cut into
     non-overlapping windows of ``seq_len``, remainder dropped; the first ``max_windows`` kept.
+    ``sentences:DIR`` corpora are token shards: their ids are cut the same way.
     """
-    docs = load_documents(name, split)
-    ids = _special_prefix(tokenizer) + _tokenize(tokenizer, "\n\n".join(d.text for d in docs))
+    if name.startswith("sentences:"):
+        ids = token_shard(name, split).tolist()
+    else:
+        docs = load_documents(name, split)
+        ids = _special_prefix(tokenizer) + _tokenize(tokenizer, "\n\n".join(d.text for d in docs))
     n = len(ids) // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
