@@ -483,9 +483,25 @@ def _tiny_distill(tmp: Path) -> DistillConfig:
                          warmup_epochs=0.5, teacher=str(teacher), loss="ce,kd", ema=0.9)  # fmt: skip
 
 
+def _tiny_text_align(tmp: Path) -> TrainConfig:
+    """train-classifier with GPT4Image text alignment (ViT student: no BatchNorm anywhere, so
+    two ranks match one process exactly)."""
+    from slimkit.distill.describers import DescribeConfig, describe
+    from slimkit.distill.text_encoders import EmbedTextConfig, embed_text
+
+    emb = tmp / "text-emb.safetensors"
+    if not emb.exists():
+        describe(DescribeConfig(data="digits", train_subset=96), out=tmp / "captions.jsonl")
+        embed_text(tmp / "captions.jsonl", EmbedTextConfig(encoder="tfidf"), out=emb)
+    return TrainConfig(arch="tiny-vit", data="digits", epochs=3, batch_size=32, train_subset=96,
+                       warmup_epochs=0.5, text_align=str(emb), align_weight=0.5)  # fmt: skip
+
+
 TRAINERS.register("train-classifier", train_classifier, config=TrainConfig, task=ClassifierTask,
                   tiny=_tiny_classifier)  # fmt: skip
 TRAINERS.register("distill", distill, config=DistillConfig, task=ClassifierTask, tiny=_tiny_distill)
+TRAINERS.register("train-classifier+text-align", train_classifier, config=TrainConfig,
+                  task=ClassifierTask, tiny=_tiny_text_align)  # fmt: skip
 
 
 def load_report(run: str | Path) -> dict:
