@@ -318,3 +318,21 @@ def test_minilm_encoder_when_installed():
     e = encode(["A man is eating food.", "A man is eating a piece of bread."], "minilm").embeddings
     assert e.shape == (2, 384)
     assert float(e[0] @ e[1]) == pytest.approx(0.7553, abs=2e-3)
+
+
+def test_mixup_batches_get_text_mixed_with_the_same_lambda(files):
+    """Catches the official code's pairing of a mixed image with its unmixed text, and
+    `--align-mix skip` still aligning mixed batches."""
+    from slimkit.distill.text_align import mix_text
+
+    common = dict(arch="tiny-vit", data="digits", train_subset=SUBSET, batch_size=20, mixup=1.0,
+                  label_smoothing=0.0, text_align=str(files / "emb.safetensors"))  # fmt: skip
+    task = ClassifierTask(TrainConfig(**common), torch.device("cpu"))
+    x, y, _, text, keys = task.micro_batches(0)[0]
+    hard = task.y_all[keys]
+    i = int(torch.nonzero(hard != hard.flip(0))[0])
+    lam = float(y[i, hard[i]])  # soft label of the image's own class = lambda (no smoothing)
+    assert 0 < lam < 1
+    torch.testing.assert_close(text, mix_text(task.text[keys], lam))
+    skip = ClassifierTask(TrainConfig(**common, align_mix="skip"), torch.device("cpu"))
+    assert skip.micro_batches(0)[0][3] is None
