@@ -1,4 +1,5 @@
-"""Image-classification and distillation commands: train-classifier, distill, cka."""
+"""Image-classification and distillation commands: train-classifier, distill, cka, and
+GPT4Image's describe and embed-text."""
 
 from __future__ import annotations
 
@@ -57,4 +58,37 @@ def cka(inv: Invocation) -> int:
                  Path(ns.teacher).name, Path(ns.student).name)  # fmt: skip
     if ns.json:
         Path(ns.json).write_text(json.dumps({"cka": m.tolist(), "images": n}, indent=1) + "\n")
+    return 0
+
+
+@command("describe", configs=["slimkit.distill.describers:DescribeConfig"], run=("out",),
+         out_help="caption file to write (JSON lines: id, caption, split, label)",
+         help="write one caption per image, keyed by sample id (GPT4Image)",
+         description="Write one caption per image of a split, keyed by its stable sample id: "
+                     "offline from measured attributes or the class name, online with any "
+                     "transformers image-to-text model.")  # fmt: skip
+def describe(inv: Invocation) -> int:
+    from slimkit.distill.describers import describe as run_describe
+
+    r = run_describe(*inv.configs, out=inv.ns.out)
+    print(f"{r['out']}: {r['count']} captions ({r['distinct']} distinct, {r['mean_words']:.1f} "
+          f"words each) for split {r['split']}")  # fmt: skip
+    for e in r["examples"]:
+        print(f"  {e}")
+    return 0
+
+
+@command("embed-text", configs=["slimkit.distill.text_encoders:EmbedTextConfig"], run=("out",),
+         args=[arg("captions", help="caption file of slimkit describe (JSON lines)")],
+         out_help="embeddings file to write (.safetensors; kept when already up to date)",
+         help="embed captions with a frozen text encoder, cached in safetensors (GPT4Image)",
+         description="Embed every caption with a frozen text encoder; L2-normalised rows, the "
+                     "id list and a fingerprint of captions + encoder are saved together.")  # fmt: skip
+def embed_text(inv: Invocation) -> int:
+    from slimkit.distill.text_encoders import embed_text as run_embed
+
+    r = run_embed(inv.ns.captions, *inv.configs, out=inv.ns.out)
+    state = "up to date, kept" if r["cached"] else f"{r['dim']}-d"
+    print(f"{r['out']}: {r['count']} embeddings ({state}), {100 * r['truncated']:.1f} % of the "
+          f"captions truncated, fingerprint {r['fingerprint']}")  # fmt: skip
     return 0

@@ -120,6 +120,8 @@ LISTS = {  # `slimkit list WHAT`: the registry (module, name) behind each
     "vision-models": ("slimkit.vision.models", "TINY"),
     "images": ("slimkit.vision.data", "IMAGE_SETS"),
     "losses": ("slimkit.distill.losses", "LOSSES"),
+    "captioners": ("slimkit.distill.describers", "CAPTIONERS"),
+    "text-encoders": ("slimkit.distill.text_encoders", "TEXT_ENCODERS"),
 }
 
 

@@ -18,9 +18,11 @@ class Distiller(nn.Module):
     stays a plain timm model (what is saved)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, losses: dict[str, float],
-                 num_classes: int, in_chans: int, img_size: int):  # fmt: skip
+                 num_classes: int, in_chans: int, img_size: int,
+                 align_head: nn.Module | None = None):  # fmt: skip
         super().__init__()
         self.student = student
+        self.align_head = align_head  # GPT4Image projection: training-only, never saved
         self.teacher = teacher
         if teacher is not None:
             teacher.eval()
@@ -64,9 +66,8 @@ class Distiller(nn.Module):
         with torch.no_grad():
             return self.teacher(x).float()
 
-    def forward(
-        self, x: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None
-    ) -> Batch:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                text: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> Batch:  # fmt: skip
         t_feats = None
         if self.teacher is not None and (teacher_logits is None or self.teacher_taps is not None):
             with torch.no_grad():
@@ -75,11 +76,24 @@ class Distiller(nn.Module):
                 else:
                     t_out = self.teacher(x)
             teacher_logits = t_out.float() if teacher_logits is None else teacher_logits
-        if self.taps is not None:
-            logits, feats = self.taps(x)
-        else:
-            logits, feats = self.student(x), []
+        pooled: list[torch.Tensor] = []
+        hook = None
+        if self.align_head is not None:  # the classifier's input is the pooled feature h
+            hook = self.student.get_classifier().register_forward_pre_hook(
+                lambda m, inp: pooled.append(inp[0])
+            )
+        try:
+            if self.taps is not None:
+                logits, feats = self.taps(x)
+            else:
+                logits, feats = self.student(x), []
+        finally:
+            if hook is not None:
+                hook.remove()
         b = Batch(labels=labels, student_logits=logits, teacher_logits=teacher_logits)
+        if self.align_head is not None:
+            b.align_image = self.align_head(pooled[-1])
+            b.align_text, b.align_keys = text, keys
         if len(self.branches):
             b.branch_logits = [br(f) for br, f in zip(self.branches, feats)]
         if len(self.connectors) and t_feats is not None:

