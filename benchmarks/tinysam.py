@@ -141,7 +141,7 @@ def main() -> None:
         "# TinySAM at toy scale: distillation recipes and Q-TinySAM W8A8",
         "",
         f"Command: `{cmd.strip()}` ({total / 60:.1f} min, one thread)  ",
-        f"Machine: {machine_line()}",
+        machine_line(),
         "",
         f"Teacher `vit_mini`: `{teacher_cmd}` {args.teacher_note}; students `vit_micro` distilled {args.steps} steps each (batch 2 x 4 prompts, lr 2e-3, "
         f"cached teacher embeddings of training scenes 0..{args.scenes - 1}). Test: {args.test_scenes} "
