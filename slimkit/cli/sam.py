@@ -129,3 +129,65 @@ def train(inv: Invocation) -> int:
     print(f"{r['out']}: validation mIoU with one point {r['validation']['miou_1pt']:.3f} "
           f"({r['seconds']:.0f} s)")  # fmt: skip
     return 0
+
+
+@command("cache-embeddings", group="sam", configs=["slimkit.sam.tinysam.cache:CacheConfig"],
+         run=("out", "overwrite"), help="store a teacher's image embeddings (safetensors shards)",
+         description="Compute a teacher's image embeddings once and store them as fingerprinted "
+                     "safetensors shards for slimkit sam distill --embeddings.")  # fmt: skip
+def cache_embeddings(inv: Invocation) -> int:
+    from slimkit.sam.tinysam.cache import cache_embeddings as run
+
+    r = run(*inv.configs, out=inv.ns.out, overwrite=inv.ns.overwrite)
+    print(f"{r['out']}: {r['count']} embeddings {tuple(r['shape'])} in {len(r['shards'])} shards "
+          f"(fingerprint {r['fingerprint'][:12]})")  # fmt: skip
+    return 0
+
+
+@command("distill", group="sam", configs=["slimkit.sam.tinysam.train:DistillConfig"],
+         run=("out", "resume", "overwrite"),
+         help="TinySAM distillation of a small SAM from a teacher",
+         description="TinySAM full-stage distillation (or MobileSAM's embedding-only recipe) of a "
+                     "small SAM student from a teacher SAM.")  # fmt: skip
+def distill(inv: Invocation) -> int:
+    from slimkit.sam.tinysam.train import distill_sam
+
+    r = distill_sam(*inv.configs, **inv.run_kwargs)
+    v = r["validation"]
+    print(f"{r['out']}: validation mIoU 1 point {v['miou_1pt']:.3f}, box {v['miou_box']:.3f} "
+          f"({r['seconds']:.0f} s)")  # fmt: skip
+    return 0
+
+
+@command("quantize", group="sam", configs=["slimkit.sam.tinysam.quant:SamQuantConfig"],
+         run=("out", "overwrite"), args=[arg("model", help="a slimkit SAM run directory")],
+         help="Q-TinySAM: W8A8 post-training quantization of the image encoder",
+         description="Q-TinySAM: W8A8 post-training quantization of a SAM's ViT image encoder "
+                     "(int8 weights + scales in safetensors).")  # fmt: skip
+def quantize(inv: Invocation) -> int:
+    from slimkit.sam.tinysam.quant import quantize_sam
+
+    r = quantize_sam(inv.ns.model, *inv.configs, out=inv.ns.out, overwrite=inv.ns.overwrite)
+    print(f"{r['out']}: {r['layers']} linears W{r['wbits']}A{r['abits']} ({r['act_quantizer']}), "
+          f"{r['act_points']} activation quantizers")  # fmt: skip
+    return 0
+
+
+@command("eval", group="sam", configs=["slimkit.sam.tinysam.evaluate:EvalConfig"],
+         args=[arg("model", help="a slimkit SAM run (trained, distilled or quantized) or a checkpoint"),
+               arg("--json", output=True, help="also write the results here")],
+         help="point / box prompted mIoU on held-out generated scenes",
+         description="Point- and box-prompted mIoU on held-out generated scenes, seconds per image.")  # fmt: skip
+def evaluate(inv: Invocation) -> int:
+    from slimkit.sam.tinysam.evaluate import evaluate_model
+
+    r = evaluate_model(inv.ns.model, *inv.configs)
+    if inv.ns.json:
+        from slimkit.core.rundir import write_json
+
+        write_json(inv.ns.json, r)
+    k = r["clicks"]
+    print(f"{inv.ns.model}: mIoU 1 point {r['miou_1pt']:.3f}, {k} points {r[f'miou_{k}pt']:.3f}, "
+          f"box {r['miou_box']:.3f} over {r['instances']} instances; "
+          f"{r['seconds_per_image']:.3f} s per image")  # fmt: skip
+    return 0

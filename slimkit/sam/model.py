@@ -69,6 +69,9 @@ class ViTAttention(nn.Module):
         self.scale = (dim // heads) ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        # identity hook point on the post-softmax attention (a place for an activation quantizer;
+        # no parameters, so the state-dict keys are unchanged)
+        self.softmax_out = nn.Identity()
         self.use_rel_pos = rel_pos
         if rel_pos:
             hd = dim // heads
@@ -89,7 +92,7 @@ class ViTAttention(nn.Module):
                 attn.view(b * self.heads, h, w, h, w) + bias_h[..., :, None] + bias_w[..., None, :]
             ).view(b * self.heads, h * w, h * w)
         out = (
-            (attn.softmax(-1) @ v)
+            (self.softmax_out(attn.softmax(-1)) @ v)
             .view(b, self.heads, h, w, -1)
             .permute(0, 2, 3, 1, 4)
             .reshape(b, h, w, -1)
@@ -375,7 +378,10 @@ class MaskDecoder(nn.Module):
             [dim] + [iou_hidden] * (iou_depth - 1) + [self.num_mask_tokens]
         )
 
-    def forward(self, image_embeddings, image_pe, sparse, dense, multimask: bool):
+    def forward(self, image_embeddings, image_pe, sparse, dense, multimask: bool,
+                return_tokens: bool = False):  # fmt: skip
+        """(masks, iou); with ``return_tokens`` also the output tokens (IoU token + mask tokens,
+        (B, 1 + num_mask_tokens, dim)) after the two-way transformer (TinySAM's token loss)."""
         tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], 0)
         tokens = torch.cat([tokens[None].expand(sparse.shape[0], -1, -1), sparse], 1)
         src = torch.repeat_interleave(image_embeddings, tokens.shape[0], 0) + dense
@@ -390,6 +396,8 @@ class MaskDecoder(nn.Module):
         masks = (hyper @ up.flatten(2)).reshape(b, -1, up.shape[2], up.shape[3])
         iou = self.iou_prediction_head(iou_out)
         sl = slice(1, None) if multimask else slice(0, 1)
+        if return_tokens:
+            return masks[:, sl], iou[:, sl], hs[:, : 1 + self.num_mask_tokens]
         return masks[:, sl], iou[:, sl]
 
 
@@ -477,6 +485,9 @@ SAM_CONFIGS = {
     "vit_t": SamConfig(dim=320, extra={"encoder": "tinyvit"}),  # MobileSAM / TinySAM
     "vit_mini": SamConfig(img_size=256, dim=128, depth=4, heads=4, window=4, global_blocks=(1, 3),
                           prompt_dim=64, decoder_heads=4, decoder_mlp=256),
+    # a smaller student of vit_mini (same embedding and decoder shapes) for distillation on CPU
+    "vit_micro": SamConfig(img_size=256, dim=48, depth=2, heads=2, window=4, global_blocks=(1,),
+                           prompt_dim=64, decoder_heads=4, decoder_mlp=256),
 }  # fmt: skip
 
 

@@ -1,0 +1,269 @@
+"""TinySAM: distillation losses, hard prompt sampling, hard mask weighting, the embedding cache,
+Q-TinySAM W8A8 and its int8 safetensors round trip. (Resume / NaN roll-back / gloo of the
+``sam-distill`` trainer are enrolled in tests/test_trainer.py.)"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimkit.core.errors import SlimkitError
+from slimkit.sam.tinysam import losses as L
+from slimkit.sam.tinysam import quant as Q
+from slimkit.sam.tinysam.prompts import sample_error_points
+from slimkit.sam.tinysam.train import DistillConfig, SamDistillTask, tiny_teacher
+
+# ---------------------------------------------------------------- losses vs hand computations
+
+
+def test_embedding_token_and_output_losses_by_hand():
+    # catches: l1 replaced by MSE (or the reverse), a sum instead of a mean, per-prompt terms
+    # averaged over the wrong axis
+    s = torch.tensor([[[[1.0, -2.0]]]])
+    t = torch.tensor([[[[0.0, 1.0]]]])
+    assert float(L.embedding_loss(s, t, "l1")) == pytest.approx((1 + 3) / 2)
+    assert float(L.embedding_loss(s, t, "mse")) == pytest.approx((1 + 9) / 2)
+    st = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    tt = torch.zeros(2, 2, 2)
+    assert L.token_loss(st, tt).tolist() == pytest.approx([2.5, 0.0])
+    so = torch.tensor([[[[2.0]], [[-4.0]], [[0.0]]]])
+    assert L.output_loss(so, torch.zeros_like(so)).tolist() == pytest.approx([2.0])
+    with pytest.raises(SlimkitError, match="embedding loss"):
+        L.embedding_loss(s, t, "kl")
+
+
+def test_focal_dice_and_iou_l1_by_hand():
+    # catches: a wrong focal modulation (gamma / alpha), dice without its +1 smoothing, and an
+    # IoU target computed from probabilities instead of binarised masks
+    logits = torch.tensor([[[[2.0, -1.0]], [[-3.0, 0.5]]]])  # K=1, M=2, 1x2
+    target = torch.tensor([[[1.0, 0.0]]])
+    focal, dice = L.focal_dice(logits, target)
+
+    def fl(z, y):
+        p = 1 / (1 + math.exp(-z))
+        ce = -math.log(p) if y else -math.log(1 - p)
+        pt = p if y else 1 - p
+        return (0.25 if y else 0.75) * (1 - pt) ** 2 * ce
+
+    for m, (z0, z1) in enumerate([(2.0, -1.0), (-3.0, 0.5)]):
+        assert float(focal[0, m]) == pytest.approx((fl(z0, 1) + fl(z1, 0)) / 2, rel=1e-5)
+        p0, p1 = 1 / (1 + math.exp(-z0)), 1 / (1 + math.exp(-z1))
+        assert float(dice[0, m]) == pytest.approx(1 - (2 * p0 + 1) / (p0 + p1 + 1 + 1), rel=1e-5)
+    iou_pred = torch.tensor([[0.9, 0.2]])
+    # mask 0 = {pixel 0} == target -> IoU 1; mask 1 = {pixel 1} vs {pixel 0} -> IoU 0
+    assert L.iou_l1(iou_pred, logits, target)[0].tolist() == pytest.approx([0.1, 0.2])
+
+
+def test_hard_mask_weight_by_hand():
+    # catches: teacher and student swapped (the paper's prose does so), a missing "- 1", or the
+    # weight taken from one fixed mask instead of each model's best of three
+    target = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    big, small = 5.0, -5.0
+    t_logits = torch.tensor([[[[big, big, small, small]], [[small] * 4], [[small] * 4]]])  # IoU 1
+    s_logits = torch.tensor([[[[small] * 4], [[big, small, small, small]], [[small] * 4]]])  # 0.5
+    h = L.hard_mask_weights(t_logits, s_logits, target, eps=1e-6)
+    assert float(h[0]) == pytest.approx(1 / (1 + math.exp(-(1 / (0.5 + 1e-6) - 1))), rel=1e-5)
+    assert float(L.hard_mask_weights(t_logits, t_logits, target)[0]) == pytest.approx(0.5, abs=1e-5)
+    worse = L.hard_mask_weights(s_logits, t_logits, target)  # student better than teacher
+    assert 1 / (1 + math.e) <= float(worse[0]) < 0.5
+
+
+# ---------------------------------------------------------------- hard prompt sampling
+
+
+def test_sampler_draws_only_from_error_pixels():
+    # property test over random masks; catches: points drawn from the whole image or the ground
+    # truth, labels not taken from the ground truth at the point, and a point drawn although the
+    # prediction is already right (must be padding, label -1)
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        k, h, w = 3, int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        gt = rng.random((k, h, w)) < rng.random()
+        pred = rng.random((k, h, w)) < rng.random()
+        if trial % 7 == 0:
+            pred[0] = gt[0]  # no error left in mask 0
+        for region in ("xor", "fn"):
+            c, lab = sample_error_points(gt, pred, rng, region)
+            for i in range(k):
+                err = gt[i] ^ pred[i] if region == "xor" else gt[i] & ~pred[i]
+                if not err.any():
+                    assert lab[i] == -1
+                    continue
+                x, y = int(c[i, 0]), int(c[i, 1])
+                assert err[y, x] and lab[i] == int(gt[i, y, x])
+                if region == "fn":
+                    assert lab[i] == 1
+
+
+def _task(tmp_path, **kw):
+    cfg = DistillConfig(teacher=str(tiny_teacher(tmp_path / "teacher")), scenes=4, batch_size=2,
+                        prompts_per_image=2, val_scenes=1, device="cpu", **kw)  # fmt: skip
+    return SamDistillTask(cfg, torch.device("cpu"))
+
+
+def test_hard_points_add_error_region_points_per_round(tmp_path):
+    # catches: extra rounds that ignore the per-prompt draw of the number of rounds, or points
+    # whose label disagrees with the ground truth
+    task = _task(tmp_path, hard_prompts=True, max_rounds=4)
+    img, masks = task.scene(0)
+    gt = np.stack(masks[:3])
+    coords0 = np.stack([np.argwhere(m)[0][::-1] for m in gt]).astype(np.float32)[:, None]
+    emb = task.model.image_encoder(
+        task.model.preprocess(torch.as_tensor(img).permute(2, 0, 1)[None].float())
+    )
+    rng = np.random.default_rng(3)
+    rounds = np.random.default_rng(3).integers(0, 5, 3)
+    coords, labels = task.hard_points(emb.detach(), gt, coords0, rng)
+    assert coords.shape == (3, 1 + rounds.max(), 2)
+    real = (labels[:, 1:] != -1).sum(1)
+    assert (real <= rounds).all() and real.sum() > 0
+    for k in range(3):
+        for (x, y), lab in zip(coords[k], labels[k]):
+            if lab != -1:
+                assert lab == int(gt[k, int(y), int(x)])
+
+
+def test_total_loss_combines_every_weighted_term(tmp_path, monkeypatch):
+    # each defining piece of the objective: removing a term (or its weight, or the hard mask
+    # weight) changes this sum; catches a term dropped or weighted twice in the composition
+    consts = {
+        "emb": 0.5,
+        "tok": 0.25,
+        "out": 2.0,
+        "focal": 0.01,
+        "dice": 0.3,
+        "iou": 0.125,
+        "h": 0.7,
+    }
+    monkeypatch.setattr(L, "embedding_loss", lambda s, t, kind: (s * 0).sum() + consts["emb"])
+    monkeypatch.setattr(L, "token_loss", lambda s, t: s.flatten(1)[:, 0] * 0 + consts["tok"])
+    monkeypatch.setattr(L, "output_loss", lambda s, t: s.flatten(1)[:, 0] * 0 + consts["out"])
+    monkeypatch.setattr(
+        L,
+        "focal_dice",
+        lambda lg, t: (
+            lg.flatten(2)[..., 0] * 0 + consts["focal"],
+            lg.flatten(2)[..., 0] * 0 + consts["dice"],
+        ),
+    )
+    monkeypatch.setattr(L, "iou_l1", lambda p, lg, t: p * 0 + consts["iou"])
+    monkeypatch.setattr(
+        L, "hard_mask_weights", lambda t, s, g: s.flatten(1)[:, 0] * 0 + consts["h"]
+    )
+    w = {
+        "w_embedding": 2.0,
+        "w_token": 3.0,
+        "w_output": 5.0,
+        "w_focal": 7.0,
+        "w_dice": 11.0,
+        "w_iou": 13.0,
+    }
+    for hmw in (False, True):
+        task = _task(tmp_path, hard_mask_weighting=hmw, **w)
+        loss, parts = task.loss((0, [0, 1], None))
+        h = consts["h"] if hmw else 1.0
+        per_prompt = (w["w_token"] * consts["tok"] + w["w_output"] * h * consts["out"]
+                      + w["w_focal"] * consts["focal"] + w["w_dice"] * consts["dice"]
+                      + w["w_iou"] * consts["iou"])  # fmt: skip
+        assert float(loss) == pytest.approx(w["w_embedding"] * consts["emb"] + per_prompt, rel=1e-6)
+    emb_only = _task(tmp_path, mode="embedding", **w)
+    loss, _ = emb_only.loss((0, [0, 1], None))
+    assert float(loss) == pytest.approx(w["w_embedding"] * consts["emb"])
+
+
+def test_embedding_mode_trains_only_the_encoder_and_decoder_starts_from_teacher(tmp_path):
+    # catches: MobileSAM's recipe that still updates the decoder, or a student decoder that
+    # does not start from the teacher's
+    task = _task(tmp_path, mode="embedding")
+    assert not any(p.requires_grad for p in task.model.mask_decoder.parameters())
+    assert all(p.requires_grad for p in task.model.image_encoder.parameters())
+    for k, v in task.teacher.mask_decoder.state_dict().items():
+        torch.testing.assert_close(task.model.mask_decoder.state_dict()[k], v)
+
+
+# ---------------------------------------------------------------- embedding cache
+
+
+def test_cache_matches_the_teacher_and_a_stale_cache_is_refused(tmp_path):
+    # catches: cached targets that differ from the teacher's embeddings, and a cache made from
+    # another teacher (or another image list) silently used
+    from slimkit.sam.tinysam.cache import CacheConfig, cache_embeddings
+
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cache_embeddings(CacheConfig(teacher=str(teacher), scenes=4, shard_size=3, device="cpu"),
+                     out=tmp_path / "emb")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == [
+        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]  # fmt: skip
+    cached = _task(tmp_path, embeddings=str(tmp_path / "emb"))
+    plain = _task(tmp_path)
+    torch.manual_seed(0)
+    a = cached.loss((0, [0, 3], None))[0]
+    b = plain.loss((0, [0, 3], None))[0]
+    assert float(a) == pytest.approx(float(b), rel=1e-5)
+    with pytest.raises(SlimkitError, match="stale"):  # another image list
+        _task(tmp_path, embeddings=str(tmp_path / "emb")).__class__(
+            DistillConfig(teacher=str(teacher), scenes=5, embeddings=str(tmp_path / "emb")),
+            torch.device("cpu"),
+        )
+    other = tiny_teacher(tmp_path / "other", seed=1)
+    with pytest.raises(SlimkitError, match="stale"):
+        SamDistillTask(DistillConfig(teacher=str(other), scenes=4, embeddings=str(tmp_path / "emb")),
+                       torch.device("cpu"))  # fmt: skip
+    bad = tmp_path / "pickled.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "obj": Path("x")}, bad)
+    with pytest.raises(SlimkitError):
+        SamDistillTask(DistillConfig(teacher=str(bad), scenes=4), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- Q-TinySAM
+
+
+def test_twin_uniform_quantizers_by_hand():
+    # catches: a twin-softmax that uses one step for both ranges, and a post-GELU quantizer whose
+    # negative part is calibrated (or clipped to zero) instead of the fixed 0.16997 / 128 step
+    s = torch.tensor(0.001)
+    x = torch.tensor([0.0004, 0.05, 0.5, 1.0])
+    y = Q.fq_twin_softmax(x, s, 8)
+    assert y[0] == pytest.approx(0.0)  # fine step: round(0.4) = 0
+    assert y[1] == pytest.approx(0.05, abs=1e-7)  # 50 fine steps
+    assert y[2] == pytest.approx(round(0.5 * 127) / 127)  # above the split: 1/127 grid
+    assert y[3] == pytest.approx(1.0)
+    g = Q.fq_twin_gelu(torch.tensor([-0.17, -0.05, 0.3, 10.0]), torch.tensor(0.01), 8)
+    neg = 0.16997 / 128
+    assert g[0] == pytest.approx(-128 * neg) and g[1] == pytest.approx(round(-0.05 / neg) * neg)
+    assert g[2] == pytest.approx(0.3) and g[3] == pytest.approx(1.27)
+    # on softmax-like data the twin quantizer beats one uniform grid
+    p = torch.softmax(torch.randn(64, 64) * 3, -1).flatten()
+    uni = Q.fq_uniform(p, p.max() / 127, 8)
+    twin = Q.fq_twin_softmax(p, Q.search_step(p, "twin_softmax", 8, 50), 8)
+    assert (twin - p).pow(2).sum() < (uni - p).pow(2).sum() / 4
+
+
+def test_quantized_model_reloads_identically_with_int8_weights(tmp_path):
+    # catches: scales or codes lost in the file (outputs differ after reload), weights stored as
+    # floats, activation quantizers not re-attached, and any pickle in the output
+    from safetensors.torch import load_file
+
+    from slimkit.sam.train import load_trained
+
+    run = tiny_teacher(tmp_path / "teacher")
+    cfg = Q.SamQuantConfig(calib_images=2, search_points=10)
+    Q.quantize_sam(run, cfg, out=tmp_path / "q")
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [
+        "quant.json", "quant.safetensors", "sam_config.json"]  # fmt: skip
+    t = load_file(str(tmp_path / "q" / "quant.safetensors"))
+    ints = [k for k, v in t.items() if v.dtype == torch.int8]
+    assert len(ints) == 4 * 4  # 4 blocks x (qkv, proj, lin1, lin2)
+    model = load_trained(run)
+    Q.quantize_model(model, cfg)
+    loaded = Q.load_quantized(tmp_path / "q")
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        a, b = model.image_encoder(x), loaded.image_encoder(x)
+        fp = load_trained(run).image_encoder(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert 0 < float((a - fp).abs().max())  # the activations really are quantized
+    w = loaded.image_encoder.blocks[0].attn.qkv.weight
+    assert len(torch.unique(w[0])) <= 256
