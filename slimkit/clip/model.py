@@ -1,0 +1,192 @@
+"""The dual encoder: a timm image tower, a short text transformer, linear projections to a
+shared width and a learnable temperature. This is the whole inference model; LightCLIP's
+training-only parts (fusion blocks, MLM head, token-level temperature) live in
+:mod:`slimkit.clip.fusion_mlm` and are never saved with it.
+
+Shapes: images (B, C, H, W) -> pooled (B, C_img) and patch tokens (B, M, C_img) (a CNN's last
+map flattened, M = H*W; a ViT's tokens without its prefix); captions (B, L) ids -> hidden
+(B, L, W) and the pooled [EOS] state (B, W). Both are projected to ``embed_dim`` with the same
+linear map for the pooled vector and the tokens [our default: no extra parameters for the token
+level, so the exported model is the plain CLIP one].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimkit.clip.tokenizer import EOS
+from slimkit.core.errors import SlimkitError
+
+
+@dataclass
+class ClipArch:
+    """Everything needed to rebuild the inference model (saved as ``model.json``)."""
+
+    image_arch: str = "tiny-vit-p8"
+    in_chans: int = 3
+    img_size: int = 32
+    vocab_size: int = 64
+    context_length: int = 16
+    text_width: int = 64
+    text_depth: int = 2
+    text_heads: int = 4
+    embed_dim: int = 64
+    init_temperature: float = 0.07
+    mean: list[float] = field(default_factory=list)  # image normalisation (train split)
+    std: list[float] = field(default_factory=list)
+
+
+class ImageTower(nn.Module):
+    """Any timm model (or slimkit tiny configuration) without its classifier."""
+
+    def __init__(self, arch: str, in_chans: int, img_size: int, pretrained: bool = False):
+        super().__init__()
+        from slimkit.vision.models import create_model
+
+        self.trunk = create_model(arch, num_classes=0, in_chans=in_chans, img_size=img_size,
+                                  pretrained=pretrained)  # fmt: skip
+        self.width = int(self.trunk.num_features)
+        self.prefix = int(getattr(self.trunk, "num_prefix_tokens", 0))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.trunk.forward_features(x)
+        pooled = self.trunk.forward_head(f, pre_logits=True)  # (B, C)
+        if f.dim() == 4:  # CNN map (B, C, H, W) -> (B, H*W, C)
+            tokens = f.flatten(2).transpose(1, 2)
+        else:  # (B, P + M, C) -> patch tokens only
+            tokens = f[:, self.prefix :]
+        return pooled, tokens
+
+
+class TextBlock(nn.Module):
+    """Pre-LN transformer block with bidirectional attention (MLM needs both directions)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+
+    def forward(self, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, n, w = h.shape
+        q, k, v = self.qkv(self.ln1(h)).view(b, n, 3, self.heads, w // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=keep[:, None, None, :])  # fmt: skip
+        h = h + self.out(a.transpose(1, 2).reshape(b, n, w))
+        return h + self.mlp(self.ln2(h))
+
+
+class TextTower(nn.Module):
+    """Token + position embeddings, ``depth`` blocks, final LayerNorm. ``fuse(k, h)`` (training
+    only) is called after block k and returns the new hidden state."""
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise SlimkitError(f"--text-width {width} must be divisible by --text-heads {heads}")
+        self.tok_emb = nn.Embedding(vocab_size, width)
+        self.pos_emb = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.blocks = nn.ModuleList(TextBlock(width, heads) for _ in range(depth))
+        self.ln_final = nn.LayerNorm(width)
+        self.width = width
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor, fuse: Callable | None = None) -> torch.Tensor:
+        keep = ids != 0
+        h = self.tok_emb(ids) + self.pos_emb[: ids.shape[1]]
+        for k, blk in enumerate(self.blocks):
+            h = blk(h, keep)
+            if fuse is not None:
+                h = fuse(k, h)
+        return self.ln_final(h)
+
+
+def eos_pool(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The hidden state at each caption's [EOS] (the last one if truncated)."""
+    pos = (ids == EOS).int().argmax(1)
+    return hidden[torch.arange(len(ids), device=ids.device), pos]
+
+
+class DualEncoder(nn.Module):
+    """CLIP: ``encode_image(x)`` and ``encode_text(ids)`` give L2-normalised embeddings;
+    ``logit_scale`` is log(1 / temperature), clamped at 100 when used."""
+
+    def __init__(self, arch: ClipArch, pretrained_image: bool = False):
+        super().__init__()
+        self.arch = arch
+        self.image = ImageTower(arch.image_arch, arch.in_chans, arch.img_size, pretrained_image)
+        self.text = TextTower(arch.vocab_size, arch.context_length, arch.text_width,
+                              arch.text_depth, arch.text_heads)  # fmt: skip
+        self.image_proj = nn.Linear(self.image.width, arch.embed_dim, bias=False)
+        self.text_proj = nn.Linear(arch.text_width, arch.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / arch.init_temperature)))
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    def image_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(v (B, d) normalised, u (B, M, d) normalised patch tokens, raw tokens (B, M, C_img))."""
+        pooled, tokens = self.image(x)
+        v = F.normalize(self.image_proj(pooled), dim=-1)
+        u = F.normalize(self.image_proj(tokens), dim=-1)
+        return v, u, tokens
+
+    def text_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t (B, d) normalised [EOS] embedding, w (B, L, d) normalised word tokens)."""
+        h = self.text_proj(self.text(ids))
+        return F.normalize(eos_pool(h, ids), dim=-1), F.normalize(h, dim=-1)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.image(x)[0]), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(eos_pool(self.text_proj(self.text(ids)), ids), dim=-1)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Image-to-text logits (B_img, B_txt)."""
+        return self.scale() * self.encode_image(x) @ self.encode_text(ids).T
+
+
+def save_clip(model: DualEncoder, tokenizer, path: Path) -> None:
+    """``model.safetensors`` (the dual encoder only), ``model.json``, ``tokenizer.json``."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(path / "model.safetensors"))  # fmt: skip
+    (path / "model.json").write_text(json.dumps(asdict(model.arch), indent=1) + "\n")
+    tokenizer.save(path / "tokenizer.json")
+
+
+def load_clip(run: str | Path):
+    """(DualEncoder in eval mode, WordTokenizer) from a ``slimkit clip train`` run directory."""
+    from slimkit.clip.tokenizer import WordTokenizer
+    from slimkit.core.weights import load_state_dict
+
+    p = Path(run)
+    need = [p / "model.json", p / "tokenizer.json", p / "model.safetensors"]
+    missing = [f.name for f in need if not f.is_file()]
+    if missing:
+        raise SlimkitError(f"{p} is not a clip run directory (missing {', '.join(missing)})")
+    try:
+        arch = ClipArch(**json.loads((p / "model.json").read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise SlimkitError(f"{p / 'model.json'} is not a clip model description ({e})") from None
+    model = DualEncoder(arch)
+    state = load_state_dict(p / "model.safetensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SlimkitError(f"{p / 'model.safetensors'} does not fit {p / 'model.json'}: "
+                           f"{str(e).splitlines()[-1][:200]}") from None  # fmt: skip
+    return model.eval(), WordTokenizer.load(p / "tokenizer.json")
