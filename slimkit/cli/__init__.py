@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "slimkit.cli.tinylm",
     "slimkit.cli.distill",
     "slimkit.cli.sam",
+    "slimkit.cli.clip",
 )
 for _module in COMMAND_MODULES:
     importlib.import_module(_module)

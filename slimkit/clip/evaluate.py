@@ -72,3 +72,101 @@ def retrieval(img: torch.Tensor, txt: torch.Tensor, captions: list[str],
     if labels is not None and (labels >= 0).all():
         out["i2t_class_r1"] = recall_at(sim, labels[:, None] == labels[None, :], (1,))[1]
     return out
+
+
+GENERIC_TEMPLATES = ["a {}", "a photo of a {}", "a picture of a {}"]
+
+
+def _normalise(x: torch.Tensor, arch) -> torch.Tensor:
+    mean = torch.tensor(arch.mean or [0.5] * x.shape[1])[:, None, None]
+    std = torch.tensor(arch.std or [0.5] * x.shape[1])[:, None, None]
+    return (x - mean) / std
+
+
+def _imagefolder(path: str, arch) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from pathlib import Path
+
+    from torchvision import datasets, transforms
+
+    p = Path(path)
+    if not p.is_dir():
+        raise SlimkitError(f"imagefolder: {p} is not a directory of class sub-folders")
+    tf = [transforms.Resize((arch.img_size, arch.img_size))]
+    if arch.in_chans == 1:
+        tf.append(transforms.Grayscale())
+    ds = datasets.ImageFolder(str(p), transform=transforms.Compose([*tf, transforms.ToTensor()]))
+    if len(ds) == 0 or len(ds.classes) < 2:
+        raise SlimkitError(f"imagefolder: {p} needs at least two class folders with images")
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    names = [c.replace("_", " ") for c in ds.classes]
+    return _normalise(x, arch), torch.tensor(ds.targets), names
+
+
+def _templates(spec: str, named: dict[str, list[str]]) -> list[str]:
+    from pathlib import Path
+
+    if spec in named:
+        return named[spec]
+    if spec == "default":
+        return GENERIC_TEMPLATES
+    p = Path(spec)
+    if not p.is_file():
+        raise SlimkitError(
+            f"--templates {spec!r}: not one of {sorted({'default', *named})} nor a file of "
+            "templates (one per line, with {} for the class name)"
+        )
+    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    if not lines or any("{}" not in ln for ln in lines):
+        raise SlimkitError(f"--templates {p}: every line needs {{}} where the class name goes")
+    return lines
+
+
+def _caption_split(spec: str, arch, split: str):
+    from slimkit.clip.captions import load_pairs
+
+    if split not in ("train", "val", "test"):
+        raise SlimkitError(f"--split must be train, val or test (got {split!r})")
+    data = load_pairs(spec, arch.img_size)
+    if data.in_chans != arch.in_chans:
+        raise SlimkitError(f"{spec} has {data.in_chans} channels, the model takes {arch.in_chans}")
+    return data, getattr(data, split)
+
+
+def zeroshot_run(run: str, data: str, templates: str = "default", split: str = "test") -> dict:
+    """Zero-shot top-1 / top-5 of a trained run on ``imagefolder:PATH`` (class = folder name)
+    or on a split of a class-labelled caption set."""
+    from slimkit.clip.model import load_clip
+
+    model, tok = load_clip(run)
+    if data.startswith("imagefolder:"):
+        x, y, names = _imagefolder(data.split(":", 1)[1], model.arch)
+        prompts = _templates(templates, {})
+    else:
+        d, s = _caption_split(data, model.arch, split)
+        if not d.class_names:
+            raise SlimkitError(f"{data} has no classes: use imagefolder:PATH or a labelled set")
+        x, y, names, prompts = s.images, s.labels, d.class_names, _templates(templates, d.templates)
+    return {"images": len(y), "classes": len(names), "templates": prompts,
+            **zeroshot(model, tok, x, y, names, prompts)}  # fmt: skip
+
+
+def retrieve_run(run: str, data: str, split: str = "test") -> dict:
+    """R@1/5/10 both ways of a trained run on every pair of ``pairs:FILE`` (normalised with the
+    run's statistics) or on a split of a caption set."""
+    from pathlib import Path
+
+    from slimkit.clip.captions import read_pair_images
+    from slimkit.clip.model import load_clip
+
+    model, tok = load_clip(run)
+    labels = None
+    if data.startswith("pairs:"):
+        x, caps = read_pair_images(
+            Path(data.split(":", 1)[1]), model.arch.img_size, model.arch.in_chans
+        )
+        x = _normalise(torch.from_numpy(x), model.arch)
+    else:
+        _, s = _caption_split(data, model.arch, split)
+        x, caps, labels = s.images, s.captions, s.labels
+    img, txt = embed_images(model, x), embed_texts(model, tok, caps)
+    return {"pairs": len(caps), **retrieval(img, txt, caps, labels)}

@@ -59,7 +59,7 @@ def _hungarian(a: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(ni, nj, dtype=a.dtype, device=a.device)
     cost = a.detach().float().cpu().numpy()
     for j in range(nj):
-        rows = torch.flatnonzero(word_mask[j]).cpu()
+        rows = torch.nonzero(word_mask[j]).flatten().cpu()
         if len(rows) == 0:
             continue
         for i in range(ni):
