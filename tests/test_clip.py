@@ -422,3 +422,83 @@ def test_tied_mlm_head_uses_the_token_embedding():
     _, _, tokens = clip.image_features(torch.randn(1, 1, 32, 32))
     tied.mlm_loss_sum(clip.text, masked, labels, tokens).backward()
     assert clip.text.tok_emb.weight.grad[labels[labels != -100]].abs().sum() > 0
+
+
+# ---- open_clip / transformers CLIP layouts ------------------------------------------------------
+def _text_ids(vocab: int, eos: int) -> torch.Tensor:
+    # start token 1, words 3..eos-1, the end token (the largest id, as CLIP's EOT), padding 0
+    return torch.tensor([[1, 5, 9, 11, eos, 0, 0, 0], [1, 7, eos, 0, 0, 0, 0, 0]])
+
+
+def test_open_clip_layout_loads_and_gives_open_clips_text_embedding(tmp_path):
+    """A tiny open_clip CLIP (timm image trunk) saved as safetensors loads into the dual encoder:
+    the text embedding equals open_clip's encode_text, the timm trunk and projections are copied,
+    and a tensor of another shape is skipped and listed (catches a wrong key map, a qkv split in
+    the wrong order, or a transposed projection)."""
+    pytest.importorskip("open_clip")
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+
+    from slimkit.clip.clip_layouts import load_clip_layout
+
+    torch.manual_seed(0)
+    ref = CLIP(32, CLIPVisionCfg(timm_model_name="test_vit", image_size=32, timm_pool="", timm_proj="linear"),
+               CLIPTextCfg(context_length=8, vocab_size=40, width=64, heads=4, layers=2)).eval()  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "oc.safetensors")
+    )
+    arch = ClipArch(image_arch="test_vit", in_chans=3, img_size=32, vocab_size=40, context_length=8,
+                    text_width=64, text_depth=2, text_heads=4, embed_dim=32, text_causal=True,
+                    eos_id=39)  # fmt: skip
+    ours = DualEncoder(arch).eval()
+    r = load_clip_layout(ours, tmp_path / "oc.safetensors")
+    assert r["layout"] == "open_clip" and "text.blocks.1.qkv.weight" in r["loaded"]
+    assert "image_proj.weight" in r["loaded"] and any(
+        k.startswith("image.trunk.") for k in r["loaded"]
+    )
+    ids = _text_ids(40, 39)
+    with torch.no_grad():
+        assert torch.allclose(
+            ours.encode_text(ids), ref.encode_text(ids, normalize=True), atol=1e-5
+        )
+    assert torch.equal(ours.logit_scale, ref.logit_scale)
+    short = DualEncoder(ClipArch(image_arch="test_vit", in_chans=3, vocab_size=50, context_length=6,
+                                 text_width=64, text_depth=1, text_heads=4, embed_dim=32))  # fmt: skip
+    r2 = load_clip_layout(short, tmp_path / "oc.safetensors")
+    assert any(s.startswith("text.tok_emb.weight") for s in r2["skipped"])  # another vocabulary
+    assert "text.pos_emb" in r2["loaded"] and "text.blocks.1.qkv.weight" not in r2["loaded"]
+
+
+def test_transformers_clip_layout_gives_transformers_text_features(tmp_path):
+    """A tiny transformers CLIPModel's text tower (q/k/v stacked into one qkv) reproduces its
+    get_text_features; a file of another layout is one clear error."""
+    import transformers as tf
+
+    from slimkit.clip.clip_layouts import load_clip_layout
+
+    torch.manual_seed(0)
+    cfg = tf.CLIPConfig(
+        text_config=dict(vocab_size=40, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=8, hidden_act="gelu",
+                         eos_token_id=39, bos_token_id=1, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=32)  # fmt: skip
+    ref = tf.CLIPModel(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    arch = ClipArch(image_arch="tiny-vit-p8", in_chans=3, vocab_size=40, context_length=8,
+                    text_width=64, text_depth=2, text_heads=4, embed_dim=32, text_causal=True,
+                    eos_id=39)  # fmt: skip
+    ours = DualEncoder(arch).eval()
+    r = load_clip_layout(ours, tmp_path / "hf")
+    assert r["layout"] == "transformers" and "text.blocks.0.qkv.bias" in r["loaded"]
+    ids = _text_ids(40, 39)
+    with torch.no_grad():
+        want = ref.get_text_features(input_ids=ids, attention_mask=(ids != 0).long())
+        want = getattr(want, "pooler_output", want)
+        assert torch.allclose(ours.encode_text(ids), F.normalize(want, dim=-1), atol=1e-5)
+    from safetensors.torch import save_file
+
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(SlimkitError, match="neither an open_clip nor a transformers CLIP layout"):
+        load_clip_layout(ours, tmp_path / "x.safetensors")

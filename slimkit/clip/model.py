@@ -40,6 +40,8 @@ class ClipArch:
     embed_dim: int = 64
     init_temperature: float = 0.07
     text_tower: str = "scratch"  # scratch | bert (a pretrained BERT / MiniLM layout)
+    text_causal: bool = False  # causal self-attention (CLIP's text tower) instead of both ways
+    text_act: str = "gelu"  # gelu | quick_gelu (OpenAI CLIP)
     pad_id: int = 0
     eos_id: int = 3  # the pooled position
     mean: list[float] = field(default_factory=list)  # image normalisation (train split)
@@ -68,23 +70,33 @@ class ImageTower(nn.Module):
         return pooled, tokens
 
 
-class TextBlock(nn.Module):
-    """Pre-LN transformer block with bidirectional attention (MLM needs both directions)."""
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), the activation of OpenAI's CLIP checkpoints."""
 
-    def __init__(self, width: int, heads: int):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class TextBlock(nn.Module):
+    """Pre-LN transformer block (the layout of CLIP's text blocks); attention both ways by
+    default (MLM needs both directions), causal for CLIP checkpoints."""
+
+    def __init__(self, width: int, heads: int, causal: bool = False, act: str = "gelu"):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
-        )
+        gelu = QuickGELU() if act == "quick_gelu" else nn.GELU()
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), gelu, nn.Linear(4 * width, width))
 
     def forward(self, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         b, n, w = h.shape
         q, k, v = self.qkv(self.ln1(h)).view(b, n, 3, self.heads, w // self.heads).unbind(2)
+        mask = keep[:, None, None, :]
+        if self.causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=keep[:, None, None, :])  # fmt: skip
+                                           attn_mask=mask)  # fmt: skip
         h = h + self.out(a.transpose(1, 2).reshape(b, n, w))
         return h + self.mlp(self.ln2(h))
 
@@ -93,13 +105,16 @@ class TextTower(nn.Module):
     """Token + position embeddings, ``depth`` blocks, final LayerNorm. ``fuse(k, h)`` (training
     only) is called after block k and returns the new hidden state."""
 
-    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int):
+    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int,
+                 causal: bool = False, act: str = "gelu"):  # fmt: skip
         super().__init__()
+        if act not in ("gelu", "quick_gelu"):
+            raise SlimkitError(f"text activation must be gelu or quick_gelu (got {act!r})")
         if width % heads:
             raise SlimkitError(f"--text-width {width} must be divisible by --text-heads {heads}")
         self.tok_emb = nn.Embedding(vocab_size, width)
         self.pos_emb = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.blocks = nn.ModuleList(TextBlock(width, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(TextBlock(width, heads, causal, act) for _ in range(depth))
         self.ln_final = nn.LayerNorm(width)
         self.width = width
         nn.init.normal_(self.tok_emb.weight, std=0.02)
@@ -216,7 +231,8 @@ class DualEncoder(nn.Module):
             self.text = BertTextTower(arch)
         elif arch.text_tower == "scratch":
             self.text = TextTower(arch.vocab_size, arch.context_length, arch.text_width,
-                                  arch.text_depth, arch.text_heads)  # fmt: skip
+                                  arch.text_depth, arch.text_heads, arch.text_causal,
+                                  arch.text_act)  # fmt: skip
         else:
             raise SlimkitError(f"unknown text tower {arch.text_tower!r} (scratch | bert)")
         self.image_proj = nn.Linear(self.image.width, arch.embed_dim, bias=False)

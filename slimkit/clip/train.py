@@ -72,6 +72,15 @@ class ClipTrainConfig:
         "help": "'' (text tower from scratch) | minilm (embeddings and the first --text-depth "
                 "layers of the offline all-MiniLM-L6-v2, its width, heads and WordPiece tokenizer) "
                 "| a local BERT directory"})  # fmt: skip
+    init_clip: str = field(default="", metadata={
+        "help": "an open_clip or transformers CLIP checkpoint (file or directory): its text "
+                "blocks, embeddings, projections, temperature and open_clip timm image trunk are "
+                "copied wherever the shapes match"})  # fmt: skip
+    text_causal: bool = field(default=False, metadata={
+        "help": "causal text attention (as CLIP checkpoints; default: both ways, for MLM)"})  # fmt: skip
+    text_act: str = field(default="gelu", metadata={
+        "help": "text MLP activation: gelu | quick_gelu (OpenAI CLIP)",
+        "choices": ["gelu", "quick_gelu"]})  # fmt: skip
     context_length: int = field(default=16, metadata={"help": "caption tokens incl. [BOS] / [EOS]"})
     text_width: int = field(default=64, metadata={"help": "text tower width"})
     text_depth: int = field(default=2, metadata={"help": "text tower blocks (shortened: few)"})
@@ -189,7 +198,8 @@ class ClipTask(TrainTask):
             raise SlimkitError(f"--batch-size {cfg.batch_size} exceeds the {self.n} training pairs")
         self.x = x
         text = {"text_width": cfg.text_width, "text_depth": cfg.text_depth,
-                "text_heads": cfg.text_heads}  # fmt: skip
+                "text_heads": cfg.text_heads, "text_causal": cfg.text_causal,
+                "text_act": cfg.text_act}  # fmt: skip
         src = None
         if cfg.init_text:
             src = pretrained_text_source(cfg.init_text)
@@ -210,6 +220,15 @@ class ClipTask(TrainTask):
         if src is not None:
             n = load_bert_layers(clip.text, src)
             log.info("text tower: %d tensors from %s (first %d layers)", n, src, arch.text_depth)
+        self.init_report = None
+        if cfg.init_clip:
+            from slimkit.clip.clip_layouts import load_clip_layout
+
+            r = load_clip_layout(clip, cfg.init_clip)
+            self.init_report = {"layout": r["layout"], "loaded": len(r["loaded"]),
+                                "skipped": r["skipped"]}  # fmt: skip
+            log.info("%s layout: %d tensors loaded, %d skipped (%s)", r["layout"], len(r["loaded"]),
+                     len(r["skipped"]), "; ".join(r["skipped"][:4]))  # fmt: skip
         aux = None
         if cfg.token_weight or cfg.mlm_weight:
             aux = FusionMLM(clip.image.width, arch.text_width, arch.text_depth, arch.text_heads,
@@ -344,6 +363,7 @@ class ClipTask(TrainTask):
                            "text": sum(p.numel() for p in clip.text.parameters()),
                            "total_saved": n_clip, "training_only": n_aux},  # fmt: skip
             "global_batch": self.cfg.batch_size,
+            "init_clip": self.init_report,
             "headline": headline,
             "protocol": "after the last epoch: zero-shot top-1 / top-5 over the class prompts "
                         "(default templates; heldout_prompts: differently phrased ones) and "
