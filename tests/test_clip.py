@@ -311,7 +311,8 @@ def test_run_directory_report_and_eval_commands(runs, tmp_path, capsys):
 
 
 def test_pairs_file_train_and_retrieve(tmp_path, capsys):
-    """jsonl and csv pair files load (relative paths), train and evaluate end to end."""
+    """jsonl and csv pair files and WebDataset tar shards load (relative paths, brace ranges,
+    txt and json captions), train and evaluate end to end."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -333,6 +334,24 @@ def test_pairs_file_train_and_retrieve(tmp_path, capsys):
                  "--batch-size", "8", "--epochs", "1", "--image-arch", "tiny-vit-p8",
                  "--out", str(tmp_path / "run")]) == 0  # fmt: skip
     assert main(["clip", "retrieve", str(tmp_path / "run"), "--data", f"pairs:{tmp_path / 'p.csv'}"]) == 0  # fmt: skip
+    assert "24 pairs" in capsys.readouterr().out
+    # the same pairs as two WebDataset shards (KEY.png + KEY.txt, one sample as KEY.json)
+    import tarfile
+
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s:03d}.tar", "w") as tar:
+            for i in range(s * 12, (s + 1) * 12):
+                tar.add(tmp_path / f"{i}.png", arcname=f"s{i:04d}.png")
+                cap = tmp_path / (f"s{i:04d}.json" if i == 5 else f"s{i:04d}.txt")
+                cap.write_text(
+                    json.dumps({"caption": rows[i]["caption"]}) if i == 5 else rows[i]["caption"]
+                )
+                tar.add(cap, arcname=cap.name)
+    w = load_pairs(f"pairs:{tmp_path}/shard-{{000..001}}.tar", 16)
+    assert sorted(w.train.captions + w.val.captions + w.test.captions) == sorted(
+        r["caption"] for r in rows
+    )
+    assert main(["clip", "retrieve", str(tmp_path / "run"), "--data", f"pairs:{tmp_path}/shard-{{000..001}}.tar"]) == 0  # fmt: skip
     assert "24 pairs" in capsys.readouterr().out
 
 

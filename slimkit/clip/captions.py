@@ -6,7 +6,9 @@ test, chosen once with generator seed 0, independent of the training seed):
 
 - ``pairs:PATH.jsonl`` (one ``{"image": path, "caption": text}`` per line) or ``pairs:PATH.csv``
   (a header with ``image`` / ``filepath`` and ``caption`` / ``title`` columns, open_clip's csv
-  names); relative image paths are read relative to the file; 80 / 10 / 10 split.
+  names); relative image paths are read relative to the file; or WebDataset shards
+  (``pairs:shards-{000..009}.tar``, one ``.tar`` or a directory of them: ``KEY.jpg`` /
+  ``KEY.png`` + ``KEY.txt`` or ``KEY.json``); 80 / 10 / 10 split. Loaded into memory.
 - ``digits-captions`` / ``mnist-5k-captions``: the digit images of ``slimkit.vision.data`` with
   captions built from the label plus attributes measured on the image (ink mass -> thin / bold,
   second-moment slant -> slanted left / upright / slanted right, bounding-box area -> small /
@@ -282,27 +284,112 @@ def _read_pair_file(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def read_pair_images(path: Path, img_size: int, in_chans: int = 3) -> tuple[np.ndarray, list[str]]:
-    """(images (N, C, s, s) in [0, 1], captions) of a .jsonl / .csv pair file, unnormalised."""
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CAPTION_EXTS = (".txt", ".caption", ".json")
+
+
+def shard_paths(spec: str) -> list[Path]:
+    """WebDataset shard names: one ``.tar``, a brace range (``shards-{000..009}.tar``) or a
+    directory of ``.tar`` files."""
+    import re
+
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if m:
+        a, b = m.group(1), m.group(2)
+        names = [
+            spec[: m.start()] + str(i).zfill(len(a)) + spec[m.end() :]
+            for i in range(int(a), int(b) + 1)
+        ]
+        return [Path(n) for n in names]
+    p = Path(spec)
+    return sorted(p.glob("*.tar")) if p.is_dir() else [p]
+
+
+def _read_shards(paths: list[Path]) -> list[tuple[bytes, str]]:
+    """(image bytes, caption) of every sample of WebDataset tar shards: members grouped by the
+    key before the first dot of the file name, an image (``jpg``, ``png``, ...) plus a caption
+    (``txt``, or ``json`` with a ``caption`` / ``text`` field). Read with ``tarfile``; samples
+    without both parts are skipped."""
+    import tarfile
+
+    rows: list[tuple[bytes, str]] = []
+    for p in paths:
+        if not p.is_file():
+            raise SlimkitError(f"pairs: shard {p} is not a file")
+        samples: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(p) as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    name = Path(m.name)
+                    key, ext = (
+                        str(name.parent / name.name.split(".", 1)[0]),
+                        "." + name.name.split(".", 1)[-1],
+                    )
+                    samples.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
+        except tarfile.TarError as e:
+            raise SlimkitError(f"pairs: {p} is not a tar shard ({e})") from None
+        for parts in samples.values():
+            img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+            cap = next((e for e in CAPTION_EXTS if e in parts), None)
+            if img is None or cap is None:
+                continue
+            text = parts[cap].decode("utf-8", "replace")
+            if cap == ".json":
+                try:
+                    d = json.loads(text)
+                    text = str(d.get("caption", d.get("text", "")))
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+            rows.append((img, text.strip()))
+    if len(rows) < 10:
+        raise SlimkitError(
+            f"pairs: the shards hold {len(rows)} image-caption samples; at least 10 are needed"
+        )
+    return rows
+
+
+def read_pair_images(
+    path: Path | str, img_size: int, in_chans: int = 3
+) -> tuple[np.ndarray, list[str]]:
+    """(images (N, C, s, s) in [0, 1], captions) of a .jsonl / .csv pair file or WebDataset
+    .tar shards, unnormalised."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
-    rows = _read_pair_file(path)
+    spec = str(path)
+    if ".tar" in spec or Path(spec).is_dir():
+        rows = _read_shards(shard_paths(spec))
+        where = spec
+    else:
+        path = Path(spec)
+        rows = _read_pair_file(path)
+        where = str(path)
     x = np.zeros((len(rows), in_chans, img_size, img_size), np.float32)
     for i, (img, _) in enumerate(rows):
-        p = Path(img) if Path(img).is_absolute() else path.parent / img
+        src = (
+            io.BytesIO(img)
+            if isinstance(img, bytes)
+            else (Path(img) if Path(img).is_absolute() else path.parent / img)
+        )
         try:
-            with Image.open(p) as im:
+            with Image.open(src) as im:
                 im = im.convert("RGB" if in_chans == 3 else "L").resize((img_size, img_size))
                 a = np.asarray(im, np.float32) / 255.0
                 x[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
         except (OSError, UnidentifiedImageError):
-            raise SlimkitError(f"pairs: cannot read image {p} (row {i + 1} of {path})") from None
+            name = "sample" if isinstance(img, bytes) else str(src)
+            raise SlimkitError(
+                f"pairs: cannot read image {name} (row {i + 1} of {where})"
+            ) from None
     return x, [c for _, c in rows]
 
 
 def _pairs_file(spec: str, img_size: int) -> PairData:
-    path = Path(spec)
-    x, caps = read_pair_images(path, img_size)
+    path = spec
+    x, caps = read_pair_images(spec, img_size)
     rows = caps
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(rows))

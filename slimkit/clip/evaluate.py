@@ -151,19 +151,15 @@ def zeroshot_run(run: str, data: str, templates: str = "default", split: str = "
 
 
 def retrieve_run(run: str, data: str, split: str = "test") -> dict:
-    """R@1/5/10 both ways of a trained run on every pair of ``pairs:FILE`` (normalised with the
-    run's statistics) or on a split of a caption set."""
-    from pathlib import Path
-
+    """R@1/5/10 both ways of a trained run on every pair of ``pairs:FILE`` or WebDataset shards
+    (normalised with the run's statistics) or on a split of a caption set."""
     from slimkit.clip.captions import read_pair_images
     from slimkit.clip.model import load_clip
 
     model, tok = load_clip(run)
     labels = None
     if data.startswith("pairs:"):
-        x, caps = read_pair_images(
-            Path(data.split(":", 1)[1]), model.arch.img_size, model.arch.in_chans
-        )
+        x, caps = read_pair_images(data.split(":", 1)[1], model.arch.img_size, model.arch.in_chans)
         x = _normalise(torch.from_numpy(x), model.arch)
     else:
         _, s = _caption_split(data, model.arch, split)
