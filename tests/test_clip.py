@@ -521,3 +521,24 @@ def test_transformers_clip_layout_gives_transformers_text_features(tmp_path):
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(SlimkitError, match="neither an open_clip nor a transformers CLIP layout"):
         load_clip_layout(ours, tmp_path / "x.safetensors")
+
+
+def test_fusion_sees_only_the_masked_caption_and_the_contrastive_pass_never_fuses(monkeypatch):
+    """Leakage: the text tower's fused (MLM) pass receives the masked ids, never the unmasked
+    caption; the contrastive pass receives the unmasked caption and no fusion."""
+    task = _task(mlm_weight=1.0, mlm_prob=0.5)
+    mb = task.micro_batches(0)[0]
+    calls = []
+    original = type(task.model.clip.text).forward
+
+    def spy(self, ids, fuse=None):
+        calls.append((ids.clone(), fuse is not None))
+        return original(self, ids, fuse)
+
+    monkeypatch.setattr(type(task.model.clip.text), "forward", spy)
+    task.loss(mb)
+    fused = [ids for ids, f in calls if f]
+    plain = [ids for ids, f in calls if not f]
+    assert len(fused) == 1 and torch.equal(fused[0], mb["masked"])
+    assert not torch.equal(mb["masked"], mb["ids"])
+    assert len(plain) == 1 and torch.equal(plain[0], mb["ids"])

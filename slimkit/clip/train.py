@@ -197,6 +197,10 @@ class ClipTask(TrainTask):
         if cfg.batch_size > self.n:
             raise SlimkitError(f"--batch-size {cfg.batch_size} exceeds the {self.n} training pairs")
         self.x = x
+        counts: dict[str, int] = {}
+        for c in caps:
+            counts[c] = counts.get(c, 0) + 1
+        self.dup_rate = sum(1 for c in caps if counts[c] > 1) / len(caps)
         text = {"text_width": cfg.text_width, "text_depth": cfg.text_depth,
                 "text_heads": cfg.text_heads, "text_causal": cfg.text_causal,
                 "text_act": cfg.text_act}  # fmt: skip
@@ -355,7 +359,9 @@ class ClipTask(TrainTask):
             "kind": self.kind,
             "data": {"name": data.name, "train_pairs": self.n, "val_pairs": len(data.val),
                      "test_pairs": len(data.test), "classes": len(data.class_names),
-                     "vocabulary": len(self.tok)},  # fmt: skip
+                     "vocabulary": len(self.tok),
+                     # captions shared by several training images: in-batch false negatives
+                     "duplicate_caption_rate": self.dup_rate},  # fmt: skip
             "val": val,
             "test": test,
             "history": self.history,
