@@ -1,5 +1,6 @@
-"""The dual encoder: a timm image tower, a short text transformer, linear projections to a
-shared width and a learnable temperature. This is the whole inference model; LightCLIP's
+"""The dual encoder: a timm image tower, a short text transformer (from scratch, or the first
+layers of a pretrained BERT / MiniLM), linear projections to a shared width and a learnable
+temperature. This is the whole inference model; LightCLIP's
 training-only parts (fusion blocks, MLM head, token-level temperature) live in
 :mod:`slimkit.clip.fusion_mlm` and are never saved with it.
 
