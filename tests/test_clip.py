@@ -542,3 +542,13 @@ def test_fusion_sees_only_the_masked_caption_and_the_contrastive_pass_never_fuse
     assert len(fused) == 1 and torch.equal(fused[0], mb["masked"])
     assert not torch.equal(mb["masked"], mb["ids"])
     assert len(plain) == 1 and torch.equal(plain[0], mb["ids"])
+
+
+def test_an_unwritable_json_is_refused_before_loading_the_run(tmp_path, capsys):
+    """--json is checked first: a bad run directory is never reached (catches --json opened
+    only after the evaluation)."""
+    (tmp_path / "a-file").write_text("x")
+    argv = ["clip", "retrieve", "/nonexistent", "--data", "digits-captions", "--json",
+            str(tmp_path / "a-file" / "r.json")]  # fmt: skip
+    assert main(argv) == 2
+    assert "cannot write" in capsys.readouterr().err

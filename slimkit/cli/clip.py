@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from slimkit.core.commands import Invocation, arg, command, group
 
 group(
@@ -30,13 +27,15 @@ def clip_train(inv: Invocation) -> int:
 
 _RUN = arg("run", help="a clip train run directory")
 _SPLIT = arg("--split", default="test", help="split of a caption set: train | val | test")
-_JSON = arg("--json", help="also write the metrics here")
+_JSON = arg("--json", output=True, help="also write the metrics here")
 
 
 def _show(metrics: dict, path: str | None) -> None:
     print(" ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
     if path:
-        Path(path).write_text(json.dumps(metrics, indent=1) + "\n")
+        from slimkit.core.rundir import write_json
+
+        write_json(path, metrics)  # temporary file, then renamed
 
 
 @command("zeroshot", group="clip",
