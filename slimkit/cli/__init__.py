@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "slimkit.cli.distill",
     "slimkit.cli.sam",
     "slimkit.cli.lvm",
+    "slimkit.cli.clip",
 )
 for _module in COMMAND_MODULES:
     importlib.import_module(_module)

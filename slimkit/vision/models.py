@@ -40,6 +40,10 @@ _register_tiny("small-resnet", "resnet18", "ResNet: two basic blocks per stage, 
                layers=[2, 2, 2, 2], channels=(32, 64, 128, 256), stem_width=32)  # fmt: skip
 _register_tiny("tiny-mixer", "mixer", "MLP-Mixer: patch 4, width 64, 8 blocks (timm MlpMixer)",
                patch_size=4, embed_dim=64, num_blocks=8)  # fmt: skip
+_register_tiny("tiny-vit-p8", "vit", "ViT: patch 8 (16 tokens at 32x32), width 64, depth 4, 4 heads (CLIP towers)",
+               patch_size=8, embed_dim=64, depth=4, num_heads=4)  # fmt: skip
+_register_tiny("tiny-resnet-os8", "resnet18", "tiny-resnet at output stride 8 (a 4x4 map at 32x32; CLIP towers)",
+               layers=[1, 1, 1, 1], channels=(16, 32, 64, 128), stem_width=16, output_stride=8)  # fmt: skip
 _register_tiny("tiny-swin", "swin", "Swin: patch 2, widths 16..128, one block per stage, window 2",
                patch_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=2)  # fmt: skip
 
