@@ -65,7 +65,8 @@ def plain(name: str, cfg) -> float:
             torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
         lr = opt.param_groups[0]["lr"]
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         if ema is not None:
             with torch.no_grad():
                 for pe, ps in zip(ema.state_dict().values(), src.state_dict().values()):
@@ -99,7 +100,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in names:
-            cfg = TRAINERS.meta(name)["tiny"](tmp)
+            (tmp / name).mkdir()  # each trainer's prerequisites (e.g. a teacher) apart
+            cfg = TRAINERS.meta(name)["tiny"](tmp / name)
             for k, v in LONGER.get(name, {}).items():
                 setattr(cfg, k, v)
             p, s = [], []
