@@ -28,7 +28,9 @@ from slimkit.distill.describers import (
 )
 from slimkit.distill.text_align import (
     AlignHead,
+    byol_align_loss,
     clip_align_loss,
+    ctr_align_loss,
     duplicate_mask,
     mix_text,
 )
@@ -37,7 +39,9 @@ from slimkit.distill.text_encoders import (
     clip_truncation_rate,
     embed_text,
     encode,
+    encode_chunked,
     load_text_embeddings,
+    split_caption,
 )
 from slimkit.distill.train import ClassifierTask, TrainConfig, train_classifier
 from slimkit.vision.data import ImageData
@@ -85,6 +89,27 @@ def test_loss_matches_a_hand_computation_on_three_samples():
         assert float(got) == pytest.approx(_hand_loss(f, e, tau), rel=1e-5)
     # the temperature is a defining piece: another tau gives another loss
     assert float(clip_align_loss(f, e, 0.2)) != pytest.approx(float(clip_align_loss(f, e, 1.0)))
+
+
+def test_ctr_and_byol_modes_match_hand_computations():
+    """Catches ``ctr`` made symmetric (the text -> image term added), ``byol`` on unnormalised
+    features or with a temperature, and a mode switch the task ignores (every mode giving the
+    clip loss)."""
+    torch.manual_seed(2)
+    f = torch.randn(3, 4)
+    e = F.normalize(torch.randn(3, 4), dim=1)
+    fn = F.normalize(f, dim=1).tolist()
+    s = [
+        [sum(a * b for a, b in zip(fn[i], e[j].tolist())) / 0.2 for j in range(3)] for i in range(3)
+    ]
+    ctr = sum(-s[i][i] + math.log(sum(math.exp(v) for v in s[i])) for i in range(3)) / 3
+    assert float(ctr_align_loss(f, e, 0.2)) == pytest.approx(ctr, rel=1e-5)
+    assert float(ctr_align_loss(f, e, 0.2)) != pytest.approx(float(clip_align_loss(f, e, 0.2)))
+    byol = sum(2 - 2 * s[i][i] * 0.2 for i in range(3)) / 3
+    assert float(byol_align_loss(f, e)) == pytest.approx(byol, rel=1e-5)
+    assert float(byol_align_loss(e * 5, e)) == pytest.approx(0.0, abs=1e-6)  # aligned -> 0
+    with pytest.raises(SlimkitError, match="--align-loss"):
+        TrainConfig(align_loss="mse")
 
 
 def test_duplicate_text_targets_are_masked_exactly():
@@ -151,6 +176,24 @@ def test_temperature_and_head_follow_the_student_family(files):
     assert isinstance(cnn.model.align_head.proj[1], torch.nn.BatchNorm1d)
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in vit.model.align_head.modules())
     assert cnn.losses == {"ce": 1.0, "text-align": 0.3}
+
+
+def test_the_task_computes_the_chosen_alignment_mode(files):
+    """Catches ``--align-loss`` stored but not passed to the loss (every run trains ``clip``)."""
+    from slimkit.distill.losses import Batch, total_loss
+
+    common = dict(arch="tiny-resnet", data="digits", train_subset=SUBSET,
+                  text_align=str(files / "emb.safetensors"))  # fmt: skip
+    torch.manual_seed(0)
+    f, e = torch.randn(4, 8), F.normalize(torch.randn(4, 8), dim=1)
+    b = Batch(labels=torch.zeros(4, dtype=torch.long), student_logits=torch.zeros(4, 3),
+              align_image=f, align_text=e)  # fmt: skip
+    want = {"clip": clip_align_loss(f, e, 0.2), "ctr": ctr_align_loss(f, e, 0.2),
+            "byol": byol_align_loss(f, e)}  # fmt: skip
+    for mode, ref in want.items():
+        task = ClassifierTask(TrainConfig(align_loss=mode, **common), torch.device("cpu"))
+        _, parts = total_loss({"text-align": 1.0}, b, task.settings)
+        assert float(parts["text-align"]) == pytest.approx(float(ref), rel=1e-6), mode
 
 
 def test_mixed_text_targets_pair_like_timm_mixup():
@@ -310,6 +353,31 @@ def test_clip_truncation_rate_and_tfidf_embeddings():
     e = encode(["a bold seven", "a thin seven", "a bold seven"], "tfidf").embeddings
     assert e.shape == (3, 384) and torch.allclose(e.norm(dim=1), torch.ones(3))
     assert torch.equal(e[0], e[2]) and not torch.equal(e[0], e[1])
+
+
+def test_chunk_and_average_embeds_every_piece_of_a_long_caption(files, tmp_path):
+    """Catches pieces that drop words (the tail of a long caption lost, as truncation does),
+    an average over the wrong captions, a missing renormalisation, and a cache that keeps the
+    truncated embeddings after chunking is switched on."""
+    assert split_caption("A bold seven. It leans right! one two three four five", 2) == [
+        "A bold", "seven.", "It leans", "right!", "one two", "three four", "five"]  # fmt: skip
+    assert split_caption("", 3) == [""]
+    caps = ["a bold seven. a thin seven", "a round zero"]
+    got = encode_chunked(caps, "tfidf", 8).embeddings
+    e = encode(["a bold seven.", "a thin seven", "a round zero"], "tfidf").embeddings
+    torch.testing.assert_close(got[0], F.normalize(e[0] + e[1], dim=0))
+    torch.testing.assert_close(got[1], e[2])
+    cap, emb = tmp_path / "c.jsonl", tmp_path / "e.safetensors"
+    ids, caps, split = read_captions(files / "cap.jsonl")
+    write_captions(cap, ids, [c + ". " + " ".join(["long"] * 30) + " tail" for c in caps], split)
+    plain = embed_text(cap, EmbedTextConfig(encoder="tfidf"), out=emb)
+    chunked = embed_text(cap, EmbedTextConfig(encoder="tfidf", chunk_words=10), out=emb)
+    assert not chunked["cached"] and chunked["fingerprint"] != plain["fingerprint"]
+    te = load_text_embeddings(emb)
+    ref = encode_chunked(read_captions(cap)[1], "tfidf", 10).embeddings
+    torch.testing.assert_close(te.embeddings, ref)
+    with pytest.raises(SlimkitError, match="--chunk-words"):
+        EmbedTextConfig(chunk_words=-1)
 
 
 def test_minilm_encoder_when_installed():

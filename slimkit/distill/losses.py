@@ -126,6 +126,7 @@ class LossSettings:
     ofa_branch_weight: float = 1.0
     align_tau: float = 0.2
     align_mask_same: bool = True
+    align_loss: str = "clip"
 
 
 def _need_teacher(b: Batch, name: str) -> torch.Tensor:
@@ -172,19 +173,19 @@ def _ofa(b: Batch, s: LossSettings) -> torch.Tensor:
 
 @LOSSES.register(
     "text-align",
-    help="GPT4Image: symmetric contrastive loss, projected feature vs its text embedding",
+    help="GPT4Image: projected feature vs its text embedding (--align-loss clip|ctr|byol)",
     teacher=False,
     text=True,
 )
 def _text_align(b: Batch, s: LossSettings) -> torch.Tensor:
-    from slimkit.distill.text_align import clip_align_loss
+    from slimkit.distill.text_align import align_loss
 
     if b.align_image is None:
         raise SlimkitError("loss 'text-align' needs text embeddings (--text-align FILE)")
     if b.align_text is None:  # a mixed batch with --align-mix skip
         return b.student_logits.new_zeros(())
-    return clip_align_loss(b.align_image, b.align_text, s.align_tau, b.align_keys,
-                           s.align_mask_same)  # fmt: skip
+    return align_loss(s.align_loss, b.align_image, b.align_text, s.align_tau, b.align_keys,
+                      s.align_mask_same)  # fmt: skip
 
 
 PRESETS = {

@@ -11,6 +11,9 @@
   l_ij = f_i . e_j / tau, L = (CE(l, arange) + CE(l^T, arange)) / 2, with duplicate text
   targets (two samples with the same id or an identical embedding, e.g. class-name-only text)
   masked out of each other's negatives [slimkit's ``mask_same_key``].
+- :func:`ctr_align_loss` and :func:`byol_align_loss`: the official code's other two modes on
+  the local batch: one-directional image -> text InfoNCE, and mean(2 - 2 f_i . e_i).
+- :func:`align_loss`: one of the three by name (``--align-loss clip|ctr|byol``).
 
 Gradient scale under ``torchrun``: every rank computes the same global loss but back-propagates
 only through its own rows, and the shared trainer averages gradients over ranks; the loss
@@ -28,6 +31,7 @@ from slimkit.core import dist
 from slimkit.core.errors import SlimkitError
 
 HEADS = ("mlp", "linear")
+MODES = ("clip", "ctr", "byol")
 TAU = {"cnn": 0.2, "tokens": 0.05}  # official ResNet and DeiT scripts
 
 
@@ -122,6 +126,61 @@ def clip_align_loss(image: torch.Tensor, text: torch.Tensor, tau: float,
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     world = dist.world_size()
     return loss * world - loss.detach() * (world - 1) if world > 1 else loss
+
+
+def _local_rows(text: torch.Tensor, n: int) -> torch.Tensor:
+    """This rank's rows of the global batch's text targets (rank r holds rows r*n .. (r+1)*n)."""
+    if len(text) == n:
+        return text
+    r = dist.rank()
+    if len(text) != n * dist.world_size():
+        raise SlimkitError(f"{n} image embeddings per rank but {len(text)} text embeddings")
+    return text[r * n : (r + 1) * n]
+
+
+def _check_width(f: torch.Tensor, text: torch.Tensor) -> None:
+    if f.shape[1] != text.shape[1]:
+        raise SlimkitError(
+            f"the alignment head gives {f.shape[1]}-d embeddings, the text ones are {text.shape[1]}-d"
+        )
+
+
+def ctr_align_loss(image: torch.Tensor, text: torch.Tensor, tau: float,
+                   keys: torch.Tensor | None = None, mask_same: bool = True) -> torch.Tensor:  # fmt: skip
+    """The official ``ctr`` mode: one-directional image -> text InfoNCE on this rank's batch,
+    l_ij = f_i . e_j / tau, L = CE(l, arange); duplicate targets masked as in
+    :func:`clip_align_loss`. Arguments as there (``text`` / ``keys`` of the global batch; only
+    this rank's rows are used, and the trainer's gradient average makes it the official DDP
+    loss)."""
+    f = F.normalize(image.float(), dim=1)
+    e = _local_rows(text.float(), len(f))
+    _check_width(f, e)
+    logits = f @ e.T / tau
+    if mask_same:
+        k = None if keys is None else _local_rows(keys, len(f))
+        logits = logits.masked_fill(duplicate_mask(e, k), float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(f), device=f.device))
+
+
+def byol_align_loss(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The official ``byol`` mode: mean over this rank's batch of 2 - 2 f_i . e_i (the squared
+    distance of the unit vectors); no negatives, no temperature."""
+    f = F.normalize(image.float(), dim=1)
+    e = _local_rows(text.float(), len(f))
+    _check_width(f, e)
+    return (2 - 2 * (f * e).sum(1)).mean()
+
+
+def align_loss(mode: str, image: torch.Tensor, text: torch.Tensor, tau: float,
+               keys: torch.Tensor | None = None, mask_same: bool = True) -> torch.Tensor:  # fmt: skip
+    """The alignment loss named ``mode`` (``clip``, ``ctr`` or ``byol``)."""
+    if mode == "clip":
+        return clip_align_loss(image, text, tau, keys, mask_same)
+    if mode == "ctr":
+        return ctr_align_loss(image, text, tau, keys, mask_same)
+    if mode == "byol":
+        return byol_align_loss(image, text)
+    raise SlimkitError(f"--align-loss must be one of {', '.join(MODES)} (got {mode!r})")
 
 
 def mix_text(text: torch.Tensor, lam: float) -> torch.Tensor:

@@ -55,9 +55,18 @@ class EmbedTextConfig:
     )
     batch_size: int = field(default=64, metadata={"help": "captions per encoder call"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda[:N]"})
+    chunk_words: int = field(
+        default=0,
+        metadata={"help": "chunk-and-average long captions: split each into sentences, and "
+                          "sentences into pieces of at most this many words, embed every piece "
+                          "and average (0 = off: the encoder truncates; 40 words fit CLIP's 77 "
+                          "tokens for English prose)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         TEXT_ENCODERS.get(self.encoder.split(":", 1)[0])
+        if self.chunk_words < 0:
+            raise SlimkitError("--chunk-words must be >= 0")
 
 
 @dataclass
@@ -233,6 +242,35 @@ def encode(texts: list[str], encoder: str, batch_size: int = 64, device: str = "
     return enc
 
 
+def split_caption(text: str, max_words: int) -> list[str]:
+    """``text`` cut at sentence ends ('.', '!', '?' followed by a space), and every sentence of
+    more than ``max_words`` words cut into consecutive pieces of at most ``max_words`` words;
+    never empty (an empty caption gives ``[""]``)."""
+    import re
+
+    pieces = []
+    for sent in re.split(r"(?<=[.!?])\s+", text.strip()):
+        words = sent.split()
+        pieces += [" ".join(words[i : i + max_words]) for i in range(0, len(words), max_words)]
+    return pieces or [""]
+
+
+def encode_chunked(texts: list[str], encoder: str, max_words: int, batch_size: int = 64,
+                   device: str = "cpu") -> Encoded:  # fmt: skip
+    """Chunk-and-average: every caption's pieces (:func:`split_caption`) are embedded in one
+    pass and their unit embeddings averaged and renormalised; ``truncated`` is the share of
+    pieces the encoder still cut."""
+    pieces = [split_caption(t, max_words) for t in texts]
+    flat = [p for ps in pieces for p in ps]
+    enc = encode(flat, encoder, batch_size, device)
+    owner = torch.tensor([i for i, ps in enumerate(pieces) for _ in ps])
+    mean = torch.zeros(len(texts), enc.embeddings.shape[1]).index_add_(0, owner, enc.embeddings)
+    enc.embeddings = torch.nn.functional.normalize(mean, dim=1)
+    log.info("chunk-and-average: %d captions -> %d pieces of <= %d words", len(texts),
+             len(flat), max_words)  # fmt: skip
+    return enc
+
+
 def _fingerprint(ids: list[str], caps: list[str], encoder: str, version: str) -> str:
     blob = json.dumps([ids, caps, encoder, version]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -246,6 +284,10 @@ def _read_meta(path: Path) -> dict[str, str]:
     check_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def _enc_key(cfg: EmbedTextConfig) -> str:
+    return cfg.encoder + (f"+chunk{cfg.chunk_words}" if cfg.chunk_words else "")
 
 
 def embed_text(captions: str | Path, cfg: EmbedTextConfig, *, out: str | Path) -> dict:
@@ -263,13 +305,17 @@ def embed_text(captions: str | Path, cfg: EmbedTextConfig, *, out: str | Path) -
             old = _read_meta(out)
         except SlimkitError:
             old = {}
-        if old.get("captions_sha256") == cap_hash and old.get("encoder") == cfg.encoder:
+        if (old.get("captions_sha256") == cap_hash and old.get("encoder") == cfg.encoder
+                and old.get("chunk_words", "0") == str(cfg.chunk_words)):  # fmt: skip
             log.info("%s is up to date (same captions, encoder %s); kept", out, cfg.encoder)
             return {"out": str(out), "cached": True, "count": len(ids),
                     "truncated": float(old.get("truncated", 0)), "fingerprint": old.get("fingerprint")}  # fmt: skip
         log.info("%s is stale (captions or encoder changed); embedding again", out)
     device = str(resolve_device(cfg.device))
-    enc = encode(caps, cfg.encoder, cfg.batch_size, device)
+    if cfg.chunk_words:
+        enc = encode_chunked(caps, cfg.encoder, cfg.chunk_words, cfg.batch_size, device)
+    else:
+        enc = encode(caps, cfg.encoder, cfg.batch_size, device)
     if enc.truncated:
         log.warning("%s truncated %.1f %% of the captions to its context", cfg.encoder,
                     100 * enc.truncated)  # fmt: skip
@@ -278,7 +324,8 @@ def embed_text(captions: str | Path, cfg: EmbedTextConfig, *, out: str | Path) -
     meta = {"format": FORMAT, "ids": json.dumps(ids), "split": split, "encoder": cfg.encoder,
             "encoder_version": enc.version, "captions_file": str(cap_path),
             "captions_sha256": cap_hash, "truncated": f"{enc.truncated:.6f}",
-            "fingerprint": _fingerprint(ids, caps, cfg.encoder, enc.version)}  # fmt: skip
+            "chunk_words": str(cfg.chunk_words),
+            "fingerprint": _fingerprint(ids, caps, _enc_key(cfg), enc.version)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file({"embeddings": enc.embeddings.contiguous()}, str(tmp), metadata=meta)

@@ -112,6 +112,12 @@ class TrainConfig:
         metadata={"help": "mixup / cutmix batches: mix the text targets with the same lambda, "
                           "or skip the alignment loss on them", "choices": ["mix", "skip"]},
     )  # fmt: skip
+    align_loss: str = field(
+        default="clip",
+        metadata={"help": "alignment loss: clip (symmetric contrastive over the global batch), "
+                          "ctr (image -> text InfoNCE on the local batch) or byol "
+                          "(mean 2 - 2 f.e)", "choices": ["clip", "ctr", "byol"]},
+    )  # fmt: skip
     align_mask_same: bool = field(
         default=True,
         metadata={"help": "mask duplicate text targets (same id or identical text) out of the "
@@ -123,6 +129,8 @@ class TrainConfig:
             raise SlimkitError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.align_head not in ("mlp", "linear"):
             raise SlimkitError("--align-head must be mlp or linear")
+        if self.align_loss not in ("clip", "ctr", "byol"):
+            raise SlimkitError("--align-loss must be clip, ctr or byol")
         if self.align_mix not in ("mix", "skip"):
             raise SlimkitError("--align-mix must be mix or skip")
         if self.align_tau < 0 or self.align_weight < 0:
@@ -264,6 +272,7 @@ class ClassifierTask(TrainTask):
         self.settings = cfg.settings() if is_kd else LossSettings()
         self.settings.label_smoothing = cfg.label_smoothing
         self.settings.align_tau, self.settings.align_mask_same = self.align_tau, cfg.align_mask_same
+        self.settings.align_loss = cfg.align_loss
         self.model = Distiller(self.student, teacher, self.losses, data.num_classes,
                                data.in_chans, cfg.img_size, head).to(device)  # fmt: skip
         self.ema_of = self.student
@@ -315,9 +324,10 @@ class ClassifierTask(TrainTask):
                           "encoder_version": te.meta.get("encoder_version"),
                           "dim": te.embeddings.shape[1], "tau": self.align_tau,
                           "weight": self.losses["text-align"], "head": cfg.align_head,
-                          "head_batch_norm": fam == "cnn", "mix": cfg.align_mix}  # fmt: skip
-        log.info("text alignment: %d embeddings (%s, %d-d), weight %g, tau %g, %s head%s",
-                 len(te.ids), te.meta.get("encoder"), te.embeddings.shape[1],
+                          "head_batch_norm": fam == "cnn", "mix": cfg.align_mix,
+                          "loss": cfg.align_loss}  # fmt: skip
+        log.info("text alignment (%s): %d embeddings (%s, %d-d), weight %g, tau %g, %s head%s",
+                 cfg.align_loss, len(te.ids), te.meta.get("encoder"), te.embeddings.shape[1],
                  self.losses["text-align"], self.align_tau, cfg.align_head,
                  " with BatchNorm" if fam == "cnn" and cfg.align_head == "mlp" else "")  # fmt: skip
         head = AlignHead(pooled_width(self.student), te.embeddings.shape[1], cfg.align_head,
