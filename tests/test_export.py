@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -465,3 +466,36 @@ def test_gguf_quantized_embedding_makes_the_file_smaller_by_the_embedding_bytes(
     n = len(tiny_tokenizer) * 64
     saved = b.stat().st_size - a.stat().st_size
     assert abs(saved - (2 * n - n // 32 * 34)) <= 32
+
+
+def test_bench_threads_default_to_the_idle_cores(monkeypatch):
+    """Catches a fixed thread count on a busy machine (llama.cpp's timings then swing by an
+    order of magnitude) and a count of 0 when the load exceeds the cores."""
+    import os
+
+    from slimkit.export import runtime
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for load, want in ((0.2, 4), (1.6, 2), (3.4, 1), (9.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert runtime.default_threads() == want, load
+    assert runtime.BenchConfig().threads == 0
+    with pytest.raises(SlimkitError, match="threads"):
+        runtime.BenchConfig(threads=-1)
+
+
+def test_bench_without_llama_cpp_names_the_portable_build(monkeypatch, tmp_path):
+    """Catches an install hint that drifts from the Makefile's `llamacpp` target (a user copying
+    it would get a -march=native build that can die with an illegal instruction)."""
+    import re
+    import sys
+
+    from slimkit.export import runtime
+
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert re.search(r"^LLAMACPP_CMAKE := (.*)$", make, re.M).group(1) == runtime.PORTABLE_CMAKE
+    assert "llama-cpp-python==0.3.36" in re.search(r"^LLAMACPP := (.*)$", make, re.M).group(1)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    with pytest.raises(SlimkitError, match="make llamacpp") as e:
+        runtime.bench_gguf(tmp_path / "m.gguf")
+    assert runtime.PORTABLE_CMAKE in str(e.value)

@@ -86,10 +86,16 @@ class BenchConfig:
 
     prompt_tokens: int = field(default=128, metadata={"help": "prompt length (prefill)"})
     new_tokens: int = field(default=64, metadata={"help": "tokens decoded"})
-    threads: int = field(default=2, metadata={"help": "llama.cpp threads"})
+    threads: int = field(
+        default=0,
+        metadata={"help": "llama.cpp threads (0 = the cores not already busy: CPU count minus "
+                          "the load average, at least 1)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        for k in ("prompt_tokens", "new_tokens", "threads"):
+        if self.threads < 0:
+            raise SlimkitError(f"threads must be >= 0 (got {self.threads})")
+        for k in ("prompt_tokens", "new_tokens"):
             if getattr(self, k) < 1:
                 raise SlimkitError(f"{k} must be >= 1 (got {getattr(self, k)})")
 
@@ -137,6 +143,27 @@ def write_f16_gguf(gguf_path: Path, out: Path) -> Path:
     return out
 
 
+# portable AVX2 build flags of llama.cpp (the Makefile's LLAMACPP_CMAKE)
+PORTABLE_CMAKE = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF "
+    "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"
+)
+
+
+def default_threads() -> int:
+    """llama.cpp threads that this machine can give now without oversubscription: the cores
+    not already busy (CPU count minus the 1-minute load average, rounded), at least 1.
+    Oversubscribed threads make llama.cpp's timings swing by an order of magnitude."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, (cores or 1) - busy)
+
+
 def _probe_llama_cpp(path: Path) -> None:
     """Load and evaluate a few tokens in a child process, so that a llama.cpp build that dies on
     this CPU (e.g. AMX / AVX-512 code in a VM that does not allow it) gives a clear message."""
@@ -153,10 +180,9 @@ def _probe_llama_cpp(path: Path) -> None:
         name = signal.Signals(-r.returncode).name
         raise SlimkitError(
             f"llama.cpp died with {name} on {path.name}: this llama-cpp-python build uses CPU "
-            "instructions this machine cannot run. Rebuild it for this CPU, e.g. CMAKE_ARGS="
-            '"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF '
-            '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install --force-reinstall --no-cache-dir '
-            "llama-cpp-python"
+            f'instructions this machine cannot run. Rebuild it for this CPU, e.g. CMAKE_ARGS="'
+            f'{PORTABLE_CMAKE}" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+            " (what `make llamacpp` runs)"
         )
     if r.returncode:
         raise SlimkitError(f"llama.cpp could not run {path}: {r.stderr.strip()[-500:]}")
@@ -168,7 +194,7 @@ def bench_gguf(
     *,
     prompt_tokens: int = 128,
     new_tokens: int = 64,
-    threads: int = 2,
+    threads: int = 0,
     repeats: int = 3,
 ) -> dict:
     """Size, prefill and decode tokens/s of a GGUF and of its F16 baseline through llama.cpp,
@@ -177,8 +203,10 @@ def bench_gguf(
         from llama_cpp import Llama
     except ImportError:
         raise SlimkitError(
-            "slimkit bench runs GGUF files through llama.cpp: pip install llama-cpp-python "
-            "(it compiles llama.cpp, a few minutes)"
+            "slimkit bench runs GGUF files through llama.cpp, which is not installed: run "
+            "`make llamacpp` in a slimkit checkout, or pip install llama-cpp-python==0.3.36 with "
+            f'CMAKE_ARGS="{PORTABLE_CMAKE}" (it compiles llama.cpp, about 10 minutes on 2 cores; '
+            "the flags avoid instructions a virtual machine may report but not allow)"
         ) from None
     p = Path(path)
     if baseline is None:
@@ -189,6 +217,9 @@ def bench_gguf(
     files = {"model": p, "f16": Path(baseline)}
     for f in files.values():
         _probe_llama_cpp(f)
+    if not threads:
+        threads = default_threads()
+        log.info("llama.cpp threads: %d (cores not busy now; --threads N to choose)", threads)
     llms = {
         k: Llama(
             model_path=str(f),
