@@ -69,10 +69,15 @@ class DescribeConfig:
                           "digit sets, shape for shapes, object otherwise)"},
     )  # fmt: skip
     batch_size: int = field(default=16, metadata={"help": "images per call of an online captioner"})
+    max_new_tokens: int = field(
+        default=40, metadata={"help": "longest caption an online captioner generates (tokens)"}
+    )
 
     def __post_init__(self) -> None:
         if self.prompt not in PROMPTS:
             raise SlimkitError(f"--prompt must be one of {', '.join(PROMPTS)}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise SlimkitError("--batch-size and --max-new-tokens must be >= 1")
         if self.split not in ("train", "test"):
             raise SlimkitError("--split must be train or test")
         name = self.captioner.split(":", 1)[0]
@@ -187,8 +192,15 @@ def describe_class_name(images, labels, data, cfg: DescribeConfig) -> list[str]:
     return [article(names[int(y)]) for y in labels]
 
 
-@CAPTIONERS.register("hf", help="online: hf:MODEL, any transformers image-to-text model")
+@CAPTIONERS.register(
+    "hf",
+    help="online: hf:MODEL, a transformers captioner that continues a text prefix (BLIP-style)",
+)
 def describe_hf(images, labels, data, cfg: DescribeConfig) -> list[str]:
+    """Captions from a transformers image-text-to-text model (a hub id or a local directory).
+    Class-conditioned: the model continues "a photo of a <class>," (BLIP's conditional
+    captioning); class-agnostic: it starts from an empty prefix. The caption is the whole
+    generated text, prefix included."""
     model = cfg.captioner.split(":", 1)[1] if ":" in cfg.captioner else ""
     if not model:
         raise SlimkitError("name the model: --captioner hf:Salesforce/blip-image-captioning-base")
@@ -196,21 +208,21 @@ def describe_hf(images, labels, data, cfg: DescribeConfig) -> list[str]:
     from transformers import pipeline
 
     try:
-        pipe = pipeline("image-to-text", model=model)
+        pipe = pipeline("image-text-to-text", model=model)
     except Exception as e:  # offline, unknown id, not an image-to-text model
         raise SlimkitError(f"cannot load image-to-text model {model!r}: {str(e)[:200]}") from None
     names = _class_names(data)
     caps: list[str] = []
     for i in range(0, len(labels), cfg.batch_size):
-        batch = images[i : i + cfg.batch_size]
+        batch, ys = images[i : i + cfg.batch_size], labels[i : i + cfg.batch_size]
         pil = [Image.fromarray((b.permute(1, 2, 0).numpy() * 255).astype(np.uint8).squeeze())
                .convert("RGB") for b in batch]  # fmt: skip
-        if cfg.prompt == "class":
-            outs = [pipe(im, prompt=f"a photo of {article(names[int(y)])},")
-                    for im, y in zip(pil, labels[i : i + cfg.batch_size])]  # fmt: skip
-        else:
-            outs = [pipe(im) for im in pil]
-        caps += [o[0]["generated_text"].strip() if isinstance(o, list) else str(o) for o in outs]
+        prefix = [f"a photo of {article(names[int(y)])}," if cfg.prompt == "class" else ""
+                  for y in ys]  # fmt: skip
+        outs = pipe(images=pil, text=prefix, max_new_tokens=cfg.max_new_tokens)
+        caps += [(o[0] if isinstance(o, list) else o)["generated_text"].strip() for o in outs]
+    if len(caps) != len(labels):
+        raise SlimkitError(f"{model} returned {len(caps)} captions for {len(labels)} images")
     return caps
 
 
