@@ -404,3 +404,27 @@ def test_mixup_batches_get_text_mixed_with_the_same_lambda(files):
     torch.testing.assert_close(text, mix_text(task.text[keys], lam))
     skip = ClassifierTask(TrainConfig(**common, align_mix="skip"), torch.device("cpu"))
     assert skip.micro_batches(0)[0][3] is None
+
+
+@pytest.mark.parametrize("mode", ["pair", "elem"])
+def test_per_image_mixup_modes_mix_each_text_with_its_own_lambda(files, mode):
+    """Catches per-image lambdas (timm's pair / elem modes) mixed into the text targets as one
+    batch lambda, or the mode not reaching timm (every image then shares one lambda)."""
+    from slimkit.distill.text_align import mix_text
+
+    common = dict(arch="tiny-vit", data="digits", train_subset=SUBSET, batch_size=20, mixup=1.0,
+                  label_smoothing=0.0, text_align=str(files / "emb.safetensors"))  # fmt: skip
+    task = ClassifierTask(TrainConfig(**common, mix_mode=mode), torch.device("cpu"))
+    x, y, _, text, keys = task.micro_batches(0)[0]
+    hard = task.y_all[keys]
+    rows = torch.nonzero(hard != hard.flip(0)).flatten()
+    lam = y[torch.arange(len(y)), hard]  # own-class soft label = that image's lambda
+    assert len(set(lam[rows].tolist())) > 2  # per-image weights, not one per batch
+    if mode == "pair":  # i and B-1-i share a lambda
+        torch.testing.assert_close(lam, lam.flip(0))
+    want = mix_text(task.text[keys], lam[:, None])
+    torch.testing.assert_close(text[rows], want[rows])
+    with pytest.raises(SlimkitError, match="--align-mix mix"):
+        TrainConfig(**common, mix_mode=mode, align_mix="skip")
+    with pytest.raises(SlimkitError, match="even"):
+        TrainConfig(mix_mode="pair", batch_size=7)

@@ -183,7 +183,10 @@ def align_loss(mode: str, image: torch.Tensor, text: torch.Tensor, tau: float,
     raise SlimkitError(f"--align-loss must be one of {', '.join(MODES)} (got {mode!r})")
 
 
-def mix_text(text: torch.Tensor, lam: float) -> torch.Tensor:
+def mix_text(text: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
     """Text targets of a mixup / cutmix batch (image i mixed with image B-1-i at weight lam, as
-    timm's batch mode does): the same mix of the two texts, renormalised."""
+    timm does): the same mix of the two texts, renormalised. ``lam`` is one float (timm's batch
+    mode) or a (B, 1) tensor of per-image weights (its pair and elem modes)."""
+    if torch.is_tensor(lam):
+        lam = lam.to(text.dtype).reshape(-1, 1)
     return F.normalize(lam * text + (1 - lam) * text.flip(0), dim=1)

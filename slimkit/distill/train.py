@@ -81,6 +81,12 @@ class TrainConfig:
     )
     mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 = off)"})
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 = off)"})
+    mix_mode: str = field(
+        default="batch",
+        metadata={"help": "timm's mixup / cutmix mode: batch (one lambda per batch), pair (one "
+                          "per pair i, B-1-i) or elem (one per image)",
+                  "choices": ["batch", "pair", "elem"]},
+    )  # fmt: skip
     ema: float = field(
         default=0.0, metadata={"help": "EMA decay of the weights evaluated and saved (0 = off)"}
     )
@@ -133,6 +139,17 @@ class TrainConfig:
             raise SlimkitError("--align-loss must be clip, ctr or byol")
         if self.align_mix not in ("mix", "skip"):
             raise SlimkitError("--align-mix must be mix or skip")
+        if self.mix_mode not in ("batch", "pair", "elem"):
+            raise SlimkitError("--mix-mode must be batch, pair or elem")
+        if self.mix_mode == "pair" and self.batch_size % 2:
+            raise SlimkitError(
+                "--mix-mode pair mixes image i with image B-1-i: use an even --batch-size"
+            )
+        if self.mix_mode != "batch" and self.align_mix == "skip" and self.text_align:
+            raise SlimkitError(
+                "--align-mix skip drops the alignment term on mixed batches, and with --mix-mode "
+                f"{self.mix_mode} nearly every batch is mixed: use --align-mix mix"
+            )
         if self.align_tau < 0 or self.align_weight < 0:
             raise SlimkitError("--align-tau and --align-weight must be >= 0")
         for name in ("epochs", "batch_size", "img_size"):
@@ -282,7 +299,7 @@ class ClassifierTask(TrainTask):
         if cfg.mixup or cfg.cutmix:
             from timm.data import Mixup
 
-            self.mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+            self.mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, mode=cfg.mix_mode,
                                label_smoothing=cfg.label_smoothing, num_classes=data.num_classes)  # fmt: skip
         self.cached_t = None
         if (
@@ -370,12 +387,14 @@ class ClassifierTask(TrainTask):
 
             torch.manual_seed(cfg.seed * 100_003 + epoch * 1000 + s)  # mixup draws from the
             np.random.seed((cfg.seed * 100_003 + epoch * 1000 + s) % 2**32)  # global RNGs
-            # timm's Mixup.__call__ in its batch mode, with lambda kept for the text targets:
-            # image i is mixed with image B-1-i (cutmix's lambda is the kept area)
+            # timm's Mixup.__call__, with lambda kept for the text targets: image i is mixed
+            # with image B-1-i (cutmix's lambda is the kept area); lambda is one float (batch
+            # mode) or a (B, 1) tensor (pair / elem modes)
             m = self.mixer
-            lam = m._mix_batch(x)
+            mix = {"elem": m._mix_elem, "pair": m._mix_pair}.get(m.mode, m._mix_batch)
+            lam = mix(x)
             y = mixup_target(y, m.num_classes, lam, m.label_smoothing)
-            if text is not None and lam < 1:
+            if text is not None and bool((torch.as_tensor(lam) < 1).any()):
                 if cfg.align_mix == "mix":
                     from slimkit.distill.text_align import mix_text
 
