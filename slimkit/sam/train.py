@@ -244,7 +244,6 @@ class SamTask(TrainTask):
             self.n_scenes = cfg.scenes
             self.train_items = None
             self.val_items = None
-        self.history: list[dict] = []
 
     def scene(self, i: int):
         if self.train_items is not None:
@@ -279,16 +278,6 @@ class SamTask(TrainTask):
     def loss(self, micro) -> tuple[torch.Tensor, dict]:
         images, masks, rng, mine = micro
         return _step_loss(self.model, images, masks, self.cfg, rng, mine), {}
-
-    def after_step(self, step: int, rec: dict, trainer: Trainer) -> bool:
-        self.history.append({"step": step + 1, "loss": rec["loss"]})
-        return False
-
-    def state_dict(self) -> dict:
-        return {"history": self.history}
-
-    def load_state_dict(self, st: dict) -> None:
-        self.history = list(st["history"])
 
     def finish(self, path: Path | None, trainer: Trainer) -> dict:
         if path is None:

@@ -111,15 +111,30 @@ class TrainTask:
         raise NotImplementedError
 
     def after_step(self, step: int, record: dict, trainer: Trainer) -> bool:
-        """Called on every rank after step ``step``; return True to checkpoint now."""
+        """Called on every rank after step ``step``; return True to checkpoint now. The default
+        appends ``{"step": step + 1, "loss": ...}`` to :attr:`history`."""
+        self.history.append({"step": step + 1, "loss": record["loss"]})
         return False
 
+    @property
+    def history(self) -> list[dict]:
+        """Per-step records for the report; kept in :meth:`state_dict`, so a resumed run's
+        history is the uninterrupted one's."""
+        if "_history" not in self.__dict__:
+            self._history: list[dict] = []
+        return self._history
+
+    @history.setter
+    def history(self, records: list[dict]) -> None:
+        self._history = records
+
     def state_dict(self) -> dict:
-        """The task's own resumable state (plain containers of tensors and numbers)."""
-        return {}
+        """The task's own resumable state (plain containers of tensors and numbers); the
+        default keeps :attr:`history`."""
+        return {"history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.history = list(state.get("history", []))
 
     def finish(self, path: Path | None, trainer: Trainer) -> dict:
         """Write the artifacts into ``path`` (rank 0; None elsewhere) and return the report."""

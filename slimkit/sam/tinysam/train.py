@@ -177,7 +177,6 @@ class SamDistillTask(TrainTask):
         self.cache_emb = (EmbeddingCache(cfg.embeddings, cfg.teacher, scenes_id(cfg.scenes, size))
                           if cfg.embeddings else None)  # fmt: skip
         self.scenes: dict[int, tuple] = {}
-        self.history: list[dict] = []
 
     def scene(self, i: int):
         from slimkit.sam.train import draw_scene
@@ -331,16 +330,6 @@ class SamDistillTask(TrainTask):
                                   return_tokens=True)  # fmt: skip
 
     # ------------------------------------------------------------------ bookkeeping
-
-    def after_step(self, step: int, rec: dict, trainer: Trainer) -> bool:
-        self.history.append({"step": step + 1, "loss": rec["loss"]})
-        return False
-
-    def state_dict(self) -> dict:
-        return {"history": self.history}
-
-    def load_state_dict(self, st: dict) -> None:
-        self.history = list(st["history"])
 
     def finish(self, path: Path | None, trainer: Trainer) -> dict:
         if path is None:
