@@ -69,9 +69,11 @@ class ViTAttention(nn.Module):
         self.scale = (dim // heads) ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        # identity hook point on the post-softmax attention (a place for an activation quantizer;
-        # no parameters, so the state-dict keys are unchanged)
-        self.softmax_out = nn.Identity()
+        # identity hook points on the matmul operands (q, k, post-softmax, v) and outputs
+        # (places for activation quantizers and calibration hooks; no parameters, so the
+        # state-dict keys are unchanged)
+        self.q_in, self.k_in, self.v_in = nn.Identity(), nn.Identity(), nn.Identity()
+        self.softmax_out, self.qk_out, self.av_out = nn.Identity(), nn.Identity(), nn.Identity()
         self.use_rel_pos = rel_pos
         if rel_pos:
             hd = dim // heads
@@ -82,7 +84,7 @@ class ViTAttention(nn.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * self.heads, h * w, -1).unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = self.qk_out(self.q_in(q * self.scale) @ self.k_in(k).transpose(-2, -1))
         if self.use_rel_pos:
             rh, rw = _rel_pos(h, h, self.rel_pos_h), _rel_pos(w, w, self.rel_pos_w)
             rq = q.reshape(b * self.heads, h, w, -1)
@@ -92,7 +94,7 @@ class ViTAttention(nn.Module):
                 attn.view(b * self.heads, h, w, h, w) + bias_h[..., :, None] + bias_w[..., None, :]
             ).view(b * self.heads, h * w, h * w)
         out = (
-            (self.softmax_out(attn.softmax(-1)) @ v)
+            self.av_out(self.softmax_out(attn.softmax(-1)) @ self.v_in(v))
             .view(b, self.heads, h, w, -1)
             .permute(0, 2, 3, 1, 4)
             .reshape(b, h, w, -1)
@@ -280,6 +282,9 @@ class Attention(nn.Module):
         self.heads = heads
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, inner) for _ in range(3))
         self.out_proj = nn.Linear(inner, dim)
+        # identity hook points on the matmul operands and outputs (as in ViTAttention)
+        self.q_in, self.k_in, self.v_in = nn.Identity(), nn.Identity(), nn.Identity()
+        self.softmax_out, self.qk_out, self.av_out = nn.Identity(), nn.Identity(), nn.Identity()
 
     def forward(self, q, k, v):
         def split(x):
@@ -287,8 +292,9 @@ class Attention(nn.Module):
             return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
 
         q, k, v = split(self.q_proj(q)), split(self.k_proj(k)), split(self.v_proj(v))
-        attn = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
-        out = (attn @ v).transpose(1, 2)
+        logits = self.qk_out(self.q_in(q) @ self.k_in(k).transpose(-2, -1))
+        attn = (logits / math.sqrt(q.shape[-1])).softmax(-1)
+        out = self.av_out(self.softmax_out(attn) @ self.v_in(v)).transpose(1, 2)
         return self.out_proj(out.reshape(out.shape[0], out.shape[1], -1))
 
 

@@ -1,28 +1,54 @@
-"""Q-TinySAM: W8A8 post-training quantization of a SAM's ViT image encoder
-(``slimkit sam quantize``), spec section 2.4.
+"""Q-TinySAM: W8A8 post-training quantization of a SAM (``slimkit sam quantize``), spec 2.4.
 
-- Weights: every linear of the encoder's blocks (qkv, proj, lin1, lin2) is rounded to a
-  symmetric per-output-channel grid by the shared block-wise pipeline (``BlockwisePipeline``
-  with ``encoder_block_map`` and ``RTN``); no fork of the pipeline.
-- Activations: static per-tensor quantizers (forward pre-hooks) on the input of every one of
-  those linears and on the post-softmax attention probabilities (the input of attn @ v),
-  calibrated on ``calib_images`` training scenes after the weights are quantized.
-  ``act_quantizer: uniform`` is a symmetric signed min-max grid everywhere; ``twin`` replaces it
-  with TinySAM's twin-uniform quantizers at the two skewed places:
+Quantized places (``Place``), in the ViT image encoder and (``decoder: true``) the mask decoder:
+
+- every ``nn.Linear``: weight on a symmetric per-output-channel grid (slimkit's
+  ``QuantizedWeight``), input on a static per-tensor grid;
+- (``matmuls: true``) both attention matmuls: q and k of q @ k^T, the post-softmax
+  probabilities and v of attn @ v, each on a static per-tensor grid (identity modules
+  ``q_in`` / ``k_in`` / ``softmax_out`` / ``v_in`` of the attention are the hook points).
+
+Activation grids: ``act_quantizer: uniform`` is the symmetric signed grid everywhere; ``twin``
+puts TinySAM's twin-uniform quantizers at the two skewed places of the encoder:
     post-softmax: [0, split) on a fine step s (codes 0..127), [split, 1] on step 1/127;
     post-GELU (input of lin2): positives on a calibrated step (codes 0..127), negatives on the
     fixed step 0.16997/128 (codes -128..0; GELU's minimum is about -0.17).
-  The twin steps are chosen by a grid of ``search_points`` candidates in
-  [0.01, 1.2] x max / 127 minimising the squared error on the calibration activations.
-- Saved as ``quant.safetensors``: int8 codes + float32 per-channel scales for every quantized
-  weight, the activation scales, the other tensors as they are; ``quant.json`` names the
-  quantized layers; nothing is pickled. ``load_quantized`` rebuilds the model with identical
-  outputs. Inference is fake-quant (int8 weights dequantized at load; activations rounded in
-  float): no int8 kernels are used.
+(The decoder's MLPs use ReLU, so its post-softmax probabilities are its only twin place.)
+
+Scale search (``search``):
+- ``minmax``: weight scales max|w| / 127 per channel, activation steps max|x| / 127; a twin
+  step minimises its own squared error over ``search_points`` candidates.
+- ``mse`` / ``task``: for each place, alternately (``rounds`` times) the step of operand A
+  (input / q / probabilities) and of operand B (weight, per output channel independently / k /
+  v) among ``search_points`` candidates in [0.01, 1.2] x max / 127, minimising the distortion
+  of the place's output O (the linear's or the matmul's):
+    mse:  mean((O - O_hat)^2)
+    task: mean((g * (O - O_hat))^2), g = d L / d O (Hessian-guided, as the paper).
+  L is the task loss of the mask logits and the IoU predictions on calibration prompts. The
+  paper's L = KL(quantized || FP) has a zero gradient at the FP model, and its Hessian there is
+  the Fisher information; g is therefore the gradient of the log-likelihood of labels drawn
+  from the FP model's own Bernoulli outputs (sigmoid of the mask logits and of the IoU
+  predictions; one draw per output, a fixed seed), whose square estimates the Fisher diagonal.
+- The image encoder runs on the shared block-wise pipeline (``BlockwisePipeline`` with
+  ``encoder_block_map``; the method is :class:`SamPTQ`): each block's places are searched on
+  the inputs that the already quantized blocks produce. The mask decoder's blocks take four
+  tensors (queries, keys and their positional encodings) and return two, which the pipeline's
+  one-stream block calls cannot carry; its places are searched on inputs captured in one pass
+  of the decoder behind the quantized encoder.
+
+Saved as ``quant.safetensors``: int8 codes + float32 per-channel scales of every quantized
+weight, the activation steps, the other tensors as they are; ``quant.json`` names the
+quantized weights and the kind of each activation quantizer; nothing is pickled.
+``load_quantized`` rebuilds the model with identical outputs (fake-quant: int8 weights
+dequantized, activations rounded in float) or, with ``int8_kernels=True``, runs the linears
+whose input grid is uniform or twin-GELU as integer matmuls (``torch._int_mm``: int8 x int8 ->
+int32, then one float scale per output channel; a twin-GELU input is two integer matmuls, one
+per half). The attention matmuls stay fake-quant (PyTorch has no batched int8 matmul on CPU).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -32,8 +58,10 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
+from slimkit.llm.pipeline import BlockwiseMethod, Window
 
 ACT_QUANTIZERS = ("uniform", "twin")
+SEARCHES = ("minmax", "mse", "task")
 GELU_NEG_STEP = 0.16997 / 128
 
 
@@ -50,11 +78,30 @@ class SamQuantConfig:
             "choices": list(ACT_QUANTIZERS),
         },
     )
+    search: str = field(
+        default="task",
+        metadata={
+            "help": "scale search: minmax, mse (layer output error) or task (Hessian-guided "
+            "mask / IoU objective), alternating weight and activation scales",
+            "choices": list(SEARCHES),
+        },
+    )
+    rounds: int = field(default=3, metadata={"help": "alternating rounds of the scale search"})
     calib_images: int = field(
         default=8, metadata={"help": "calibration scenes (training seeds 0..N-1)"}
     )
+    calib_prompts: int = field(
+        default=8, metadata={"help": "prompts per calibration image (instance points / boxes)"}
+    )
     search_points: int = field(
-        default=100, metadata={"help": "candidate steps of the twin-uniform search"}
+        default=100, metadata={"help": "candidate steps per search (the paper: 100)"}
+    )
+    decoder: bool = field(default=True, metadata={"help": "quantize the mask decoder too"})
+    matmuls: bool = field(
+        default=True, metadata={"help": "quantize the attention matmuls (q k^T, attn v)"}
+    )
+    max_rows: int = field(
+        default=1024, metadata={"help": "rows (tokens) per place kept for the scale search"}
     )
     batch_size: int = field(default=4, metadata={"help": "calibration images per forward"})
 
@@ -63,8 +110,17 @@ class SamQuantConfig:
             raise SlimkitError("--wbits must be 2..8 and --abits 2..8 or 16")
         if self.act_quantizer not in ACT_QUANTIZERS:
             raise SlimkitError(f"--act-quantizer must be one of {', '.join(ACT_QUANTIZERS)}")
-        if min(self.calib_images, self.search_points, self.batch_size) < 1:
-            raise SlimkitError("--calib-images, --search-points and --batch-size must be >= 1")
+        if self.search not in SEARCHES:
+            raise SlimkitError(f"--search must be one of {', '.join(SEARCHES)}")
+        if min(self.calib_images, self.search_points, self.batch_size, self.rounds,
+               self.calib_prompts, self.max_rows) < 1:  # fmt: skip
+            raise SlimkitError(
+                "--calib-images, --calib-prompts, --search-points, --rounds, --max-rows and "
+                "--batch-size must be >= 1"
+            )
+
+    def scheme(self) -> str:
+        return f"W{self.wbits}A{self.abits}-{self.act_quantizer}-{self.search}"
 
 
 # ---------------------------------------------------------------- fake quantizers
@@ -125,107 +181,361 @@ def search_step(sample: torch.Tensor, kind: str, bits: int, n: int) -> torch.Ten
     return best
 
 
-# ---------------------------------------------------------------- calibration
+# ---------------------------------------------------------------- places
 
 
-def act_points(encoder: nn.Module) -> dict[str, str]:
-    """Module name (in the encoder) -> the place's role: linear inputs and post-softmax."""
-    out = {}
-    for name, m in encoder.named_modules():
-        if not name.startswith("blocks."):
-            continue
+@dataclass
+class Place:
+    """One quantized operation: output = op(A, B). ``linear``: A = the input, B = the weight;
+    ``qk``: A = q, B = k (q @ k^T); ``av``: A = post-softmax probabilities, B = v."""
+
+    op: str
+    a: str  # module whose first input is operand A
+    b: str  # the linear itself (weight) or the module whose input is operand B
+    out: str  # module whose output is the place's output
+    a_kind: str  # uniform / twin_gelu / twin_softmax
+
+    @property
+    def weight(self) -> bool:
+        return self.op == "linear"
+
+
+def find_places(root: nn.Module, prefix: str, cfg: SamQuantConfig) -> list[Place]:
+    """The quantized places under ``root`` (names prefixed with ``prefix``)."""
+    from slimkit.sam.model import Attention, ViTAttention
+
+    twin = cfg.act_quantizer == "twin"
+    out = []
+    for name, m in root.named_modules():
+        n = prefix + name
         if isinstance(m, nn.Linear):
-            out[name] = "post_gelu" if name.endswith("mlp.lin2") else "linear"
-        elif name.endswith("attn.softmax_out"):
-            out[name] = "post_softmax"
+            gelu = twin and name.endswith("mlp.lin2") and "image_encoder" in prefix
+            out.append(Place("linear", n, n, n, "twin_gelu" if gelu else "uniform"))
+        elif cfg.matmuls and isinstance(m, (ViTAttention, Attention)):
+            out.append(Place("qk", f"{n}.q_in", f"{n}.k_in", f"{n}.qk_out", "uniform"))
+            sm = "twin_softmax" if twin else "uniform"
+            out.append(Place("av", f"{n}.softmax_out", f"{n}.v_in", f"{n}.av_out", sm))
     return out
 
 
-def kind_of(role: str, act_quantizer: str) -> str:
-    if act_quantizer == "twin" and role == "post_softmax":
-        return "twin_softmax"
-    if act_quantizer == "twin" and role == "post_gelu":
-        return "twin_gelu"
-    return "uniform"
+def _index(n: int, keep: int) -> torch.Tensor:
+    """A fixed subset of ``keep`` of ``n`` rows (the same for an input and its gradient)."""
+    if n <= keep:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(n))[:keep].sort().values
 
 
-@torch.no_grad()
-def calibrate_activations(encoder: nn.Module, images: torch.Tensor, cfg: SamQuantConfig,
-                          max_sample: int = 200_000) -> dict[str, tuple[str, torch.Tensor]]:  # fmt: skip
-    """Per quantized place: (kind, step) from the calibration images."""
-    points = act_points(encoder)
-    mods = dict(encoder.named_modules())
-    samples: dict[str, list[torch.Tensor]] = {n: [] for n in points}
-    gen = torch.Generator().manual_seed(0)
+def _select(x: torch.Tensor, matmul: bool, max_rows: int) -> torch.Tensor:
+    """Rows of a linear's input / output, or (batch x head) slices of a matmul operand."""
+    x = x.detach().float().cpu()
+    if not matmul:
+        x = x.reshape(-1, x.shape[-1])
+        return x[_index(len(x), max_rows)]
+    x = x.reshape(-1, *x.shape[-2:])  # (batch x heads, n, m): whole slices, the same for
+    return x[_index(len(x), max(1, max_rows // 32))]  # both operands and the output
 
-    def observer(name):
-        def hook(module, args):
-            x = args[0].detach().float().flatten().cpu()
-            if len(x) > max_sample:
-                x = x[torch.randint(len(x), (max_sample,), generator=gen)]
-            samples[name].append(x)
 
-        return hook
+# ---------------------------------------------------------------- scale search
 
-    handles = [mods[n].register_forward_pre_hook(observer(n)) for n in points]
-    try:
-        for b in range(0, len(images), cfg.batch_size):
-            encoder(images[b : b + cfg.batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for n, role in points.items():
-        x = torch.cat(samples[n])
-        kind = kind_of(role, cfg.act_quantizer)
-        if kind == "uniform":  # plain min-max
-            step = x.abs().max().clamp(min=1e-8) / (2 ** (cfg.abits - 1) - 1)
+_OPS = {
+    "linear": lambda a, b: a @ b.T,
+    "qk": lambda a, b: a @ b.transpose(-2, -1),
+    "av": lambda a, b: a @ b,
+}
+
+
+def _top(x: torch.Tensor, kind: str) -> torch.Tensor:
+    return (x.abs().max() if kind == "uniform" else x.max()).clamp(min=1e-8)
+
+
+def search_place(p: Place, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | None,
+                 cfg: SamQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(step of A, step of B) for one place: B's step is (out, 1) per channel for a weight.
+
+    ``minmax`` returns the initial steps; ``mse`` / ``task`` alternate ``rounds`` times between
+    A's step and B's, each the best of ``search_points`` candidates for the output distortion
+    (weighted by g^2 for ``task``; g: the task-loss gradient at the place's output). The search
+    starts from, and never returns worse than, the min-max steps."""
+    ma, mb = 2 ** (cfg.abits - 1) - 1, 2 ** ((cfg.wbits if p.weight else cfg.abits) - 1) - 1
+    bits_b = cfg.wbits if p.weight else cfg.abits
+    if p.a_kind == "uniform":
+        step_a = _top(a, "uniform") / ma
+    else:
+        step_a = search_step(a, p.a_kind, cfg.abits, cfg.search_points)
+    top_b = b.abs().amax(1, keepdim=True).clamp(min=1e-8) if p.weight else _top(b, "uniform")
+    step_b = top_b / mb
+    if cfg.search == "minmax":
+        return step_a, step_b
+    if cfg.search == "task" and g is None:
+        raise SlimkitError(f"{p.out}: no task gradient was captured")
+    op = _OPS[p.op]
+    o = op(a, b)
+    w2 = g.pow(2) if cfg.search == "task" else None
+
+    def err(o_hat: torch.Tensor, per_channel: bool) -> torch.Tensor:
+        d = (o - o_hat).pow(2)
+        if w2 is not None:
+            d = d * w2
+        return d.reshape(-1, d.shape[-1]).sum(0) if per_channel else d.sum()
+
+    fa = FQ[p.a_kind]
+    thetas = torch.linspace(0.01, 1.2, cfg.search_points).tolist()
+    top_a = _top(a, p.a_kind)
+    b_hat = fq_uniform(b, step_b, bits_b)
+    for _ in range(cfg.rounds):
+        best = err(op(fa(a, step_a, cfg.abits), b_hat), False)
+        for t in thetas:
+            s = torch.as_tensor(t * top_a / ma)
+            e = err(op(fa(a, s, cfg.abits), b_hat), False)
+            if e < best:
+                best, step_a = e, s
+        a_hat = fa(a, step_a, cfg.abits)
+        best = err(op(a_hat, b_hat), p.weight)
+        for t in thetas:
+            s = t * top_b / mb
+            e = err(op(a_hat, fq_uniform(b, s, bits_b)), p.weight)
+            if p.weight:  # per output channel: the channels' errors are independent
+                better = e < best
+                best = torch.where(better, e, best)
+                step_b = torch.where(better[:, None], s, step_b)
+            elif e < best:
+                best, step_b = e, s
+        b_hat = fq_uniform(b, step_b, bits_b)
+    return step_a, step_b
+
+
+def _weight_record(w: torch.Tensor, step: torch.Tensor, bits: int):
+    """slimkit's QuantizedWeight for a symmetric per-channel grid with the given steps."""
+    from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, quantize, trivial_g_idx
+
+    zero = torch.full_like(step, float(2 ** (bits - 1)))
+    codes = quantize(w.float(), step, zero, bits).to(torch.uint8)
+    spec = QuantSpec(bits=bits, group_size=-1, sym=True)
+    return QuantizedWeight(codes=codes, scale=step.float(), zero=zero,
+                           g_idx=trivial_g_idx(w.shape[1], -1), spec=spec)  # fmt: skip
+
+
+def _apply(model_mods: dict, places: list[Place], caught: dict, grads: dict, cfg,
+           records: dict, acts: dict, log: list) -> None:  # fmt: skip
+    """Search every place from its captured operands, write weights, attach quantizers."""
+    for p in places:
+        a = torch.cat(caught[p.a])
+        if p.weight:
+            b = model_mods[p.b].weight.detach().float()
         else:
-            step = search_step(x, kind, cfg.abits, cfg.search_points)
-        out[n] = (kind, step)
-    return out
+            b = torch.cat(caught[p.b])
+        g = torch.cat(grads[p.out]) if p.out in grads else None
+        if g is not None and len(g) != len(a):
+            raise SlimkitError(f"{p.out}: captured gradient and input rows disagree")
+        step_a, step_b = search_place(p, a, b, g, cfg)
+        if cfg.abits != 16:
+            acts[p.a] = (p.a_kind, step_a.reshape(()))
+        if p.weight:
+            qw = _weight_record(b, step_b, cfg.wbits)
+            records[p.b] = qw
+            mod = model_mods[p.b]
+            mod.weight.data.copy_(qw.dequantize().to(mod.weight.dtype))
+        elif cfg.abits != 16:
+            acts[p.b] = ("uniform", step_b.reshape(()))
+        log.append({"place": p.out, "step_a": float(step_a.reshape(())),
+                    "weight_rel_err": float((records[p.b].dequantize() - b).norm() / b.norm())
+                    if p.weight else None})  # fmt: skip
+        for n in (p.a,) if p.weight else (p.a, p.b):
+            if n in acts:
+                kind, step = acts[n]
+                model_mods[n].register_forward_pre_hook(ActQuant(kind, step, cfg.abits))
 
 
-def attach(encoder: nn.Module, acts: dict[str, tuple[str, torch.Tensor]], bits: int) -> None:
-    mods = dict(encoder.named_modules())
-    for n, (kind, step) in acts.items():
-        mods[n].register_forward_pre_hook(ActQuant(kind, step, bits))
+class SamPTQ(BlockwiseMethod):
+    """Q-TinySAM's scale search over the image encoder's blocks on the shared pipeline: per
+    block, the operands of every place are collected from the quantized stream, the scales
+    searched, the weights written and the activation quantizers attached before the stream
+    advances through the block."""
+
+    def __init__(self, cfg: SamQuantConfig, grads: dict | None = None,
+                 prefix: str = "image_encoder."):  # fmt: skip
+        self.cfg, self.grads, self.prefix = cfg, grads or {}, prefix
+        self.acts: dict[str, tuple[str, torch.Tensor]] = {}
+        self.log: list[dict] = []
+
+    def on_window(self, win: Window) -> None:
+        pipe = win.pipe
+        for b in win.block_ids:
+            block = pipe.blocks[b]
+            local = f"{pipe.bmap.blocks}.{b}."
+            places = find_places(block, self.prefix + local, self.cfg)
+            rel = {n: n.removeprefix(self.prefix + local) for p in places for n in (p.a, p.b)}
+            mods = {n: block.get_submodule(r) for n, r in rel.items()}
+            caught: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
+            matmul = {n: not p.weight for p in places for n in (p.a, p.b)}
+            pipe.collect([block], win.inputs_of(b), mods,
+                         lambda n, x, c=caught, mm=matmul: c[n].append(
+                             _select(x, mm[n], self.cfg.max_rows)))  # fmt: skip
+            _apply(mods, places, caught, self.grads, self.cfg, pipe.records, self.acts, self.log)
 
 
-# ---------------------------------------------------------------- quantize, save, load
+# ---------------------------------------------------------------- calibration data and task loss
 
 
-def _calibration_images(model, n: int) -> torch.Tensor:
+def calibration_set(model, n: int, prompts: int):
+    """(preprocessed images, per image (point coords (P,1,2), labels (P,1), boxes (Q,4))): one
+    positive point at the centre-most pixel of every other instance, the others' boxes."""
+    from slimkit.sam.tinysam.evaluate import _centre
     from slimkit.sam.train import draw_scene
 
     size = model.cfg.img_size
-    x = torch.stack(
-        [torch.as_tensor(draw_scene(size, i)[0]).permute(2, 0, 1).float() for i in range(n)]
-    )
-    return model.preprocess(x)
+    imgs, prompt_sets = [], []
+    for i in range(n):
+        img, masks = draw_scene(size, i)
+        imgs.append(torch.as_tensor(img).permute(2, 0, 1).float())
+        pts, boxes = [], []
+        for j, m in enumerate(masks[:prompts]):
+            if j % 2 == 0:
+                pts.append(_centre(m))
+            else:
+                ys, xs = m.nonzero()
+                boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        pts = torch.tensor(pts, dtype=torch.float32).reshape(-1, 1, 2)
+        prompt_sets.append((pts, torch.ones(len(pts), 1, dtype=torch.long),
+                            torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)))  # fmt: skip
+    return model.preprocess(torch.stack(imgs)), prompt_sets
+
+
+def _decode_all(model, emb: torch.Tensor, prompt_sets) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(mask logits, IoU predictions) of every prompt of every image, points then boxes."""
+    out = []
+    for e, (pts, labels, boxes) in zip(emb, prompt_sets):
+        if len(pts):
+            out.append(model.decode(e[None], points=(pts, labels)))
+        if len(boxes):
+            out.append(model.decode(e[None], boxes=boxes))
+    return out
+
+
+def _forward(model, images, prompt_sets, batch_size):
+    outs = []
+    for i in range(0, len(images), batch_size):
+        emb = model.image_encoder(images[i : i + batch_size])
+        outs += _decode_all(model, emb, prompt_sets[i : i + batch_size])
+    return outs
 
 
 @torch.no_grad()
-def quantize_model(model, cfg: SamQuantConfig) -> tuple[dict, dict]:
-    """Quantize ``model.image_encoder`` in place; returns (weight records, activation steps)."""
-    from slimkit.llm.block_maps import encoder_block_map
-    from slimkit.llm.pipeline import BlockwisePipeline, PipelineOptions
-    from slimkit.quant.methods.rtn import RTN, RTNConfig
+def task_distance(model, reference, images, prompt_sets, batch_size: int = 4) -> float:
+    """Mean Bernoulli KL(reference || model) of the mask logits plus that of the IoU
+    predictions (after a sigmoid) on the calibration prompts: the objective the task-aware
+    search approximates."""
+
+    def kl(p_logit, q_logit):
+        p, lp = torch.sigmoid(p_logit), nn.functional.logsigmoid
+        return (p * (lp(p_logit) - lp(q_logit))
+                + (1 - p) * (lp(-p_logit) - lp(-q_logit))).mean()  # fmt: skip
+
+    ref = _forward(reference, images, prompt_sets, batch_size)
+    got = _forward(model, images, prompt_sets, batch_size)
+    vals = [kl(rm, qm) + kl(ri, qi) for (rm, ri), (qm, qi) in zip(ref, got)]
+    return float(torch.stack(vals).mean())
+
+
+def fisher_grads(model, images, prompt_sets, places: list[Place], cfg: SamQuantConfig) -> dict:
+    """Place output -> the task-loss gradient at the FP model's output of that place (rows
+    selected as the operands will be): the gradient of the log-likelihood of labels drawn from
+    the model's own Bernoulli mask and IoU outputs."""
+    mods = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(0)
+    calls: dict[str, list] = {p.out: [] for p in places}
+    matmul = {p.out: not p.weight for p in places}
+
+    def fwd_hook(name):
+        def hook(module, args, out):
+            slot = calls[name]
+            slot.append(None)
+            i = len(slot) - 1
+
+            def grad_hook(g):
+                slot[i] = _select(g, matmul[name], cfg.max_rows)
+
+            out.register_hook(grad_hook)
+
+        return hook
+
+    handles = [mods[n].register_forward_hook(fwd_hook(n)) for n in calls]
+    was = model.training
+    model.eval()
+    # every place's output must carry a gradient, those of the prompt-only paths too
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            for i in range(0, len(images), cfg.batch_size):
+                x = images[i : i + cfg.batch_size].clone().requires_grad_(True)
+                emb = model.image_encoder(x)
+                loss = 0.0
+                for masks, iou in _decode_all(model, emb, prompt_sets[i : i + cfg.batch_size]):
+                    for logit in (masks, iou):
+                        t = torch.bernoulli(torch.sigmoid(logit.detach()), generator=gen)
+                        loss = loss + nn.functional.binary_cross_entropy_with_logits(
+                            logit, t, reduction="sum")  # fmt: skip
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train(was)
+    return calls
+
+
+def _check_encoder(model) -> None:
     from slimkit.sam.model import ImageEncoderViT
 
     enc = model.image_encoder
     if not isinstance(enc, ImageEncoderViT):
         raise SlimkitError("sam quantize handles ViT image encoders (vit_b/l/h, vit_mini, vit_micro); "
                            f"this model's encoder is {type(enc).__name__}")  # fmt: skip
+
+
+@torch.no_grad()
+def quantize_model(model, cfg: SamQuantConfig, calib=None) -> tuple[dict, dict]:
+    """Quantize ``model`` in place; returns (weight records, activation steps), keyed by the
+    full module names. ``calib``: (preprocessed images, prompt sets) of :func:`calibration_set`
+    (default: ``cfg.calib_images`` training scenes)."""
+    from slimkit.llm.block_maps import encoder_block_map
+    from slimkit.llm.pipeline import BlockwisePipeline, PipelineOptions
+
+    _check_encoder(model)
     model.eval()
-    images = _calibration_images(model, cfg.calib_images)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    images, prompt_sets = calib or calibration_set(model, cfg.calib_images, cfg.calib_prompts)
+    enc_places = find_places(model.image_encoder, "image_encoder.", cfg)
+    dec_places = find_places(model.mask_decoder, "mask_decoder.", cfg) if cfg.decoder else []
+    grads = {}
+    if cfg.search == "task":
+        grads = fisher_grads(model, images, prompt_sets, enc_places + dec_places, cfg)
+    enc = model.image_encoder
     bmap = encoder_block_map(enc, "blocks", pre_blocks=("patch_embed", "pos_embed"))
     pipe = BlockwisePipeline(enc, images, PipelineOptions(batch_size=cfg.batch_size, device="cpu"),
                              block_map=bmap)  # fmt: skip
-    pipe.run(RTN(RTNConfig(wbits=cfg.wbits, group_size=-1, sym=True, device="cpu")))
-    records = dict(pipe.records)
-    acts = {} if cfg.abits == 16 else calibrate_activations(enc, images, cfg)
-    attach(enc, acts, cfg.abits)
+    method = SamPTQ(cfg, grads)
+    pipe.run(method)
+    records, acts = dict(pipe.records), dict(method.acts)
+    if dec_places:
+        mods = dict(model.named_modules())
+        names = {n: not p.weight for p in dec_places for n in (p.a, p.b)}
+        caught: dict[str, list] = {n: [] for n in names}
+        handles = [mods[n].register_forward_pre_hook(
+            lambda m, args, _n=n: caught[_n].append(_select(args[0], names[_n], cfg.max_rows)))
+            for n in names]  # fmt: skip
+        try:
+            _forward(model, images, prompt_sets, cfg.batch_size)
+        finally:
+            for h in handles:
+                h.remove()
+        _apply(mods, dec_places, caught, grads, cfg, records, acts, method.log)
+    model.quant_log = method.log
     return records, acts
 
 
@@ -240,18 +550,23 @@ def quantize_sam(
     if not (run / "sam_config.json").is_file():
         raise SlimkitError(f"{run} is not a slimkit SAM run (no sam_config.json)")
     model = load_trained(run)
-    records, acts = quantize_model(model, cfg)
+    _check_encoder(model)
+    fp = copy.deepcopy(model).eval()
+    calib = calibration_set(model, cfg.calib_images, cfg.calib_prompts)
+    records, acts = quantize_model(model, cfg, calib)
+    kl = task_distance(model, fp, *calib, batch_size=cfg.batch_size)
     with atomic_output(out, overwrite=overwrite) as tmp:
         save_quantized(model, records, acts, cfg, tmp)
         shutil.copy(run / "sam_config.json", tmp / "sam_config.json")
-    return {"out": str(out), "layers": len(records), "act_points": len(acts), **asdict(cfg)}
+    return {"out": str(out), "layers": len(records), "act_points": len(acts),
+            "calib_task_kl": kl, **asdict(cfg)}  # fmt: skip
 
 
 def save_quantized(model, records: dict, acts: dict, cfg: SamQuantConfig, path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors, layers = {}, []
-    qkeys = {f"image_encoder.{n}.weight": n for n in records}
+    qkeys = {f"{n}.weight": n for n in records}
     for k, v in model.state_dict().items():
         if k in qkeys:
             qw = records[qkeys[k]]
@@ -265,17 +580,64 @@ def save_quantized(model, records: dict, acts: dict, cfg: SamQuantConfig, path: 
         else:
             tensors[k] = v.detach().cpu().contiguous()
     for n, (_, step) in acts.items():
-        tensors[f"act.image_encoder.{n}.step"] = step.float().reshape(1).contiguous()
+        tensors[f"act.{n}.step"] = step.float().reshape(1).contiguous()
     save_file(tensors, str(path / "quant.safetensors"))
     meta = {"format": "slimkit-sam-w8a8", **asdict(cfg), "weights": layers,
-            "acts": {f"image_encoder.{n}": kind for n, (kind, _) in acts.items()},
+            "acts": {n: kind for n, (kind, _) in acts.items()},
             "note": "int8 weight codes (w = int8 * scale per output channel) and activation "
-                    "steps; fake-quant inference"}  # fmt: skip
+                    "steps"}  # fmt: skip
     (path / "quant.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def load_quantized(path: str | Path):
-    """Rebuild a quantized SAM from ``quant.safetensors`` (no unpickling)."""
+# ---------------------------------------------------------------- int8 kernels
+
+
+class Int8Linear(nn.Module):
+    """A W8A8 linear run as integer matmuls: the input rounded to int8 codes on its static grid
+    (uniform, or the two halves of the twin-GELU grid), ``torch._int_mm`` (int8 x int8 ->
+    int32), then the float scales. Where ``torch._int_mm`` refuses the shapes or the device,
+    the same integer product is taken in float (``kernel`` says which ran last)."""
+
+    def __init__(self, w_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 kind: str, step: torch.Tensor, bits: int):  # fmt: skip
+        super().__init__()
+        if kind not in ("uniform", "twin_gelu"):
+            raise SlimkitError(f"no integer kernel for a {kind} input")
+        self.register_buffer("w_t", w_int8.t().contiguous())  # (in, out) int8
+        self.register_buffer("scale", scale.float().reshape(1, -1))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.kind, self.step, self.bits = kind, float(step), bits
+        self.kernel = "none"
+
+    def _mm(self, q: torch.Tensor) -> torch.Tensor:
+        try:
+            out = torch._int_mm(q, self.w_t).float()
+            self.kernel = "int_mm"
+            return out
+        except (RuntimeError, NotImplementedError):
+            self.kernel = "float"
+            return q.float() @ self.w_t.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        q = 2 ** (self.bits - 1)
+        if self.kind == "uniform":
+            codes = torch.clamp(torch.round(x2 / self.step), -q, q - 1).to(torch.int8)
+            y = self._mm(codes) * (self.step * self.scale)
+        else:
+            neg = 0.16997 / q
+            pos = torch.clamp(torch.round(x2.clamp(min=0) / self.step), 0, q - 1).to(torch.int8)
+            ngc = torch.clamp(torch.round(x2.clamp(max=0) / neg), -q, 0).to(torch.int8)
+            y = self._mm(pos) * (self.step * self.scale) + self._mm(ngc) * (neg * self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+def load_quantized(path: str | Path, int8_kernels: bool = False):
+    """Rebuild a quantized SAM from ``quant.safetensors`` (no unpickling); ``int8_kernels``:
+    run the linears with a uniform or twin-GELU input grid as :class:`Int8Linear`."""
     from safetensors.torch import load_file
 
     from slimkit.core.weights import check_safetensors
@@ -300,6 +662,29 @@ def load_quantized(path: str | Path):
         sd[k] = t[k + ".scale"] * (t[k + ".int8"].float())
     load_into(model, sd, str(d))
     mods = dict(model.named_modules())
+    replaced = set()
+    if int8_kernels:
+        for k in meta["weights"]:
+            name = k.removesuffix(".weight")
+            kind = meta["acts"].get(name)
+            if kind not in ("uniform", "twin_gelu"):
+                continue
+            lin = mods[name]
+            new = Int8Linear(t[k + ".int8"], t[k + ".scale"], lin.bias, kind,
+                             t[f"act.{name}.step"], meta["abits"])  # fmt: skip
+            parent, _, child = name.rpartition(".")
+            setattr(mods[parent], child, new)
+            replaced.add(name)
     for n, kind in meta["acts"].items():
-        mods[n].register_forward_pre_hook(ActQuant(kind, t[f"act.{n}.step"], meta["abits"]))
+        if n not in replaced:
+            mods[n].register_forward_pre_hook(ActQuant(kind, t[f"act.{n}.step"], meta["abits"]))
     return model.eval()
+
+
+def int8_kernel_report(model) -> dict:
+    """How many linears ran which kernel in the last forward pass."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            out[m.kernel] = out.get(m.kernel, 0) + 1
+    return out
