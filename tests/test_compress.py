@@ -23,7 +23,12 @@ from tests.conftest import random_ids, tiny_model
 def test_one_registry_holds_every_quantization_and_pruning_method():
     """Catches a method registered in only one of two parallel registries (the CLI's method list
     and the Python dispatch would then disagree)."""
-    assert COMPRESSION_METHODS.names() == sorted(METHODS.names() + PRUNE_METHODS.names())
+    from slimkit.sam.tinysam.quant import SAM_QUANT_METHODS
+
+    assert COMPRESSION_METHODS.names() == sorted(
+        METHODS.names() + PRUNE_METHODS.names() + SAM_QUANT_METHODS.names()
+    )
+    assert SAM_QUANT_METHODS.names() == ["q-tinysam"]
     assert {"gptq", "cbq", "awq", "rtn", "smoothquant"} <= set(METHODS.names())
     assert {"wanda", "sparsegpt", "magnitude"} <= set(PRUNE_METHODS.names())
     for name in METHODS.names():

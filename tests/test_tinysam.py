@@ -387,3 +387,18 @@ def test_int8_kernels_match_fake_quant(tmp_path, one_thread):
         h = torch.randn(64, f.in_features) * 0.5
         with torch.no_grad():  # one layer: fake quant (hook + dequantized weight) = int path
             torch.testing.assert_close(r(h), f(h), rtol=1e-4, atol=1e-4)
+
+
+def test_q_tinysam_is_dispatched_by_the_one_compression_registry(one_thread):
+    # catches: Q-TinySAM living outside slimkit.compress (a second, parallel registry)
+    import slimkit
+    from slimkit.llm.compress import method_for_config
+    from slimkit.sam.model import build_sam
+
+    cfg = Q.SamQuantConfig(calib_images=1, calib_prompts=2, search_points=4, rounds=1,
+                           search="mse", decoder=False, max_rows=64)  # fmt: skip
+    assert method_for_config(cfg) == "q-tinysam"
+    torch.manual_seed(0)
+    model, result = slimkit.compress(build_sam("vit_mini"), cfg)
+    assert result["method"] == "q-tinysam" and result["scheme"] == "W8A8-twin-mse"
+    assert len(result.records) == 16 and result.quantization["act_params"]

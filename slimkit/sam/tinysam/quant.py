@@ -688,3 +688,48 @@ def int8_kernel_report(model) -> dict:
         if isinstance(m, Int8Linear):
             out[m.kernel] = out.get(m.kernel, 0) + 1
     return out
+
+
+# ---------------------------------------------------------------- the compression registry
+
+
+def _register() -> None:
+    from slimkit.llm.compress import (
+        COMPRESSION_METHODS,
+        CompressionResult,
+        register_compression_method,
+        register_entry_point,
+    )
+
+    if "q-tinysam" in COMPRESSION_METHODS:
+        return
+    register_compression_method(
+        "q-tinysam", SamQuantConfig, kind="sam-quantization",
+        help="Q-TinySAM W8A8 of a SAM's ViT encoder and mask decoder",
+    )(SamPTQ)  # fmt: skip
+
+    def compress_sam(model, config: SamQuantConfig, calib=None, **kw):
+        """``slimkit.compress(sam, SamQuantConfig(...), calib)``: ``calib`` is
+        (preprocessed images, prompt sets) as :func:`calibration_set` returns (None: the
+        config's training scenes)."""
+        if kw:
+            raise SlimkitError(f"q-tinysam takes no options {sorted(kw)}")
+        records, acts = quantize_model(model, config, calib)
+        report = {"method": "q-tinysam", "scheme": config.scheme(), "layers": len(records),
+                  "act_points": len(acts), "places": model.quant_log}  # fmt: skip
+        quant = {"method": "q-tinysam", "config": config, "records": records, "act_params": acts}
+        return model, CompressionResult(report, quantization=quant)
+
+    register_entry_point("sam-quantization", compress_sam)
+
+
+_register()
+
+
+def _view():
+    from slimkit.llm.compress import COMPRESSION_METHODS
+
+    return COMPRESSION_METHODS.where("SAM quantization method", kind="sam-quantization")
+
+
+SAM_QUANT_METHODS = _view()  # the registry's view of this kind
