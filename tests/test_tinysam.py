@@ -402,3 +402,124 @@ def test_q_tinysam_is_dispatched_by_the_one_compression_registry(one_thread):
     model, result = slimkit.compress(build_sam("vit_mini"), cfg)
     assert result["method"] == "q-tinysam" and result["scheme"] == "W8A8-twin-mse"
     assert len(result.records) == 16 and result.quantization["act_params"]
+
+
+# ---------------------------------------------------------------- evaluation and SA-1B
+
+
+def test_everything_matching_counts_one_to_one_at_iou_half():
+    # catches: a ground-truth instance matched twice (duplicates counted as hits), matches below
+    # IoU 0.5, and recall / precision computed over the wrong denominators
+    from slimkit.sam.tinysam.evaluate import match_instances
+
+    g1 = np.zeros((10, 10), bool)
+    g1[:5, :5] = True  # 25 px
+    g2 = np.zeros((10, 10), bool)
+    g2[6:, 6:] = True  # 16 px
+    g3 = np.zeros((10, 10), bool)
+    g3[0, 9] = True
+    p_dup = g1.copy()
+    p_good = g1.copy()
+    p_good[5, :5] = True  # IoU 25 / 30
+    p_half = g2.copy()
+    p_half[6:, :8] = True  # IoU 16 / 40 < 0.5
+    assert match_instances([p_good, p_dup, p_half], [g1, g2, g3]) == (1, 3, 3)
+    p_g2 = g2.copy()
+    p_g2[5, 6:] = True  # IoU 16 / 20
+    assert match_instances([p_g2, p_good], [g1, g2, g3]) == (2, 2, 3)
+    assert match_instances([], [g1]) == (0, 0, 1)
+
+
+def test_complexity_counts_macs_by_hand(one_thread):
+    # catches: FLOPs reported as MACs (a factor 2), attention matmuls or the neck left out
+    from slimkit.sam.model import build_sam
+    from slimkit.sam.tinysam.evaluate import complexity
+
+    m = build_sam("vit_mini")  # 256 px, 16 x 16 tokens, dim 128, 4 blocks, neck to 64 channels
+    c = complexity(m)
+    patch = 3 * 16 * 16 * 128 * 256
+    linears = 256 * (128 * 384 + 128 * 128 + 2 * 128 * 512) * 4
+    neck = 128 * 64 * 256 + 64 * 64 * 9 * 256
+    window_attn = 16 * 4 * (2 * 16 * 16 * 32 + 2 * 4 * 4 * 4 * 32)  # windows x heads
+    global_attn = 4 * (2 * 256 * 256 * 32 + 2 * 16 * 16 * 16 * 32)  # heads
+    assert c["macs_encoder"] == patch + linears + neck + 2 * window_attn + 2 * global_attn
+    assert c["flops_encoder"] == 2 * c["macs_encoder"]
+    assert c["params_encoder"] == sum(p.numel() for p in m.image_encoder.parameters())
+    assert 0 < c["macs_decoder_per_prompt"] < c["macs_encoder"]
+
+
+def _write_sa1b(d: Path) -> list[np.ndarray]:
+    """An SA-1B folder in the official layout: sa_1.jpg beside sa_1.json (COCO RLE strings)."""
+    from PIL import Image
+
+    mu = pytest.importorskip("pycocotools.mask")
+    d.mkdir(parents=True)
+    h, w = 60, 80
+    masks = []
+    for x0, y0, x1, y1 in ((5, 5, 30, 25), (40, 10, 75, 50), (10, 35, 30, 58)):
+        m = np.zeros((h, w), bool)
+        m[y0:y1, x0:x1] = True
+        m[y0 + 3, x0 + 2] = False  # a hole: more than one run per column
+        masks.append(m)
+    Image.fromarray(np.full((h, w, 3), 120, np.uint8)).save(d / "sa_1.jpg")
+    anns = []
+    for i, m in enumerate(masks):
+        rle = mu.encode(np.asfortranarray(m.astype(np.uint8)))
+        ys, xs = np.nonzero(m)
+        anns.append({"id": i, "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                     "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1],
+                     "area": int(m.sum()), "point_coords": [[float(xs.mean()), float(ys.mean())]],
+                     "predicted_iou": 0.9, "stability_score": 0.95,
+                     "crop_box": [0, 0, w, h]})  # fmt: skip
+    info = {"image_id": 1, "file_name": "sa_1.jpg", "width": w, "height": h}
+    (d / "sa_1.json").write_text(json.dumps({"image": info, "annotations": anns}))
+    return masks
+
+
+def test_sa1b_rle_decodes_to_the_masks_written_with_and_without_pycocotools(tmp_path, monkeypatch):
+    # catches: row-major instead of column-major RLE, a broken own decoder for the compressed
+    # strings (the path without pycocotools), and masks not letterboxed with the image
+    import builtins
+
+    from slimkit.sam.sa1b import decode_rle, load_sa1b_folder, read_sa1b_json
+
+    masks = _write_sa1b(tmp_path / "sa1b")
+    _, anns = read_sa1b_json(tmp_path / "sa1b" / "sa_1.json")
+    for a, m in zip(anns, masks):
+        assert np.array_equal(decode_rle(a["segmentation"]), m)
+    real_import = builtins.__import__
+
+    def no_pycocotools(name, *args, **kw):
+        if name.startswith("pycocotools"):
+            raise ImportError(name)
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_pycocotools)
+    for a, m in zip(anns, masks):
+        assert np.array_equal(decode_rle(a["segmentation"]), m)
+    monkeypatch.undo()
+    [(img, got)] = load_sa1b_folder(tmp_path / "sa1b", 160)
+    assert img.shape == (160, 160, 3) and len(got) == 3
+    assert got[0][10:50, 10:60].sum() > 0.9 * 40 * 50 and not got[0][130:].any()  # 2x, padded
+    with pytest.raises(SlimkitError, match="no SA-1B annotation files"):
+        load_sa1b_folder(tmp_path, 160)
+
+
+def test_eval_reads_sa1b_and_reports_everything_and_complexity_columns(tmp_path, one_thread):
+    # catches: --data sa1b: not reaching the reader, everything mode missing from sam eval, and
+    # the complexity columns missing or unlabelled
+    from slimkit.sam.tinysam.evaluate import EvalConfig, evaluate_model
+
+    _write_sa1b(tmp_path / "sa1b")
+    run = tiny_teacher(tmp_path / "teacher")
+    cfg = EvalConfig(data=f"sa1b:{tmp_path / 'sa1b'}", prompts="box,everything",
+                     points_per_side=8, everything_mode="dense")  # fmt: skip
+    r = evaluate_model(run, cfg)
+    assert r["images"] == 1 and r["instances"] == 3 and "miou_1pt" not in r
+    assert 0 <= r["miou_box"] <= 1 and 0 <= r["everything_recall"] <= 1
+    assert r["everything_prompts_per_image"] == 64 and r["everything_seconds_per_image"] > 0
+    assert r["flops_encoder"] == 2 * r["macs_encoder"] and r["params_decoder"] > 0
+    with pytest.raises(SlimkitError, match="--prompts"):
+        EvalConfig(prompts="points")
+    with pytest.raises(SlimkitError, match="--data"):
+        EvalConfig(data="sa1b")

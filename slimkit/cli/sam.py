@@ -177,8 +177,10 @@ def quantize(inv: Invocation) -> int:
 @command("eval", group="sam", configs=["slimkit.sam.tinysam.evaluate:EvalConfig"],
          args=[arg("model", help="a slimkit SAM run (trained, distilled or quantized) or a checkpoint"),
                arg("--json", output=True, help="also write the results here")],
-         help="point / box prompted mIoU on held-out generated scenes",
-         description="Point- and box-prompted mIoU on held-out generated scenes, seconds per image.")  # fmt: skip
+         help="point / box mIoU and everything-mode recall / precision against ground truth",
+         description="Point- and box-prompted mIoU and everything-mode recall / precision against "
+                     "ground-truth instances (held-out generated scenes, COCO or SA-1B), params, "
+                     "MACs, FLOPs and seconds per image.")  # fmt: skip
 def evaluate(inv: Invocation) -> int:
     from slimkit.sam.tinysam.evaluate import evaluate_model
 
@@ -188,7 +190,20 @@ def evaluate(inv: Invocation) -> int:
 
         write_json(inv.ns.json, r)
     k = r["clicks"]
-    print(f"{inv.ns.model}: mIoU 1 point {r['miou_1pt']:.3f}, {k} points {r[f'miou_{k}pt']:.3f}, "
-          f"box {r['miou_box']:.3f} over {r['instances']} instances; "
-          f"{r['seconds_per_image']:.3f} s per image")  # fmt: skip
+    parts = []
+    if "miou_1pt" in r:
+        parts.append(f"mIoU 1 point {r['miou_1pt']:.3f}, {k} points {r[f'miou_{k}pt']:.3f}")
+    if "miou_box" in r:
+        parts.append(f"box {r['miou_box']:.3f}")
+    if "miou_box" in r or "miou_1pt" in r:
+        parts.append(f"over {r['instances']} instances, {r['seconds_per_image']:.3f} s per image")
+    if "everything_recall" in r:
+        parts.append(f"everything recall {r['everything_recall']:.3f} precision "
+                     f"{r['everything_precision']:.3f} @ IoU 0.5, "
+                     f"{r['everything_seconds_per_image']:.3f} s per image")  # fmt: skip
+    print(f"{inv.ns.model} on {r['images']} images: " + "; ".join(parts))
+    print(f"params encoder {r['params_encoder'] / 1e6:.3f} M, decoder {r['params_decoder'] / 1e6:.3f} M; "
+          f"MACs encoder {r['macs_encoder'] / 1e9:.3f} G per image, decoder "
+          f"{r['macs_decoder_per_prompt'] / 1e9:.4f} G per prompt (FLOPs = 2 x MACs: "
+          f"{r['flops_encoder'] / 1e9:.3f} G, {r['flops_decoder_per_prompt'] / 1e9:.4f} G)")  # fmt: skip
     return 0

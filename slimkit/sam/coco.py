@@ -76,24 +76,35 @@ def load_coco_folder(path: str | Path, size: int) -> list[tuple[np.ndarray, list
             raise SlimkitError(f"image {im['file_name']} of {ann_file} not found")
         img = Image.open(f).convert("RGB")
         h, w = img.height, img.width
-        s = size / max(h, w)
-        nh, nw = int(h * s + 0.5), int(w * s + 0.5)
-        canvas = np.zeros((size, size, 3), np.uint8)
-        canvas[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR))
-        masks = []
-        for a in by_image.get(im["id"], []):
-            m = decode_segmentation(a["segmentation"], h, w)
-            mm = np.zeros((size, size), bool)
-            mm[:nh, :nw] = (
-                np.asarray(
-                    Image.fromarray(m.astype(np.uint8) * 255).resize((nw, nh), Image.NEAREST)
-                )
-                > 127
-            )
-            if mm.sum() >= 10:
-                masks.append(mm)
+        canvas, masks = letterbox(
+            img, (decode_segmentation(a["segmentation"], h, w) for a in by_image.get(im["id"], [])),
+            size,
+        )  # fmt: skip
         if masks:
             out.append((canvas, masks))
     if not out:
         raise SlimkitError(f"{ann_file} has no image with a usable instance mask")
     return out
+
+
+def letterbox(img, masks, size: int, min_area: int = 10):
+    """(size x size x 3 uint8, masks at that size): the longest side resized to ``size`` and the
+    rest padded with zeros, as SAM's preprocessing does; masks smaller than ``min_area`` pixels
+    after resizing are dropped."""
+    from PIL import Image
+
+    h, w = img.height, img.width
+    s = size / max(h, w)
+    nh, nw = int(h * s + 0.5), int(w * s + 0.5)
+    canvas = np.zeros((size, size, 3), np.uint8)
+    canvas[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR))
+    out = []
+    for m in masks:
+        mm = np.zeros((size, size), bool)
+        mm[:nh, :nw] = (
+            np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((nw, nh), Image.NEAREST))
+            > 127
+        )
+        if mm.sum() >= min_area:
+            out.append(mm)
+    return canvas, out
