@@ -90,6 +90,9 @@ class SamQuantConfig:
     calib_images: int = field(
         default=8, metadata={"help": "calibration scenes (training seeds 0..N-1)"}
     )
+    calib_seed: int = field(
+        default=0, metadata={"help": "first training scene of the calibration set"}
+    )
     calib_prompts: int = field(
         default=8, metadata={"help": "prompts per calibration image (instance points / boxes)"}
     )
@@ -377,7 +380,7 @@ class SamPTQ(BlockwiseMethod):
 # ---------------------------------------------------------------- calibration data and task loss
 
 
-def calibration_set(model, n: int, prompts: int):
+def calibration_set(model, n: int, prompts: int, first: int = 0):
     """(preprocessed images, per image (point coords (P,1,2), labels (P,1), boxes (Q,4))): one
     positive point at the centre-most pixel of every other instance, the others' boxes."""
     from slimkit.sam.tinysam.evaluate import _centre
@@ -385,7 +388,7 @@ def calibration_set(model, n: int, prompts: int):
 
     size = model.cfg.img_size
     imgs, prompt_sets = [], []
-    for i in range(n):
+    for i in range(first, first + n):
         img, masks = draw_scene(size, i)
         imgs.append(torch.as_tensor(img).permute(2, 0, 1).float())
         pts, boxes = [], []
@@ -509,7 +512,9 @@ def quantize_model(model, cfg: SamQuantConfig, calib=None) -> tuple[dict, dict]:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    images, prompt_sets = calib or calibration_set(model, cfg.calib_images, cfg.calib_prompts)
+    images, prompt_sets = calib or calibration_set(
+        model, cfg.calib_images, cfg.calib_prompts, cfg.calib_seed
+    )
     enc_places = find_places(model.image_encoder, "image_encoder.", cfg)
     dec_places = find_places(model.mask_decoder, "mask_decoder.", cfg) if cfg.decoder else []
     grads = {}
@@ -552,7 +557,7 @@ def quantize_sam(
     model = load_trained(run)
     _check_encoder(model)
     fp = copy.deepcopy(model).eval()
-    calib = calibration_set(model, cfg.calib_images, cfg.calib_prompts)
+    calib = calibration_set(model, cfg.calib_images, cfg.calib_prompts, cfg.calib_seed)
     records, acts = quantize_model(model, cfg, calib)
     kl = task_distance(model, fp, *calib, batch_size=cfg.batch_size)
     with atomic_output(out, overwrite=overwrite) as tmp:
