@@ -93,6 +93,22 @@ def kernel_timing(reps: int = 3) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def agreement(model, ref, images, prompt_sets) -> float:
+    """Mean IoU between the quantized and the FP model's highest-scored masks (binarised
+    low-resolution logits) over held-out prompts: fidelity to the FP model."""
+    from slimkit.sam.tinysam.quant import _forward
+
+    ious = []
+    for (rm, ri), (qm, qi) in zip(_forward(ref, images, prompt_sets, 4),
+                                  _forward(model, images, prompt_sets, 4)):  # fmt: skip
+        idx = torch.arange(len(rm))
+        a, b = rm[idx, ri.argmax(1)] > 0, qm[idx, qi.argmax(1)] > 0
+        inter, union = (a & b).flatten(1).sum(1), (a | b).flatten(1).sum(1)
+        ious += torch.where(union > 0, inter / union.clamp(min=1), 1.0).tolist()
+    return sum(ious) / len(ious)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", help="an existing `slimkit sam train` run (default: train one)")
@@ -127,6 +143,8 @@ def main() -> None:
     fp = evaluate_prompts(fp_model, test)
     cx = complexity(fp_model)
     print("FP32", fp, flush=True)
+    # held-out prompts for the fidelity columns: the test scenes' instances (points / boxes)
+    held_out = Q.calibration_set(fp_model, args.test_scenes, 8, TEST_SEED)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: dict[str, list[dict]] = {}
     for name, opts in VARIANTS.items():
@@ -143,6 +161,8 @@ def main() -> None:
             qsec = time.perf_counter() - t0
             kl = Q.task_distance(model, fp_model, *calib)
             r = {"seed": seed, "quantize_seconds": qsec, "calib_task_kl": kl,
+                 "test_task_kl": Q.task_distance(model, fp_model, *held_out),
+                 "iou_to_fp": agreement(model, fp_model, *held_out),
                  **evaluate_prompts(model.eval(), test)}  # fmt: skip
             rows[name].append(r)
             print(name, r, flush=True)
@@ -179,14 +199,20 @@ def main() -> None:
         f"{args.test_scenes} held-out generated scenes ({fp['instances']} instances). "
         "Mean ± std over the calibration seeds; seconds per image are fake-quant on a shared CPU.",
         "",
-        "| variant | mIoU 1 point | mIoU 5 points | mIoU box | calibration task KL | s / image | quantize s | seeds |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| FP32 | {fp['miou_1pt']:.3f} | {fp['miou_5pt']:.3f} | {fp['miou_box']:.3f} | 0 | "
+        "Fidelity columns (on the test scenes' prompts: one centre point for every other "
+        "instance, the boxes of the others): task KL to the FP model (mask logits + IoU, the "
+        "objective the task-aware search approximates) and the IoU of the quantized model's "
+        "best mask with the FP model's.",
+        "",
+        "| variant | mIoU 1 point | mIoU 5 points | mIoU box | task KL to FP, test | IoU to FP masks, test | task KL, calibration | s / image | quantize s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| FP32 | {fp['miou_1pt']:.3f} | {fp['miou_5pt']:.3f} | {fp['miou_box']:.3f} | 0 | 1 | 0 | "
         f"{fp['seconds_per_image']:.3f} | | |",
     ]
     for name, runs in rows.items():
         lines.append(f"| W8A8 {name} | {ms(runs, 'miou_1pt')} | {ms(runs, 'miou_5pt')} | "
-                     f"{ms(runs, 'miou_box')} | {ms(runs, 'calib_task_kl', '{:.2e}')} | "
+                     f"{ms(runs, 'miou_box')} | {ms(runs, 'test_task_kl', '{:.2e}')} | "
+                     f"{ms(runs, 'iou_to_fp')} | {ms(runs, 'calib_task_kl', '{:.2e}')} | "
                      f"{ms(runs, 'seconds_per_image')} | {ms(runs, 'quantize_seconds', '{:.0f}')} | "
                      f"{len(runs)} |")  # fmt: skip
     lines += ["", "## One W8A8 linear: integer matmul vs fake quant (one thread)", "",
