@@ -76,6 +76,8 @@ class BlockMap:
     ] = ()  # (norm of ``smooth``, module whose output AWQ compares)
     score_linears: tuple[str, ...] = ()
     residual_writers: tuple[str, ...] = ()  # linears whose outputs are added to the residual
+    # (linear, norm): linears that reach the residual only through a norm (Gemma-2/3 post-norms)
+    post_norms: tuple[tuple[str, str], ...] = ()
     transposed: bool = False  # GPT-2's Conv1D keeps weights as (in, out)
     # FFN channels for structured pruning: (linears producing the hidden channels, the linear
     # consuming them, the config field holding the FFN width)
@@ -207,15 +209,25 @@ _register(
 
 
 def block_map_for(model: nn.Module) -> BlockMap:
-    """The block map of ``model``'s family (from ``config.model_type``)."""
+    """The block map of ``model``'s family: the hand-written map of ``config.model_type`` where
+    there is one, else the map inferred from the model (:func:`~slimkit.llm.infer_map.
+    infer_block_map`), which refuses, naming what is missing, a layout it cannot read."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
     for _, bm in BLOCK_MAPS.items():
         if mt in bm.model_types:
             return bm
+    from slimkit.llm.infer_map import infer_block_map
+
     supported = sorted(t for _, bm in BLOCK_MAPS.items() for t in bm.model_types)
-    raise SlimkitError(
-        f"unsupported model family {mt!r}; supported model types: {', '.join(supported)}"
-    )
+    if not type(model).__name__.endswith("ForCausalLM"):
+        raise SlimkitError(
+            f"unsupported model family {mt!r}: {type(model).__name__} is not a causal LM (block "
+            f"maps are inferred for *ForCausalLM decoders; written by hand for {', '.join(supported)})"
+        )
+    try:
+        return infer_block_map(model)
+    except SlimkitError as e:
+        raise SlimkitError(f"unsupported model family {mt!r}: {e}") from None
 
 
 def encoder_block_map(

@@ -14,6 +14,7 @@ import torch
 
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.block_maps import get_module, set_weight, weight_of
+from slimkit.llm.infer_map import norm_factor_offset
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, Window
 from slimkit.quant.methods.base import register_method
 from slimkit.quant.methods.gptq import GPTQ, GPTQConfig
@@ -73,8 +74,14 @@ def smooth_scales(
 def fold_scales(
     norm: torch.nn.Module, consumers: list[torch.nn.Module], s: torch.Tensor, transposed: bool
 ) -> None:
-    """norm.weight (and bias) /= s; each consumer's input columns *= s. Function-preserving."""
-    norm.weight.data.div_(s.to(norm.weight))
+    """norm.weight (and bias) /= s; each consumer's input columns *= s. Function-preserving.
+
+    A norm that scales by ``(1 + weight)`` (Gemma's RMSNorm) gets ``w <- (1 + w) / s - 1``."""
+    off = norm_factor_offset(norm)
+    if off:
+        norm.weight.data.copy_((norm.weight.data + off) / s.to(norm.weight) - off)
+    else:
+        norm.weight.data.div_(s.to(norm.weight))
     if getattr(norm, "bias", None) is not None:
         norm.bias.data.div_(s.to(norm.bias))
     for m in consumers:
