@@ -271,6 +271,15 @@ class BlockwisePipeline:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.kwargs: dict = {}
         self.args: tuple = ()
+        # blocks of different layer types (Gemma-2/3's sliding and full attention) take different
+        # position embeddings and masks: each type's block arguments are captured at its first
+        # block, and every block is called with those of its type
+        types = list(getattr(getattr(model, "config", None), "layer_types", None) or [])
+        self.layer_types = types if len(types) == len(self.blocks) and len(set(types)) > 1 else None
+        self.type_inputs: dict[str, tuple[tuple, dict]] = {}
+        self._typing = False
+        for blk, t in zip(self.blocks, self.layer_types or []):
+            blk._slimkit_layer_type = t  # kept by the deep copies of the FP stream
         # compressed-weight records that methods write, by linear name (slimkit.quant's
         # QuantizedWeight); saved with their block by a registered BlockState
         self.records: dict[str, object] = {}
@@ -330,12 +339,22 @@ class BlockwisePipeline:
             return tuple(self._fit_batch(x, b) for x in v)
         return v
 
-    def _batch_kwargs(self, b: int) -> dict:
-        return {k: self._fit_batch(v, b) for k, v in self.kwargs.items()}
+    def block_inputs(self, block: nn.Module) -> tuple[tuple, dict]:
+        """The extra positional and keyword arguments ``block`` is called with (those of its
+        layer type where the model has several)."""
+        t = getattr(block, "_slimkit_layer_type", None)
+        if t is not None and t in self.type_inputs:
+            return self.type_inputs[t]
+        return self.args, self.kwargs
 
     def call_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        out = block(x, *(self._fit_batch(a, b) for a in self.args), **self._batch_kwargs(b))
+        args, kwargs = self.block_inputs(block)
+        out = block(
+            x,
+            *(self._fit_batch(a, b) for a in args),
+            **{k: self._fit_batch(v, b) for k, v in kwargs.items()},
+        )
         return out[0] if isinstance(out, tuple) else out
 
     def batches(self):
@@ -412,6 +431,8 @@ class BlockwisePipeline:
         store = None
 
         def hook(module, args, kwargs):
+            if self._typing:  # _capture_layer_types runs the model past block 0
+                return None
             caught["x"] = args[0] if args else kwargs.pop("hidden_states")
             caught["args"] = args[1:]  # e.g. GPT-2 passes the attention mask positionally
             caught["kwargs"] = kwargs
@@ -442,6 +463,8 @@ class BlockwisePipeline:
                     self.args = tuple(
                         None if _is_cache(v) else _first_row(v) for v in caught["args"]
                     )
+                    if self.layer_types:
+                        self._capture_layer_types(batch[:1])
                 if kwargs_only:
                     return None
                 if store is None:
@@ -452,6 +475,52 @@ class BlockwisePipeline:
             for m in pre:
                 _to(m, "cpu")
         return store
+
+    @torch.no_grad()
+    def _capture_layer_types(self, batch: torch.Tensor) -> None:
+        """The block arguments of every layer type, caught at the first block of each type (one
+        sample through the blocks up to the first block of the last type to appear)."""
+        self.type_inputs = {self.layer_types[0]: (self.args, self.kwargs)}
+        firsts: dict[str, int] = {}
+        for i, t in enumerate(self.layer_types):
+            firsts.setdefault(t, i)
+        last = max(firsts.values())
+
+        def hook(i: int):
+            def fn(module, args, kwargs):
+                t = self.layer_types[i]
+                if firsts[t] == i and t not in self.type_inputs:
+                    kw = {k: _first_row(v) for k, v in kwargs.items() if not _is_cache(v)}
+                    kw.pop("hidden_states", None)
+                    a = tuple(None if _is_cache(v) else _first_row(v) for v in args[1:])
+                    self.type_inputs[t] = (a, kw)
+                if i == last:
+                    raise _Stop
+
+            return fn
+
+        run = list(self.blocks)[: last + 1]
+        pre = [get_module(self.model, p) for p in self.bmap.pre_blocks]
+        handles = [
+            b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(run)
+        ]
+        self._typing = True
+        try:
+            for m in run + pre:
+                _to(m, self.device)
+            try:
+                self.bmap.feed(self.model, batch.to(self.device))
+            except _Stop:
+                pass
+        finally:
+            self._typing = False
+            for h in handles:
+                h.remove()
+            for m in run:
+                _to(m, "cpu")
+        missing = sorted(set(self.layer_types) - set(self.type_inputs))
+        if missing:
+            raise SlimkitError(f"the forward pass never reached a block of type {missing}")
 
     # ----------------------------------------------------------------------------- main loop
     def run(self, method: BlockwiseMethod, *, resume: bool = False) -> BlockwisePipeline:

@@ -7,7 +7,11 @@ model computes exactly the same function (to round-off) with
 - token embeddings E -> E Q,
 - every linear reading a norm (q/k/v, gate/up, the LM head) W -> diag-folded W, then W Q,
 - every linear writing into the residual (o_proj, down_proj) W -> Q^T W (bias b -> Q^T b),
-- every norm weight -> 1 (its weight now lives in its consumers); a tied LM head is untied.
+- every norm weight -> 1 (its weight now lives in its consumers; 0 for Gemma's norms, which
+  scale by 1 + weight); a tied LM head is untied.
+
+Blocks whose attention / MLP outputs pass through a norm before they reach the residual
+(Gemma-2/3, OLMo-2 post-norms) are refused: that norm does not commute with the rotation.
 
 Outlier channels of the residual stream are spread over all channels, which is what makes 4-bit
 activations usable (QuaRot, arXiv 2404.00456; SpinQuant, arXiv 2405.16406). The rotated model is
@@ -31,6 +35,7 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.block_maps import block_map_for, get_blocks, get_module, set_weight, weight_of
+from slimkit.llm.infer_map import norm_factor_offset
 
 ROTATIONS = ("none", "random", "hadamard")
 
@@ -77,6 +82,13 @@ def orthogonal_size_ok(n: int, kind: str) -> None:
 def _residual_parts(model: nn.Module, bm):
     blocks = get_blocks(model, bm)
     final_norm = get_module(model, bm.post_blocks[0])
+    if bm.post_norms:
+        names = ", ".join(f"{w} -> {n}" for w, n in bm.post_norms)
+        raise SlimkitError(
+            f"--rotate: {bm.family} blocks reach the residual stream only through post-norms "
+            f"({names}); a norm between a linear and the residual does not commute with the "
+            "rotation, so it would not preserve the model's function"
+        )
     norms = [get_module(b, n) for b in blocks for n, _ in bm.smooth] + [final_norm]
     if not bm.smooth or not all(n is not None and _is_rms_norm(n) for n in norms):
         raise SlimkitError(
@@ -124,18 +136,20 @@ def rotate_model(model: nn.Module, kind: str = "random", seed: int = 0) -> torch
     for block in blocks:
         for norm_name, consumers in bm.smooth:
             norm = get_module(block, norm_name)
-            g = norm.weight.detach().clone()
+            off = norm_factor_offset(norm)  # Gemma's norms scale by (1 + w): reset w to 0
+            g = norm.weight.detach().clone() + off
             for c in consumers:
                 m = get_module(block, c)
                 if m is not None:
                     rotate_in(m, g)
-            norm.weight.data.fill_(1.0)
+            norm.weight.data.fill_(1.0 - off)
         for w in bm.residual_writers:
             m = get_module(block, w)
             if m is not None:  # (PanGu-pi without augmented shortcuts has no as_up)
                 rotate_out(m)
-    rotate_in(head, final_norm.weight.detach().clone())
-    final_norm.weight.data.fill_(1.0)
+    off = norm_factor_offset(final_norm)
+    rotate_in(head, final_norm.weight.detach().clone() + off)
+    final_norm.weight.data.fill_(1.0 - off)
     return Q
 
 
