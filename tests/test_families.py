@@ -251,3 +251,42 @@ def test_family_sweep(mt, tmp_path, one_thread, tiny_tokenizer):
     assert max(errs.values()) < 0.5, errs
     assert errs["gptq"] <= errs["rtn"] * 1.05, errs
     assert errs["awq"] <= errs["rtn"] * 1.05, errs
+
+
+def test_bos_starts_every_window_where_asked(tiny_tokenizer):
+    """Gemma needs <bos> at position 0 of every sequence: with ``bos`` each calibration and
+    evaluation window is <bos> + the next stream tokens (no token lost or repeated); a tokenizer
+    of another family keeps the unchanged windows."""
+    from slimkit.data.text import bos_prefix, calibration_windows, eval_windows
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    bos = tok.bos_token_id
+    assert bos_prefix(tok) == []  # not a Gemma tokenizer
+    plain = eval_windows(tok, "wiki-offline", 16, max_windows=3)
+    ev = eval_windows(tok, "wiki-offline", 16, max_windows=3, bos=True)
+    assert (ev[:, 0] == bos).all() and (plain[:, 0] != bos).all()
+    assert ev[:, 1:].reshape(-1).tolist() == plain.reshape(-1)[:45].tolist()
+    cal = calibration_windows(tok, "wiki-offline", 3, 16, bos=True)
+    assert (cal[:, 0] == bos).all() and (cal[:, 1:] != bos).all()
+    assert torch.equal(calibration_windows(tok, "wiki-offline", 3, 16)[0, :15], cal[0, 1:])
+
+
+def test_cli_quantizes_a_gemma3_checkpoint(tmp_path, tiny_tokenizer):
+    """The user's report: ``slimkit quantize DIR --method gptq`` (and cbq) on a Gemma-3
+    checkpoint stopped with 'unsupported model family'."""
+    from slimkit.cli import main
+
+    src = tmp_path / "gemma3"
+    m = family_model("gemma3_text")
+    m.resize_token_embeddings(len(tiny_tokenizer))
+    m.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    small = ["--wbits", "4", "--group-size", "16", "--n-calib", "4", "--calib-seq-len", "32"]
+    for method in ("gptq", "cbq"):
+        extra = ["--epochs", "1"] if method == "cbq" else []
+        out = tmp_path / method
+        assert (
+            main(["quantize", str(src), "--method", method, *small, *extra, "--out", str(out)]) == 0
+        )
+        assert (out / "quant_state.safetensors").is_file()

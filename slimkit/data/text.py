@@ -226,13 +226,47 @@ def _tokenize(tokenizer, text: str) -> list[int]:
         transformers.logging.set_verbosity(verbosity)
 
 
+# tokenizers of families whose models expect a <bos> at the start of every sequence (Gemma's
+# output degenerates without it); matched on the tokenizer's class name
+BOS_EVERY_WINDOW = ("Gemma",)
+
+
+def bos_prefix(tokenizer, bos: bool | None = None) -> list[int]:
+    """``[bos_token_id]`` when every window must start with <bos> (``bos=None``: when the
+    tokenizer is of a family in :data:`BOS_EVERY_WINDOW` and adds a <bos> itself), else []."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        name = type(tokenizer).__name__
+        bos = name.startswith(BOS_EVERY_WINDOW) and bos_id is not None
+        bos = bos and bool(_special_prefix(tokenizer))
+    if bos and bos_id is None:
+        raise SlimkitError(f"{type(tokenizer).__name__} has no <bos> token to start windows with")
+    return [int(bos_id)] if bos else []
+
+
+def _with_bos(ids: list[int], n: int, seq_len: int, bos: list[int]) -> torch.Tensor:
+    """``n`` windows of ``seq_len``: ``bos`` then the next ``seq_len - len(bos)`` stream tokens."""
+    step = seq_len - len(bos)
+    rows = [bos + ids[i * step : (i + 1) * step] for i in range(n)]
+    return torch.tensor(rows, dtype=torch.long).view(n, seq_len)
+
+
 def calibration_windows(
-    tokenizer, name: str, n_samples: int, seq_len: int, *, seed: int = 0, split: str = "train"
+    tokenizer,
+    name: str,
+    n_samples: int,
+    seq_len: int,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    bos: bool | None = None,
 ) -> torch.Tensor:
     """``n_samples`` non-overlapping token windows of ``seq_len`` from the ``split`` of ``name``.
 
     Documents are shuffled with ``seed`` and concatenated (separated by a blank line) until
     enough tokens exist; the stream is cut into consecutive windows. Returns int64 [n, seq_len].
+    ``bos``: start every window with <bos> (None: where the tokenizer's family needs it, see
+    :func:`bos_prefix`).
     """
     if n_samples < 1 or seq_len < 2:
         raise SlimkitError(
@@ -250,7 +284,8 @@ def calibration_windows(
         return ids_t[start : start + need].view(n_samples, seq_len)
     docs = load_documents(name, split)
     random.Random(seed).shuffle(docs)
-    need = n_samples * seq_len
+    prefix = bos_prefix(tokenizer, bos)
+    need = n_samples * (seq_len - len(prefix))
     ids: list[int] = []
     chunk: list[str] = []
     for i, d in enumerate(docs):
@@ -265,22 +300,42 @@ def calibration_windows(
             f"calibration data {name!r} ({split}) has {len(ids)} tokens; {n_samples} samples x "
             f"{seq_len} tokens need {need}. Use fewer samples, a shorter --seq-len or more text"
         )
-    return torch.tensor(ids[:need], dtype=torch.long).view(n_samples, seq_len)
+    return _with_bos(ids, n_samples, seq_len, prefix)
 
 
 def eval_windows(
-    tokenizer, name: str, seq_len: int, *, max_windows: int | None = None, split: str = "test"
+    tokenizer,
+    name: str,
+    seq_len: int,
+    *,
+    max_windows: int | None = None,
+    split: str = "test",
+    bos: bool | None = None,
 ) -> torch.Tensor:
     """GPTQ-protocol evaluation windows: the split's documents in a fixed order joined with a
     blank line, tokenized once (only the tokenizer's own leading special tokens), cut into
     non-overlapping windows of ``seq_len``, remainder dropped; the first ``max_windows`` kept.
-    ``sentences:DIR`` corpora are token shards: their ids are cut the same way.
+    ``sentences:DIR`` corpora are token shards: their ids are cut the same way. ``bos``: every
+    window starts with <bos> instead (None: where the tokenizer's family needs it, see
+    :func:`bos_prefix`); the <bos> is context, never a scored token.
     """
+    prefix: list[int] = []
     if name.startswith("sentences:"):
         ids = token_shard(name, split).tolist()
     else:
         docs = load_documents(name, split)
-        ids = _special_prefix(tokenizer) + _tokenize(tokenizer, "\n\n".join(d.text for d in docs))
+        prefix = bos_prefix(tokenizer, bos)
+        text = _tokenize(tokenizer, "\n\n".join(d.text for d in docs))
+        ids = text if prefix else _special_prefix(tokenizer) + text
+    if prefix:
+        n = len(ids) // (seq_len - len(prefix))
+        if max_windows is not None:
+            n = min(n, max_windows)
+        if n < 1:
+            raise SlimkitError(
+                f"evaluation data {name!r} ({split}) has {len(ids)} tokens, fewer than one window of {seq_len}"
+            )
+        return _with_bos(ids, n, seq_len, prefix)
     n = len(ids) // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
