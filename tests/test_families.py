@@ -59,6 +59,8 @@ def family_config(mt: str):
             **base, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=H,
             shared_expert_intermediate_size=H,
         )  # fmt: skip
+    if mt == "gpt_oss":
+        return tf.GptOssConfig(**{**base, "intermediate_size": H}, head_dim=16, num_local_experts=4)
     if mt == "qwen3_moe":
         return tf.Qwen3MoeConfig(
             **base, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=H
@@ -75,10 +77,12 @@ def family_model(mt: str, seed: int = 0):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-SWEEP = ["gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "olmo2"]
-REFUSED = {
-    mt: "3-D parameter" for mt in ("mixtral", "qwen2_moe", "qwen3_moe")
-}  # fused expert tensors
+SWEEP = [
+    "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "olmo2", "mixtral", "qwen2_moe",
+    "qwen3_moe",
+]  # fmt: skip
+# biased fused experts (GPT-OSS) are not of the form the per-expert loop reproduces
+REFUSED = {"gpt_oss": "fused-experts module of an unknown form"}
 POST_NORM = {"gemma2", "gemma3_text", "olmo2"}  # attention / MLP outputs pass a norm first
 FIELDS = (
     "blocks", "sequential", "smooth", "smooth_linear", "inspect", "score_linears",
@@ -163,20 +167,22 @@ def test_gemma_norm_fold_updates_one_plus_w():
 
 def test_rotation_on_gemma_and_refused_behind_post_norms():
     """Gemma (no post-norms): the residual rotation preserves the function only if the norms
-    are reset to w = 0 (their factor 1 + w = 1), not 1. Gemma-2/3 and OLMo-2 are refused, naming
-    the post-norms."""
-    m = family_model("gemma")
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.normal_(0, 0.3)
-    ids = random_ids(2, 16)
-    with torch.no_grad():
-        ref = m(ids).logits
-        rotate_model(m, "random", seed=0)
-        out = m(ids).logits
-    assert m.model.layers[0].input_layernorm.weight.abs().max() == 0
-    assert (out - ref).abs().max() < 1e-3 * ref.abs().max()
+    are reset to w = 0 (their factor 1 + w = 1), not 1; Phi-3's fused qkv rotates like q/k/v.
+    Gemma-2/3 and OLMo-2 are refused, naming the post-norms."""
+    for mt in ("gemma", "phi3"):
+        m = family_model(mt)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "norm" in n:
+                    p.normal_(0, 0.3)
+        ids = random_ids(2, 16)
+        with torch.no_grad():
+            ref = m(ids).logits
+            rotate_model(m, "random", seed=0)
+            out = m(ids).logits
+        target = 0.0 if mt == "gemma" else 1.0
+        assert (m.model.layers[0].input_layernorm.weight == target).all(), mt
+        assert (out - ref).abs().max() < 1e-3 * ref.abs().max(), mt
     for mt in sorted(POST_NORM):
         with pytest.raises(SlimkitError, match="post-norms"):
             rotate_model(family_model(mt), "random")
@@ -201,10 +207,50 @@ def test_block_inputs_are_captured_per_layer_type(mt):
 
 @pytest.mark.parametrize("mt", sorted(REFUSED))
 def test_unsupported_family_is_refused_naming_what_is_missing(mt):
-    """MoE families in this transformers keep experts as fused 3-D tensors, not linears:
-    quantizing only their attention would be a silent half-job, so they are refused."""
+    """Fused experts of a form the per-expert loop does not reproduce (biases, other
+    activations) would be quantized wrongly or only half: refused, naming the module."""
     with pytest.raises(SlimkitError, match=REFUSED[mt]):
         quantize(family_model(mt), RTNConfig(wbits=4, group_size=16))
+
+
+def test_moe_experts_are_quantized_one_by_one():
+    """Each expert's slice of the fused [experts, out, in] tensor is a linear of its own, in its
+    own GPTQ group (it reads only the tokens routed to it), and the MoE block still computes
+    what transformers computes. Catches experts left in full precision and experts grouped
+    together (one Hessian for tokens that never reach most of them)."""
+    m = family_model("mixtral")
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        ref = m(ids).logits
+    bm = block_map_for(m)
+    experts = [g for g in bm.sequential if "experts" in g[0]]
+    assert experts == [(f"mlp.experts.{r}.{e}",) for r in ("gate_up", "down") for e in range(4)]
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, ref, atol=1e-5)  # the per-expert loop is exact
+    with pytest.raises(SlimkitError, match="IndexAddBackward"):  # the routed sum is no linear
+        rotate_model(m, "random")
+
+
+def test_an_expert_no_token_reaches_falls_back_to_rtn_and_is_reported():
+    """Expert 3's router row is 0 and rows 0 / 1 are v / -v: one of them always scores >= 0, so
+    with top-1 routing no token reaches expert 3. Its Hessian is zero: GPTQ must round it to
+    nearest (not zero its weights, as a zero Hessian's dead columns would) and the report must
+    name it."""
+    m = family_model("mixtral")
+    for layer in m.model.layers:
+        layer.mlp.gate.top_k = 1
+        w = layer.mlp.gate.weight.data
+        v = torch.randn(w.shape[1])
+        w[0], w[1], w[3] = v, -v, 0
+    rtn, _ = quantize(copy.deepcopy(m), RTNConfig(wbits=3, group_size=16))
+    gptq, result = quantize(m, GPTQConfig(wbits=3, group_size=16), random_ids(8, 32))
+    names = [f"model.layers.{i}.mlp.experts.{r}.3" for i in range(2) for r in ("down", "gate_up")]
+    assert result["rtn_fallback"] == names
+    for i in range(2):
+        e_rtn, e_gptq = rtn.model.layers[i].mlp.experts, gptq.model.layers[i].mlp.experts
+        assert torch.equal(e_gptq.down_proj[3], e_rtn.down_proj[3])
+        assert torch.equal(e_gptq.gate_up_proj[3], e_rtn.gate_up_proj[3])
+        assert not torch.equal(e_gptq.down_proj[0], e_rtn.down_proj[0])  # seen: GPTQ's own
 
 
 def _methods():

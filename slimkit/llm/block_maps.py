@@ -78,6 +78,8 @@ class BlockMap:
     residual_writers: tuple[str, ...] = ()  # linears whose outputs are added to the residual
     # (linear, norm): linears that reach the residual only through a norm (Gemma-2/3 post-norms)
     post_norms: tuple[tuple[str, str], ...] = ()
+    # other operations that write into the residual (an MoE block's routed sum): no rotation
+    residual_other: tuple[str, ...] = ()
     transposed: bool = False  # GPT-2's Conv1D keeps weights as (in, out)
     # FFN channels for structured pruning: (linears producing the hidden channels, the linear
     # consuming them, the config field holding the FFN width)

@@ -8,6 +8,7 @@ its kind (``slimkit.quantize``, ``slimkit.prune``), which returns ``(model, resu
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,10 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Registry
 from slimkit.core.rundir import peak_rss_gb
 from slimkit.data.text import fingerprint
+from slimkit.llm.experts import reset_counts, unseen_experts
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline
+
+log = logging.getLogger("slimkit")
 
 COMPRESSION_METHODS = Registry("compression method")
 _ENTRY_POINTS: dict[str, Callable] = {}  # kind -> function(model, config, calib, **kw)
@@ -84,6 +88,7 @@ def run_blockwise(
     pipe = BlockwisePipeline(
         model, calib, config.pipeline_options(), checkpoint_dir=checkpoint_dir, identity=identity
     )
+    reset_counts(model)
     pipe.run(method, resume=resume)
     report = {
         "method": name,
@@ -99,6 +104,16 @@ def run_blockwise(
         # everything else the method logged, in order: per-window losses, folds, hardening
         "events": [e for e in pipe.log if "layer" not in e],
     }
+    # MoE experts that no calibration token was routed to: no statistics, rounded to nearest
+    fallback = sorted(unseen_experts(model)) if name != "rtn" else []
+    fallback = sorted(set(fallback) | {e["layer"] for e in pipe.log if e.get("rtn_fallback")})
+    if fallback:
+        report["rtn_fallback"] = fallback
+        log.warning(
+            "%d linears saw no calibration token and were rounded to nearest: %s",
+            len(fallback),
+            ", ".join(fallback[:4]) + (" ..." if len(fallback) > 4 else ""),
+        )
     return pipe, report
 
 

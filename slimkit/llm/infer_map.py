@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
+from slimkit.llm.experts import ExpertLinear, install_expert_linears, is_fused_experts
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # linears whose outputs enter the attention scores (AWQ's clip search leaves them alone)
@@ -51,7 +52,7 @@ class _Stop(Exception):
 
 
 def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+    return isinstance(m, (nn.Linear, ExpertLinear)) or type(m).__name__ == "Conv1D"
 
 
 def is_norm(m: nn.Module) -> bool:
@@ -232,7 +233,7 @@ class _BlockTrace:
                 lin_node.setdefault(y.grad_fn, n)
             elif is_norm(self.modules[n]) and x is not None:
                 norm_node.setdefault(y.grad_fn, (n, x.grad_fn))
-        writers, post = [], []
+        writers, post, other = [], [], set()
         seen = set()
         stack = [self.out.grad_fn]
         while stack:
@@ -248,10 +249,13 @@ class _BlockTrace:
                     post.append((lin_node[src], norm))
             elif type(node).__name__.startswith(_THROUGH):
                 stack.extend(f for f, _ in node.next_functions)
+            elif type(node).__name__ != "AccumulateGrad":  # (the block input)
+                other.add(type(node).__name__)
         order = {n: i for i, n in enumerate(linears)}
         return (
             tuple(sorted(writers, key=order.get)),
             tuple(sorted(post, key=lambda p: order[p[0]])),
+            tuple(sorted(other)),
         )
 
     def readers(self, y: torch.Tensor) -> list[str]:
@@ -366,8 +370,13 @@ def _infer(model: nn.Module):
     blocks_path = find_blocks(model)
     blocks = get_module(model, blocks_path)
     block = blocks[0]
+    for i, blk in enumerate(blocks):
+        for n, m in blk.named_modules():
+            if n and is_fused_experts(m):
+                install_expert_linears(m, f"{blocks_path}.{i}.{n}")
+    fused = {n for n, m in block.named_modules() if n and is_fused_experts(m)}
     for n, p in block.named_parameters():
-        if p.ndim > 2:
+        if p.ndim > 2 and n.rsplit(".", 1)[0] not in fused:
             raise SlimkitError(
                 f"{mt}: {blocks_path}.0.{n} is a {p.ndim}-D parameter {tuple(p.shape)} "
                 "(mixture-of-experts weights kept outside nn.Linear modules); per-expert "
@@ -395,16 +404,35 @@ def _infer(model: nn.Module):
         if n in linears and n not in first_call:
             first_call[n] = i
             input_of[n], output_of[n] = x, y
-    missing = [n for n in linears if n not in first_call]
+    experts = {n for n in linears if isinstance(trace.modules[n], ExpertLinear)}
+    missing = [n for n in linears if n not in first_call and n not in experts]
     if missing:
         raise SlimkitError(
             f"{mt}: a forward pass does not reach {', '.join(missing[:4])} of "
             f"{blocks_path}.0 (routed or conditional linears are not supported)"
         )
-    # GPTQ's groups: linears reading the same tensor, in call order
+    # GPTQ's groups: linears reading the same tensor, in call order; each expert is a group of
+    # its own (it reads the tokens routed to it), placed with the first expert of its role
+    role_first: dict[str, int] = {}
+    for n in experts:
+        role = n.rsplit(".", 1)[0]
+        if n in first_call:
+            role_first[role] = min(role_first.get(role, first_call[n]), first_call[n])
+
+    def order(n: str) -> tuple:
+        if n in experts:
+            role, idx = n.rsplit(".", 1)
+            if role not in role_first:
+                raise SlimkitError(f"{mt}: no token reached any expert of {blocks_path}.0.{role}")
+            return (role_first[role], int(idx))
+        return (first_call[n], -1)
+
     groups: list[list[str]] = []
     key_of: dict[int, int] = {}
-    for n in sorted(linears, key=first_call.get):
+    for n in sorted(linears, key=order):
+        if n in experts:
+            groups.append([n])
+            continue
         k = trace._root(id(input_of[n]))
         if k in key_of:
             groups[key_of[k]].append(n)
@@ -412,14 +440,14 @@ def _infer(model: nn.Module):
             key_of[k] = len(groups)
             groups.append([n])
     score = tuple(
-        n
-        for n in sorted(linears, key=first_call.get)
-        if _SCORE.search(n.rsplit(".", 1)[-1].lower())
+        n for n in sorted(linears, key=order) if _SCORE.search(n.rsplit(".", 1)[-1].lower())
     )
     # norm -> consumers: the group's input is a norm's output that nothing else reads
     smooth, inspect = [], []
     norm_fed: set[str] = set()
     for g in groups:
+        if g[0] in experts:
+            continue
         prod = trace.producer(input_of[g[0]])
         if prod is None or not is_norm(trace.modules[prod]):
             continue
@@ -445,11 +473,12 @@ def _infer(model: nn.Module):
     # linear -> linear pairs, tried in call order; the first exact producer of a consumer wins
     heads = getattr(cfg, "num_attention_heads", None)
     smooth_linear = []
-    for c in sorted(linears, key=first_call.get):
+    dense = [n for n in sorted(linears, key=order) if n not in experts]
+    for c in dense:
         if c in norm_fed:
             continue
         c_in = trace.modules[c].weight.shape[0 if transposed else 1]
-        for p in sorted(linears, key=first_call.get):
+        for p in dense:
             if first_call[p] >= first_call[c] or p == c:
                 continue
             p_out = trace.modules[p].weight.shape[1 if transposed else 0]
@@ -469,7 +498,7 @@ def _infer(model: nn.Module):
             if _exact(block, args, kwargs, fold):
                 smooth_linear.append((p, c, kind))
                 break
-    writers, post_norms = trace.residual_writers(linears)
+    writers, post_norms, other = trace.residual_writers([n for n in linears if n in first_call])
     return BlockMap(
         family=f"{mt} (inferred)",
         model_types=(),
@@ -483,5 +512,6 @@ def _infer(model: nn.Module):
         score_linears=score,
         residual_writers=tuple(writers),
         post_norms=tuple(post_norms),
+        residual_other=other,
         transposed=transposed,
     )

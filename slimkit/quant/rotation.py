@@ -89,6 +89,12 @@ def _residual_parts(model: nn.Module, bm):
             f"({names}); a norm between a linear and the residual does not commute with the "
             "rotation, so it would not preserve the model's function"
         )
+    if bm.residual_other:
+        raise SlimkitError(
+            f"--rotate: {bm.family} blocks also write the residual stream through "
+            f"{', '.join(bm.residual_other)} (not a linear, e.g. an MoE block's routed sum), "
+            "whose outputs the rotation cannot turn"
+        )
     norms = [get_module(b, n) for b in blocks for n, _ in bm.smooth] + [final_norm]
     if not bm.smooth or not all(n is not None and _is_rms_norm(n) for n in norms):
         raise SlimkitError(

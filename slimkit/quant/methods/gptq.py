@@ -19,7 +19,7 @@ from slimkit.llm.block_maps import get_module, weight_of
 from slimkit.llm.pipeline import Window
 from slimkit.quant.methods.base import QuantConfig, WeightQuantMethod, output_error, register_method
 from slimkit.quant.obs import collect_hessians, inverse_factor, obs_sweep
-from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, fit_params
+from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, fit_params, quantize_weight
 
 
 @dataclass
@@ -81,6 +81,8 @@ def gptq_quantize(
     if g == 0:
         raise SlimkitError("GPTQ needs per-channel (-1) or grouped weights, not per-tensor (0)")
     spec.check_width(cols)
+    if not bool(torch.diagonal(H).any()):  # no input reached it (an expert no token was routed
+        return quantize_weight(w.float(), spec)  # to): nothing to weigh, round to nearest
     groups = None
     if g > 0 and static_groups:  # (rows, cols // g) each, on the original columns
         groups = fit_params(w.float() * ~keep_zero if keep_zero is not None else w.float(), spec)
@@ -151,10 +153,11 @@ class GPTQ(WeightQuantMethod):
                     for t in (qw.codes, qw.scale, qw.zero, qw.g_idx):
                         dist.broadcast(t)  # every rank keeps rank 0's result, bit for bit
                     self.write(pipe, n, m, qw)
-                    pipe.log.append(
-                        {
-                            "window": win.index,
-                            "layer": n,
-                            "out_err": output_error(w, qw.dequantize().to(w.device), H),
-                        }
-                    )
+                    entry = {
+                        "window": win.index,
+                        "layer": n,
+                        "out_err": output_error(w, qw.dequantize().to(w.device), H),
+                    }
+                    if not bool(torch.diagonal(H).any()):
+                        entry["rtn_fallback"] = "no calibration token reached it"
+                    pipe.log.append(entry)
