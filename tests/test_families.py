@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from slimkit import SlimkitError
+from slimkit.export import ExportConfig, export
 from slimkit.llm.block_maps import block_map_for, get_module
 from slimkit.llm.infer_map import infer_block_map, norm_factor_offset
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOptions
@@ -25,11 +26,11 @@ from tests.conftest import random_ids, tiny_model
 H = 64
 
 
-def family_config(mt: str):
+def family_config(mt: str, vocab: int = 256):
     import transformers as tf
 
     base = dict(
-        vocab_size=256,
+        vocab_size=vocab,
         hidden_size=H,
         intermediate_size=2 * H,
         num_hidden_layers=2,
@@ -68,11 +69,11 @@ def family_config(mt: str):
     raise ValueError(mt)
 
 
-def family_model(mt: str, seed: int = 0):
+def family_model(mt: str, seed: int = 0, vocab: int = 256):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = family_config(mt)
+    cfg = family_config(mt, vocab)
     cfg._attn_implementation = "eager"
     return AutoModelForCausalLM.from_config(cfg).eval()
 
@@ -83,6 +84,7 @@ SWEEP = [
 ]  # fmt: skip
 # biased fused experts (GPT-OSS) are not of the form the per-expert loop reproduces
 REFUSED = {"gpt_oss": "fused-experts module of an unknown form"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
 POST_NORM = {"gemma2", "gemma3_text", "olmo2"}  # attention / MLP outputs pass a norm first
 FIELDS = (
     "blocks", "sequential", "smooth", "smooth_linear", "inspect", "score_linears",
@@ -273,7 +275,7 @@ def test_family_sweep(mt, tmp_path, one_thread, tiny_tokenizer):
     GPTQ and AWQ not worse than RTN, saved and reloaded by transformers to the same logits.
     Catches a family whose inferred map breaks a method (a fold that changes the function, a
     linear left out, block inputs of the wrong layer type) or whose save does not reload."""
-    fp = family_model(mt)
+    fp = family_model(mt, vocab=len(tiny_tokenizer))
     calib = random_ids(8, 32, seed=1)
     ev = calib[:4]  # in-sample: where GPTQ and AWQ minimise their error on random models
     with torch.no_grad():
@@ -293,6 +295,16 @@ def test_family_sweep(mt, tmp_path, one_thread, tiny_tokenizer):
             back, _, meta = load_saved(str(d))
             with torch.no_grad():
                 assert (back(ev).logits - out).abs().max() < 1e-4, name
+    # a packed format (4-bit compressed-tensors), read back and checked by the exporter
+    model, result = quantize(copy.deepcopy(fp), RTNConfig(wbits=4, group_size=16))
+    save_quantized(model, tiny_tokenizer, tmp_path / "w4", result)
+    if mt in MOE:
+        with pytest.raises(SlimkitError, match="fused mixture-of-experts"):
+            export(tmp_path / "w4", tmp_path / "ct", ExportConfig(format="compressed-tensors"))
+    else:
+        fmt = ExportConfig(format="compressed-tensors", verify=True)
+        v = export(tmp_path / "w4", tmp_path / "ct", fmt)["verify"]
+        assert v["passed"] and v["codes_identical"], v
     assert errs["smoothquant"] < 0.01, errs  # W8A8
     assert max(errs.values()) < 0.5, errs
     assert errs["gptq"] <= errs["rtn"] * 1.05, errs

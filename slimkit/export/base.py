@@ -146,6 +146,11 @@ def load_quantized(run_dir: str | Path) -> QuantizedModel:
             spec=QuantSpec(**spec),
         )
         module = get_module(model, name)
+        if module is None and ".experts." in name:
+            raise SlimkitError(
+                f"{p}: {name} is one expert of a fused mixture-of-experts tensor; no export "
+                "format here writes fused experts yet (the saved fake-quant model loads as is)"
+            )
         if module is not None and not isinstance(module, nn.Linear):
             raise SlimkitError(
                 f"exports write nn.Linear layers; {name} is a {type(module).__name__} "
