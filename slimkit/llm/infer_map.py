@@ -22,9 +22,12 @@ not merely positively homogeneous) are folded with the very functions the method
 block's output must not move beyond round-off. A fold that is not exact is dropped, so AWQ,
 SmoothQuant and CFP never change the function of a model they do not know.
 
-Refused with a message that names what is missing: no decoder-layer list, a block whose
-weights are not all in linears and norms (mixture-of-experts blocks keep their experts as 3-D
-parameters), linears that one forward pass does not reach, a mix of Linear and Conv1D.
+Mixture-of-experts blocks whose experts are fused 3-D tensors get one linear per expert first
+(:mod:`slimkit.llm.experts`); each expert is a GPTQ group of its own.
+
+Refused with a message that names what is missing: no decoder-layer list, 3-D weights that are
+not fused experts of a known form, linears that one forward pass does not reach (other than
+experts no token was routed to), a mix of Linear and Conv1D.
 """
 
 from __future__ import annotations
