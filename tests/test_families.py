@@ -14,7 +14,8 @@ import torch
 from slimkit import SlimkitError
 from slimkit.export import ExportConfig, export
 from slimkit.llm.block_maps import block_map_for, get_module
-from slimkit.llm.infer_map import infer_block_map, norm_factor_offset
+from slimkit.llm.folds import norm_factor_offset
+from slimkit.llm.infer_map import infer_block_map
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, PipelineOptions
 from slimkit.quant.api import load_saved, quantize, save_quantized
 from slimkit.quant.methods import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig

@@ -41,6 +41,12 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.experts import ExpertLinear, install_expert_linears, is_fused_experts
+from slimkit.llm.folds import (
+    _first,
+    fold_linear_scales,
+    fold_scales,
+    linear_pair_repeat,
+)
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # linears whose outputs enter the attention scores (AWQ's clip search leaves them alone)
@@ -92,14 +98,6 @@ def _tensor_of(args, kwargs) -> torch.Tensor | None:
         return args[0]
     x = kwargs.get("hidden_states", kwargs.get("x"))
     return x if isinstance(x, torch.Tensor) else None
-
-
-def _first(out) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    return None
 
 
 def _trace_model(model: nn.Module, blocks_path: str, ids: torch.Tensor):
@@ -303,26 +301,6 @@ def _randomized(block: nn.Module, seed: int = 0) -> nn.Module:
     return c
 
 
-_OFFSETS: dict[type, float] = {}
-
-
-def norm_factor_offset(norm: nn.Module) -> float:
-    """1.0 for norms that scale by ``(1 + weight)`` (Gemma's RMSNorm), 0.0 for ``weight``.
-
-    Found by running a copy of the norm with all its parameters zeroed: a zero weight gives a
-    zero output unless the norm adds one to it."""
-    t = type(norm)
-    if t not in _OFFSETS:
-        c = copy.deepcopy(norm).float().cpu()
-        with torch.no_grad():
-            for p in c.parameters():
-                p.zero_()
-            x = torch.randn(3, c.weight.shape[0], generator=torch.Generator().manual_seed(0))
-            y = _first(c(x))
-        _OFFSETS[t] = 1.0 if y is not None and float(y.abs().max()) > 1e-6 else 0.0
-    return _OFFSETS[t]
-
-
 def _float(v):
     if isinstance(v, torch.Tensor):
         return v.float() if v.is_floating_point() else v
@@ -362,11 +340,6 @@ def infer_block_map(model: nn.Module):
 
 def _infer(model: nn.Module):
     from slimkit.llm.block_maps import BlockMap, get_module
-    from slimkit.quant.methods.smoothquant import (
-        fold_linear_scales,
-        fold_scales,
-        linear_pair_repeat,
-    )
 
     cfg = getattr(model, "config", None)
     mt = getattr(cfg, "model_type", None) or type(model).__name__

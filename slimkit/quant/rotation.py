@@ -35,7 +35,7 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.llm.block_maps import block_map_for, get_blocks, get_module, set_weight, weight_of
-from slimkit.llm.infer_map import norm_factor_offset
+from slimkit.llm.folds import norm_factor_offset
 
 ROTATIONS = ("none", "random", "hadamard")
 

@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 from slimkit.core.errors import SlimkitError
-from slimkit.llm.block_maps import get_module, set_weight, weight_of
-from slimkit.llm.infer_map import norm_factor_offset
+from slimkit.llm.block_maps import get_module, weight_of
+from slimkit.llm.folds import fold_linear_scales, fold_scales, linear_pair_repeat
+
+__all__ = [
+    "fold_linear_scales",
+    "fold_scales",
+    "linear_pair_repeat",
+]  # (moved to slimkit.llm.folds)
 from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, Window
 from slimkit.quant.methods.base import register_method
 from slimkit.quant.methods.gptq import GPTQ, GPTQConfig
@@ -71,44 +77,6 @@ def smooth_scales(
     return (a.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
-def fold_scales(
-    norm: torch.nn.Module, consumers: list[torch.nn.Module], s: torch.Tensor, transposed: bool
-) -> None:
-    """norm.weight (and bias) /= s; each consumer's input columns *= s. Function-preserving.
-
-    A norm that scales by ``(1 + weight)`` (Gemma's RMSNorm) gets ``w <- (1 + w) / s - 1``."""
-    off = norm_factor_offset(norm)
-    if off:
-        norm.weight.data.copy_((norm.weight.data + off) / s.to(norm.weight) - off)
-    else:
-        norm.weight.data.div_(s.to(norm.weight))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.data.div_(s.to(norm.bias))
-    for m in consumers:
-        w = weight_of(m, transposed)
-        set_weight(m, w * s.to(w).unsqueeze(0), transposed)
-
-
-def linear_pair_repeat(kind: str, producer_out: int, consumer_in: int, n_heads: int) -> tuple:
-    """How the consumer's input columns repeat the producer's output rows: (groups, repeat,
-    width) such that column ``(g, r, d)`` reads row ``(g, d)``. ``ffn``: one to one; ``attn``:
-    ``groups`` KV heads of ``width = consumer_in / n_heads`` channels, each read by ``repeat``
-    query heads."""
-    if kind == "ffn":
-        if producer_out != consumer_in:
-            raise SlimkitError(f"ffn pair: {producer_out} outputs feed {consumer_in} inputs")
-        return 1, 1, consumer_in
-    if kind != "attn" or consumer_in % n_heads:
-        raise SlimkitError(
-            f"cannot fold a {kind!r} pair with {consumer_in} inputs, {n_heads} heads"
-        )
-    width = consumer_in // n_heads
-    if producer_out % width or n_heads % (producer_out // width):
-        raise SlimkitError(f"attn pair: {producer_out} value channels for {n_heads} heads")
-    groups = producer_out // width
-    return groups, n_heads // groups, width
-
-
 def foldable_linear_pairs(pipe: BlockwisePipeline, block: torch.nn.Module) -> list[tuple]:
     """(producer, consumer, column layout) of the block's foldable linear pairs; a consumer
     whose input is rotated online (``--rotate-down``) has no channel correspondence: skipped."""
@@ -132,23 +100,6 @@ def reduce_repeated(stat: torch.Tensor, layout: tuple, how: str) -> torch.Tensor
     g, r, d = layout
     x = stat.reshape(g, r, d)
     return (x.amax(1) if how == "max" else x.amin(1)).reshape(-1)
-
-
-def fold_linear_scales(
-    producer: torch.nn.Module, consumer: torch.nn.Module, s: torch.Tensor, layout: tuple,
-    transposed: bool,
-) -> None:  # fmt: skip
-    """producer output rows (and bias) /= s; consumer input columns *= s (repeated per
-    ``layout``). Function-preserving when the consumer's input is linear in the producer's
-    output (attention-weighted values, ``act(gate) * up``)."""
-    w = weight_of(producer, transposed)
-    set_weight(producer, w / s.to(w).unsqueeze(1), transposed)
-    if getattr(producer, "bias", None) is not None:
-        producer.bias.data.div_(s.to(producer.bias))
-    g, r, d = layout
-    cols = s.reshape(g, 1, d).expand(g, r, d).reshape(-1)
-    w = weight_of(consumer, transposed)
-    set_weight(consumer, w * cols.to(w).unsqueeze(0), transposed)
 
 
 @register_method(
