@@ -147,7 +147,7 @@ def load_e_map(masks_dir: str | Path, key: str, shape: tuple[int, int]) -> np.nd
 # ---------------------------------------------------------------------------------------
 def to_signed(x_uint8: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float [3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(x_uint8)).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.from_numpy(np.array(x_uint8, copy=True)).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def make_pair(hr_uint8: np.ndarray, scale: int, compat_scale: bool = False) -> dict[str, torch.Tensor]:

@@ -83,7 +83,7 @@ def crop_to_multiple(hr: np.ndarray, scale: int) -> np.ndarray:
 def degrade(hr_uint8: np.ndarray, scale: int) -> np.ndarray:
     """The LR image of an HR ``uint8 [H, W, 3]`` image (H, W multiples of ``scale``): MATLAB
     bicubic ``1/scale``, rounded and clipped to uint8 as a saved LR image would be."""
-    t = torch.from_numpy(np.ascontiguousarray(hr_uint8)).permute(2, 0, 1).to(torch.float64)
+    t = torch.from_numpy(np.array(hr_uint8, copy=True)).permute(2, 0, 1).to(torch.float64)
     lr = imresize(t, 1 / scale).round().clamp(0, 255)
     return lr.permute(1, 2, 0).numpy().astype(np.uint8)
 
