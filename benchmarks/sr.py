@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -70,14 +69,28 @@ def main() -> None:
             models = {}
             for name, kw in RECIPES.items():
                 out = Path(tmp) / f"{name.replace(' ', '_').replace(':', '')}-{seed}"
-                train_sr(SRTrainConfig(stage="diffusion", rrdb=str(rrdb), steps=a.steps, seed=seed, **kw, **base), out=out)
+                train_sr(
+                    SRTrainConfig(
+                        stage="diffusion", rrdb=str(rrdb), steps=a.steps, seed=seed, **kw, **base
+                    ),
+                    out=out,
+                )
                 models[name] = load_run(out)[0]
             models["RRDB (L1 regression)"] = load_run(rrdb, "rrdb")[0]
-            for set_name, images in (("synthetic (in-domain)", test_syn), ("bundled photos (out-of-domain)", photos)):
-                r = evaluate_images(models, images, 4, sampler="ddim", steps=a.sampler_steps, seed=0)
+            for set_name, images in (
+                ("synthetic (in-domain)", test_syn),
+                ("bundled photos (out-of-domain)", photos),
+            ):
+                r = evaluate_images(
+                    models, images, 4, sampler="ddim", steps=a.sampler_steps, seed=0
+                )
                 for m, ps in r["summary"].items():
                     for p, v in ps.items():
-                        d = res.setdefault(set_name, {}).setdefault(m, {}).setdefault(p, {"psnr": [], "ssim": []})
+                        d = (
+                            res.setdefault(set_name, {})
+                            .setdefault(m, {})
+                            .setdefault(p, {"psnr": [], "ssim": []})
+                        )
                         d["psnr"].append(v["psnr"])
                         d["ssim"].append(v["ssim"])
                 if set_name.startswith("bundled"):
@@ -122,7 +135,9 @@ def report(data: dict) -> str:
                 v = d[m][p]
                 dp = _diff(d, m, p, "psnr") if m != "SRDiff" else ""
                 ds = _diff(d, m, p, "ssim") if m != "SRDiff" else ""
-                L.append(f"| {m} | {p} | {mean_std(v['psnr'])} | {mean_std(v['ssim'], '{:.4f}')} | {dp} | {ds} |")
+                L.append(
+                    f"| {m} | {p} | {mean_std(v['psnr'])} | {mean_std(v['ssim'], '{:.4f}')} | {dp} | {ds} |"
+                )
         L.append("")
     s = data["seconds_per_image"]
     L += ["## Inference seconds per image (bundled-photo crops, LR 32 x 32 -> 128 x 128, one CPU thread)", "",

@@ -19,7 +19,9 @@ from slimkit.sr.metrics import psnr_ssim, rgb_to_y
 from slimkit.sr.models import RRDBNet, SRDiff, SRModelConfig, Unet, load_official
 from slimkit.sr.structural_position_encoding import encode_labels, encode_masks, rope_pattern
 
-TINY = SRModelConfig(rrdb_blocks=2, rrdb_feat=8, rrdb_growth=4, hidden=8, dim_mults=[1, 2], timesteps=20)
+TINY = SRModelConfig(
+    rrdb_blocks=2, rrdb_feat=8, rrdb_growth=4, hidden=8, dim_mults=[1, 2], timesteps=20
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,7 +75,9 @@ def test_x0_estimate_with_the_true_noise_reproduces_x0():
     e = torch.rand(100, 1, 8, 8, generator=g) * 0.3
     eps = D.modulated_noise(s, t, torch.randn(100, 3, 8, 8, generator=g), e)
     rec = D.predict_x0(s, D.q_sample(s, x0, t, eps), t, eps)
-    assert torch.allclose(rec, x0, atol=2e-3)  # t = 99: 1/sqrt(abar) ~ 2e2 amplifies float32 rounding
+    assert torch.allclose(
+        rec, x0, atol=2e-3
+    )  # t = 99: 1/sqrt(abar) ~ 2e2 amplifies float32 rounding
     assert torch.allclose(rec[:95], x0[:95], atol=1e-5)
 
 
@@ -119,8 +123,12 @@ def test_the_sampler_takes_no_mask_and_is_the_same_for_sam_diffsr_and_srdiff(tmp
     lr = torch.rand(1, 3, 4, 6) * 2 - 1
     up = imresize(lr, 4)
     for sampler, steps in (("ddpm", 0), ("ddim", 5)):
-        x = D.sample(a, lr, up, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(3))
-        y = D.sample(b, lr, up, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(3))
+        x = D.sample(
+            a, lr, up, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(3)
+        )
+        y = D.sample(
+            b, lr, up, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(3)
+        )
         assert torch.equal(x, y)
 
 
@@ -142,7 +150,10 @@ def test_ddpm_sampler_matches_a_float64_reference_loop():
     for i in reversed(range(20)):
         eps = m.denoise_fn(x, torch.tensor([i]), cond).double()
         x0 = ((x.double() - math.sqrt(1 - acp[i]) * eps) / math.sqrt(acp[i])).clamp(-1, 1)
-        mean = b[i] * math.sqrt(prev[i]) / (1 - acp[i]) * x0 + (1 - prev[i]) * math.sqrt(1 - b[i]) / (1 - acp[i]) * x.double()
+        mean = (
+            b[i] * math.sqrt(prev[i]) / (1 - acp[i]) * x0
+            + (1 - prev[i]) * math.sqrt(1 - b[i]) / (1 - acp[i]) * x.double()
+        )
         var = b[i] * (1 - prev[i]) / (1 - acp[i])
         z = torch.randn(up.shape, generator=g).double() if i > 0 else 0
         x = (mean + math.sqrt(max(var, 1e-20)) * z).float()
@@ -218,7 +229,8 @@ def test_image_and_mask_crops_stay_aligned_under_random_crops_and_flips():
 
     def aligned(hr, e):
         return torch.equal(hr[:, 1:] != hr[:, :-1], e[:, 1:] != e[:, :-1]) and torch.equal(
-            hr[1:] != hr[:-1], e[1:] != e[:-1])
+            hr[1:] != hr[:-1], e[1:] != e[:-1]
+        )
 
     for _ in range(20):
         y, x = (rng.integers(0, 9, 2) * 4).tolist()
@@ -230,8 +242,12 @@ def test_image_and_mask_crops_stay_aligned_under_random_crops_and_flips():
         assert torch.equal(w["lr"], want.flip(dims) if dims else want)
     b = data.batch(16, torch.Generator().manual_seed(0))
     assert all(aligned(b["hr"][i, 0], b["e"][i, 0]) for i in range(16))
-    plain = PairedPatches([im], maps, scale=4, patch=32, flips=False).batch(16, torch.Generator().manual_seed(0))
-    assert not torch.equal(b["hr"], plain["hr"])  # flips were drawn (else nothing above tested them)
+    plain = PairedPatches([im], maps, scale=4, patch=32, flips=False).batch(
+        16, torch.Generator().manual_seed(0)
+    )
+    assert not torch.equal(
+        b["hr"], plain["hr"]
+    )  # flips were drawn (else nothing above tested them)
 
 
 def test_crops_with_the_official_lr_coordinates_would_misalign():
@@ -250,7 +266,9 @@ def test_matlab_bicubic_antialiases_and_keeps_linear_ramps():
     """A 1-pixel checkerboard shrunk x4 becomes flat grey (antialiasing: an unwidened kernel
     aliases it); a ramp stays a ramp sampled at the output pixel centres (MATLAB's u mapping)."""
     cb = ((torch.arange(32)[:, None] + torch.arange(32)[None]) % 2).double()[None]
-    assert torch.allclose(imresize(cb, 0.25)[0, 2:6, 2:6], torch.full((4, 4), 0.5, dtype=torch.float64))
+    assert torch.allclose(
+        imresize(cb, 0.25)[0, 2:6, 2:6], torch.full((4, 4), 0.5, dtype=torch.float64)
+    )
     ramp = torch.arange(32.0).repeat(32, 1)[None].double()
     np.testing.assert_allclose(imresize(ramp, 0.25)[0, 4, 2:6].numpy(), [9.5, 13.5, 17.5, 21.5])
     assert imresize(torch.ones(3, 8, 10), 4).shape == (3, 32, 40)
@@ -278,9 +296,13 @@ def test_basicsr_protocol_matches_scikit_image():
     a, b = rgb_to_y(sr / 255.0)[4:-4, 4:-4], rgb_to_y(hr / 255.0)[4:-4, 4:-4]
     assert r["protocol"] == "basicsr-y-crop4"
     assert r["psnr"] == pytest.approx(peak_signal_noise_ratio(b, a, data_range=255), abs=1e-9)
-    ref = structural_similarity(b, a, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)
+    ref = structural_similarity(
+        b, a, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
+    )
     assert r["ssim"] == pytest.approx(ref, abs=1e-9)
-    assert psnr_ssim(sr[..., ::-1].copy(), hr[..., ::-1].copy(), "basicsr", 4)["psnr"] != pytest.approx(r["psnr"], abs=1e-6)
+    assert psnr_ssim(sr[..., ::-1].copy(), hr[..., ::-1].copy(), "basicsr", 4)[
+        "psnr"
+    ] != pytest.approx(r["psnr"], abs=1e-6)
 
 
 def test_pyiqa_protocol_matches_a_float64_reference():
@@ -294,7 +316,9 @@ def test_pyiqa_protocol_matches_a_float64_reference():
         return 16 / 255 + (65.481 * x[0] + 128.553 * x[1] + 24.966 * x[2]) / 255
 
     a, b = y(sr), y(hr)
-    assert r["psnr"] == pytest.approx(10 * math.log10(1 / (((a - b) ** 2).mean().item() + 1e-8)), abs=1e-9)
+    assert r["psnr"] == pytest.approx(
+        10 * math.log10(1 / (((a - b) ** 2).mean().item() + 1e-8)), abs=1e-9
+    )
     g = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2)).double()
     w = (g / g.sum())[:, None] * (g / g.sum())[None]
     a, b = (a * 255).round()[None, None], (b * 255).round()[None, None]
@@ -305,7 +329,11 @@ def test_pyiqa_protocol_matches_a_float64_reference():
     ma, mb = f(a), f(b)
     va, vb, cov = f(a * a) - ma**2, f(b * b) - mb**2, f(a * b) - ma * mb
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    ssim = ((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))).mean().item()
+    ssim = (
+        ((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+        .mean()
+        .item()
+    )
     # (a Y value at x.5 may round either way with another order of the float operations)
     assert r["ssim"] == pytest.approx(ssim, abs=1e-5)
     assert r["protocol"] == "pyiqa-y-ycbcr-nocrop"
@@ -318,9 +346,13 @@ def test_pyiqa_protocol_matches_a_float64_reference():
 def test_official_sizes_match_the_measured_parameter_counts():
     """SRDiff's official configuration (17 RRDB blocks, 64 / 32, U-Net 64 with (1, 2, 3, 4)) has
     12.94 M U-Net and 12.38 M RRDB parameters [spec, measured on the official modules]."""
-    cfg = SRModelConfig(rrdb_blocks=17, rrdb_feat=64, rrdb_growth=32, hidden=64, dim_mults=[1, 2, 3, 4])
+    cfg = SRModelConfig(
+        rrdb_blocks=17, rrdb_feat=64, rrdb_growth=32, hidden=64, dim_mults=[1, 2, 3, 4]
+    )
     assert sum(p.numel() for p in Unet(cfg).parameters()) / 1e6 == pytest.approx(12.94, abs=0.006)
-    assert sum(p.numel() for p in RRDBNet(cfg).parameters()) / 1e6 == pytest.approx(12.38, abs=0.006)
+    assert sum(p.numel() for p in RRDBNet(cfg).parameters()) / 1e6 == pytest.approx(
+        12.38, abs=0.006
+    )
 
 
 def _official_ckpt(tmp_path, cfg):
@@ -328,7 +360,12 @@ def _official_ckpt(tmp_path, cfg):
     m = SRDiff(cfg)
     sd = {k: torch.randn_like(v) * 0.05 for k, v in m.state_dict().items()}
     s = D.Schedule(cfg.timesteps)
-    sd.update({k: getattr(s, k).clone() for k in ("betas", "alphas_cumprod", "posterior_mean_coef1", "mask_coefficient")})
+    sd.update(
+        {
+            k: getattr(s, k).clone()
+            for k in ("betas", "alphas_cumprod", "posterior_mean_coef1", "mask_coefficient")
+        }
+    )
     path = tmp_path / "model_ckpt_steps_400000.ckpt"
     torch.save({"global_step": 400000, "state_dict": {"model": sd}}, path)
     return path, sd
@@ -339,7 +376,9 @@ def test_official_checkpoint_layout_loads_strictly(tmp_path):
     rrdb.* keys, schedule buffers) load with the sizes read from the shapes, and give the same
     outputs; a missing or an unexpected weight fails loudly (an untrained model is never used
     silently: LeiaLi/SRDiff#14)."""
-    cfg = SRModelConfig(rrdb_blocks=5, rrdb_feat=8, rrdb_growth=4, hidden=8, dim_mults=[1, 2, 3], timesteps=100)
+    cfg = SRModelConfig(
+        rrdb_blocks=5, rrdb_feat=8, rrdb_growth=4, hidden=8, dim_mults=[1, 2, 3], timesteps=100
+    )
     path, sd = _official_ckpt(tmp_path, cfg)
     for k in ("denoise_fn.cond_proj.weight", "denoise_fn.downs.0.0.mlp.1.weight",
               "denoise_fn.downs.0.0.block1.block.1.weight", "denoise_fn.ups.0.2.conv.0.weight",
@@ -350,7 +389,9 @@ def test_official_checkpoint_layout_loads_strictly(tmp_path):
     assert m.cfg == cfg
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
     feats = m.encode(torch.zeros(1, 3, 4, 4))
-    assert len(feats) == 6 and m.denoise_fn(torch.zeros(1, 3, 16, 16), torch.tensor([3]), feats).shape == (1, 3, 16, 16)
+    assert len(feats) == 6 and m.denoise_fn(
+        torch.zeros(1, 3, 16, 16), torch.tensor([3]), feats
+    ).shape == (1, 3, 16, 16)
     for broken, msg in ((lambda d: d.pop("denoise_fn.final_conv.1.weight"), "lacks denoise_fn.final_conv.1.weight"),
                         (lambda d: d.__setitem__("denoise_fn.extra.weight", torch.zeros(1)), "keys the model does not")):  # fmt: skip
         bad = dict(sd)
@@ -380,21 +421,95 @@ def test_sr_commands_end_to_end(tmp_path, capsys):
     tiny = ["--rrdb-blocks", "2", "--rrdb-feat", "8", "--rrdb-growth", "4", "--hidden", "8", "--dim-mults", "1,2",
             "--timesteps", "10", "--patch", "16", "--batch-size", "2", "--steps", "2", "--val-images", "1",
             "--val-steps", "2", "--image-size", "32", "--images", str(imgs)]  # fmt: skip
-    assert main(["sr", "make-masks", "--images", str(imgs), "--mask-source", "slic:20", "--out", str(tmp_path / "m")]) == 0
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["im0.npy", "im1.npy", "im2.npy", "index.json"]
+    assert (
+        main(
+            [
+                "sr",
+                "make-masks",
+                "--images",
+                str(imgs),
+                "--mask-source",
+                "slic:20",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "im0.npy",
+        "im1.npy",
+        "im2.npy",
+        "index.json",
+    ]
     assert main(["sr", "train", "--stage", "rrdb", *tiny, "--out", str(tmp_path / "rrdb")]) == 0
     run = tmp_path / "sam"
-    assert main(["sr", "train", *tiny, "--masks", str(tmp_path / "m"), "--rrdb", str(tmp_path / "rrdb"), "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "sr",
+                "train",
+                *tiny,
+                "--masks",
+                str(tmp_path / "m"),
+                "--rrdb",
+                str(tmp_path / "rrdb"),
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert (run / "model.safetensors").is_file() and (run / "report.json").is_file()
     Image.fromarray(synthetic_image(12, rng)[0][:10]).save(tmp_path / "lr.png")
-    assert main(["sr", "upscale", str(tmp_path / "lr.png"), "--model", str(run), "--steps", "2", "--out", str(tmp_path / "x4.png")]) == 0
+    assert (
+        main(
+            [
+                "sr",
+                "upscale",
+                str(tmp_path / "lr.png"),
+                "--model",
+                str(run),
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "x4.png"),
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "x4.png").size == (48, 40)
-    assert main(["sr", "eval", str(run), "--images", "synthetic", "--n", "1", "--steps", "2", "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "sr",
+                "eval",
+                str(run),
+                "--images",
+                "synthetic",
+                "--n",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     table = (tmp_path / "ev" / "metrics.md").read_text()
     assert "basicsr-y-crop4" in table and "pyiqa-y-ycbcr-nocrop" in table and "SAM-DiffSR" in table
     assert len(list((tmp_path / "ev").glob("*.png"))) == 1
     capsys.readouterr()
-    other = [*tiny, "--rrdb-feat", "16", "--rrdb", str(tmp_path / "rrdb"), "--out", str(tmp_path / "bad")]
+    other = [
+        *tiny,
+        "--rrdb-feat",
+        "16",
+        "--rrdb",
+        str(tmp_path / "rrdb"),
+        "--out",
+        str(tmp_path / "bad"),
+    ]
     assert main(["sr", "train", *other]) == 2
     assert "rrdb_feat=8, this run asks for 16" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

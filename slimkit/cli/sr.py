@@ -50,7 +50,9 @@ def make_masks(inv: Invocation) -> int:
             np.save(f, e)
             index[im.key] = {"shape": list(e.shape), "segments": len(masks),
                              "e_min": float(e.min()), "e_max": float(e.max())}  # fmt: skip
-        (tmp / "index.json").write_text(json.dumps({"mask_source": ns.mask_source, "images": index}, indent=1) + "\n")
+        (tmp / "index.json").write_text(
+            json.dumps({"mask_source": ns.mask_source, "images": index}, indent=1) + "\n"
+        )
     n = sum(v["segments"] for v in index.values())
     print(f"{ns.out}: SPE maps of {len(index)} images ({n} segments, source {ns.mask_source})")
     return 0
@@ -171,5 +173,7 @@ def metrics_table(res: dict) -> str:
     for m, ps in res["summary"].items():
         sec = res["seconds_per_image"].get(m)
         for p, v in ps.items():
-            lines.append(f"| {m} | {p} | {v['psnr']:.2f} | {v['ssim']:.4f} | {'' if sec is None else f'{sec:.2f}'} |")
+            lines.append(
+                f"| {m} | {p} | {v['psnr']:.2f} | {v['ssim']:.4f} | {'' if sec is None else f'{sec:.2f}'} |"
+            )
     return "\n".join(lines) + "\n"

@@ -80,10 +80,16 @@ def bundled_photo(name: str) -> np.ndarray:
         from matplotlib import cbook
         from PIL import Image
 
-        return np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB"))
+        return np.asarray(
+            Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+        )
     import skimage.data
 
-    img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    img = (
+        skimage.data.stereo_motorcycle()[0]
+        if name == "motorcycle"
+        else getattr(skimage.data, name)()
+    )
     return np.ascontiguousarray(np.asarray(img)[..., :3])
 
 
@@ -116,7 +122,9 @@ def load_hr_images(spec: str, *, n: int = 0, size: int = 64, seed: int = 0) -> l
         return [HRImage(name, bundled_photo(name)) for name in names]
     folder = Path(spec).expanduser()
     if not folder.is_dir():
-        raise SlimkitError(f"--images {spec!r}: not a folder; give a folder of images, synthetic, or photos[:NAME,...]")
+        raise SlimkitError(
+            f"--images {spec!r}: not a folder; give a folder of images, synthetic, or photos[:NAME,...]"
+        )
     files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in EXTS)
     if not files:
         raise SlimkitError(f"--images {folder}: no {'/'.join(EXTS)} files in it")
@@ -132,7 +140,9 @@ def load_e_map(masks_dir: str | Path, key: str, shape: tuple[int, int]) -> np.nd
     read without unpickling), cut to the image's multiple-of-scale size."""
     f = mask_file(masks_dir, key)
     if not f.is_file():
-        raise SlimkitError(f"no SPE map for image {key!r} in {masks_dir} (run slimkit sr make-masks on these images)")
+        raise SlimkitError(
+            f"no SPE map for image {key!r} in {masks_dir} (run slimkit sr make-masks on these images)"
+        )
     try:
         e = np.load(f, allow_pickle=False)
     except ValueError as err:
@@ -150,7 +160,9 @@ def to_signed(x_uint8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(x_uint8, copy=True)).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def make_pair(hr_uint8: np.ndarray, scale: int, compat_scale: bool = False) -> dict[str, torch.Tensor]:
+def make_pair(
+    hr_uint8: np.ndarray, scale: int, compat_scale: bool = False
+) -> dict[str, torch.Tensor]:
     """HR, LR and U(LR) as float [3, ., .] in [-1, 1]. ``compat_scale`` reproduces SRDiff's
     division of the uint8 LR by 256 (not 255) before upsampling."""
     hr = crop_to_multiple(hr_uint8, scale)
@@ -181,7 +193,9 @@ class PairedPatches:
         for im, p in zip(images, self.pairs):
             h, w = p["hr"].shape[1:]
             if h < patch or w < patch:
-                raise SlimkitError(f"image {im.key} ({h} x {w}) is smaller than the {patch}-pixel patch")
+                raise SlimkitError(
+                    f"image {im.key} ({h} x {w}) is smaller than the {patch}-pixel patch"
+                )
         self.e = None
         if e_maps is not None:
             self.e = []

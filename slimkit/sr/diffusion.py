@@ -86,14 +86,23 @@ def modulated_noise(sched: Schedule, t: torch.Tensor, noise: torch.Tensor,
     return noise + sched.at(name, t) * e_map
 
 
-def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def q_sample(
+    sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (``noise`` = eps or the modulated eps')."""
-    return sched.at("sqrt_alphas_cumprod", t) * x0 + sched.at("sqrt_one_minus_alphas_cumprod", t) * noise
+    return (
+        sched.at("sqrt_alphas_cumprod", t) * x0
+        + sched.at("sqrt_one_minus_alphas_cumprod", t) * noise
+    )
 
 
-def predict_x0(sched: Schedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def predict_x0(
+    sched: Schedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
     """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (exact for the noise that made x_t)."""
-    return (x_t - sched.at("sqrt_one_minus_alphas_cumprod", t) * eps) / sched.at("sqrt_alphas_cumprod", t)
+    return (x_t - sched.at("sqrt_one_minus_alphas_cumprod", t) * eps) / sched.at(
+        "sqrt_alphas_cumprod", t
+    )
 
 
 def diffusion_loss(model, hr: torch.Tensor, lr: torch.Tensor, lr_up: torch.Tensor,
@@ -133,7 +142,9 @@ def sample(model, lr: torch.Tensor, lr_up: torch.Tensor, *, sampler: str = "ddim
         for i in reversed(range(T)):
             t = torch.full((b,), i, dtype=torch.long, device=dev)
             x0 = predict_x0(sched, x, t, model.denoise_fn(x, t, cond)).clamp(-1, 1)
-            mean = sched.at("posterior_mean_coef1", t) * x0 + sched.at("posterior_mean_coef2", t) * x
+            mean = (
+                sched.at("posterior_mean_coef1", t) * x0 + sched.at("posterior_mean_coef2", t) * x
+            )
             if i > 0:
                 z = torch.randn(x.shape, generator=generator, device="cpu").to(dev)
                 x = mean + (0.5 * sched.at("posterior_log_variance_clipped", t)).exp() * z
@@ -154,4 +165,3 @@ def sample(model, lr: torch.Tensor, lr_up: torch.Tensor, *, sampler: str = "ddim
         a_next = sched.alphas_cumprod[int(ts[j + 1])]
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
     return res2img(x0, lr_up)
-

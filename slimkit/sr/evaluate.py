@@ -56,7 +56,7 @@ def evaluate_images(models: dict[str, torch.nn.Module], images: list[HRImage], s
     {psnr, ssim}}}, "seconds_per_image": {method: s}}``; with ``pictures`` a side-by-side PNG per
     image is written there."""
     rows, seconds = [], {}
-    for name, m in models.items():
+    for m in models.values():
         m.to(device).eval()
     for im in images:
         hr = crop_to_multiple(im.hr, scale)
@@ -73,7 +73,9 @@ def evaluate_images(models: dict[str, torch.nn.Module], images: list[HRImage], s
                 rows.append({"image": im.key, "method": name, "protocol": r["protocol"],
                              "psnr": r["psnr"], "ssim": r["ssim"]})  # fmt: skip
         if pictures is not None:
-            side_by_side(to_uint8(pair["lr"]), outs, hr, Path(pictures) / f"{im.key.replace('/', '_')}.png")
+            side_by_side(
+                to_uint8(pair["lr"]), outs, hr, Path(pictures) / f"{im.key.replace('/', '_')}.png"
+            )
     summary: dict = {}
     for r in rows:
         d = summary.setdefault(r["method"], {}).setdefault(r["protocol"], {"psnr": [], "ssim": []})

@@ -64,6 +64,7 @@ def psnr_ssim(sr: np.ndarray, hr: np.ndarray, protocol: str = "basicsr", scale: 
         return x.astype(np.float64) / 255 if x.dtype == np.uint8 else x.astype(np.float64)
 
     if protocol == "basicsr":
+
         def as_u8(x):
             return x if x.dtype == np.uint8 else np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
 
@@ -72,7 +73,11 @@ def psnr_ssim(sr: np.ndarray, hr: np.ndarray, protocol: str = "basicsr", scale: 
             a, b = a[scale:-scale, scale:-scale], b[scale:-scale, scale:-scale]
         mse = np.mean((a - b) ** 2)
         psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-        return {"psnr": float(psnr), "ssim": ssim_map_mean(a, b), "protocol": f"basicsr-y-crop{scale}"}
+        return {
+            "psnr": float(psnr),
+            "ssim": ssim_map_mean(a, b),
+            "protocol": f"basicsr-y-crop{scale}",
+        }
     a, b = rgb_to_y(np.clip(as01(sr), 0, 1)) / 255, rgb_to_y(np.clip(as01(hr), 0, 1)) / 255
     psnr = 10 * np.log10(1.0 / (np.mean((a - b) ** 2) + 1e-8))
     ssim = ssim_map_mean(np.round(a * 255), np.round(b * 255))

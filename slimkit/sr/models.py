@@ -45,7 +45,9 @@ class SRModelConfig:
         if self.scale not in (4, 8):
             raise SlimkitError(f"scale must be 4 or 8, as in SRDiff (got {self.scale})")
         if self.rrdb_blocks < 2:
-            raise SlimkitError("the RRDB encoder needs at least 2 blocks (its features start at the 3rd output)")
+            raise SlimkitError(
+                "the RRDB encoder needs at least 2 blocks (its features start at the 3rd output)"
+            )
         if not self.dim_mults or min(self.dim_mults) < 1:
             raise SlimkitError(f"dim_mults must be positive integers (got {self.dim_mults})")
 
@@ -150,7 +152,9 @@ class RRDBNet(nn.Module):
         super().__init__()
         nf, self.scale = cfg.rrdb_feat, cfg.scale
         self.conv_first = nn.Conv2d(3, nf, 3, 1, 1)
-        self.RRDB_trunk = nn.Sequential(*[RRDB(nf, cfg.rrdb_growth) for _ in range(cfg.rrdb_blocks)])
+        self.RRDB_trunk = nn.Sequential(
+            *[RRDB(nf, cfg.rrdb_growth) for _ in range(cfg.rrdb_blocks)]
+        )
         self.trunk_conv = nn.Conv2d(nf, nf, 3, 1, 1)
         self.upconv1 = nn.Conv2d(nf, nf, 3, 1, 1)
         self.upconv2 = nn.Conv2d(nf, nf, 3, 1, 1)
@@ -284,10 +288,17 @@ def infer_config(sd: dict[str, torch.Tensor], source: str, timesteps: int = 100)
                  for i in range(levels)]  # fmt: skip
         scale = sd["denoise_fn.cond_proj.weight"].shape[-1] // 2
     except KeyError as e:
-        raise SlimkitError(f"{source} is not an SRDiff / SAM-DiffSR checkpoint (no {e.args[0]})") from None
-    for bad, what in (("denoise_fn.mid_attn.", "use_attn: true"), ("denoise_fn.up_proj.", "up_input: true")):
+        raise SlimkitError(
+            f"{source} is not an SRDiff / SAM-DiffSR checkpoint (no {e.args[0]})"
+        ) from None
+    for bad, what in (
+        ("denoise_fn.mid_attn.", "use_attn: true"),
+        ("denoise_fn.up_proj.", "up_input: true"),
+    ):
         if any(k.startswith(bad) for k in sd):
-            raise SlimkitError(f"{source} was trained with {what}, which slimkit does not implement")
+            raise SlimkitError(
+                f"{source} was trained with {what}, which slimkit does not implement"
+            )
     if "betas" in sd:
         timesteps = sd["betas"].numel()
     return SRModelConfig(scale=scale, rrdb_blocks=blocks, rrdb_feat=nf, rrdb_growth=gc,
@@ -301,9 +312,13 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> n
     sd = {k: v for k, v in sd.items() if k not in SCHEDULE_BUFFERS}
     for k, v in own.items():
         if k not in sd:
-            raise SlimkitError(f"{source} lacks {k} {tuple(v.shape)}; is it for another model size?")
+            raise SlimkitError(
+                f"{source} lacks {k} {tuple(v.shape)}; is it for another model size?"
+            )
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise SlimkitError(f"{source}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(v.shape)}")
+            raise SlimkitError(
+                f"{source}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(v.shape)}"
+            )
     extra = sorted(set(sd) - set(own))
     if extra:
         raise SlimkitError(f"{source} has keys the model does not, e.g. {extra[0]}")
@@ -340,7 +355,10 @@ def load_run(path: str | Path, kind: str = "diffusion") -> tuple[nn.Module, dict
 
     p = Path(path)
     if p.is_file() and kind == "diffusion":
-        return load_official(p), {"stage": "diffusion", "modulation": "unknown (official checkpoint)"}
+        return load_official(p), {
+            "stage": "diffusion",
+            "modulation": "unknown (official checkpoint)",
+        }
     if p.is_file() and kind == "rrdb":
         sd = unwrap_state_dict(load_state_dict(p), str(p))
         sd = {k.removeprefix("rrdb."): v for k, v in sd.items() if not k.startswith("denoise_fn.")}
@@ -351,7 +369,9 @@ def load_run(path: str | Path, kind: str = "diffusion") -> tuple[nn.Module, dict
         return load_strict(RRDBNet(cfg), sd, str(p)), {"stage": "rrdb", "model": asdict(cfg)}
     f = p / CONFIG_FILE
     if not f.is_file():
-        raise SlimkitError(f"{p} is neither a `slimkit sr train` run (no {CONFIG_FILE}) nor a checkpoint file")
+        raise SlimkitError(
+            f"{p} is neither a `slimkit sr train` run (no {CONFIG_FILE}) nor a checkpoint file"
+        )
     info = json.loads(f.read_text())
     if info.get("stage") != kind:
         raise SlimkitError(f"{p} is a {info.get('stage')} run; a {kind} run is needed here")

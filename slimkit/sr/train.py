@@ -32,32 +32,74 @@ CONTROLS = ("none", "other-image", "constant")
 
 @dataclass
 class SRTrainConfig:
-    stage: str = field(default="diffusion", metadata={"help": "rrdb (L1 pre-training of the LR encoder) or diffusion", "choices": ["rrdb", "diffusion"]})
-    images: str = field(default="synthetic", metadata={"help": "synthetic, photos[:NAME,...] or a folder of HR images"})
+    stage: str = field(
+        default="diffusion",
+        metadata={
+            "help": "rrdb (L1 pre-training of the LR encoder) or diffusion",
+            "choices": ["rrdb", "diffusion"],
+        },
+    )
+    images: str = field(
+        default="synthetic",
+        metadata={"help": "synthetic, photos[:NAME,...] or a folder of HR images"},
+    )
     n_images: int = field(default=2000, metadata={"help": "synthetic: number of training images"})
     image_size: int = field(default=64, metadata={"help": "synthetic: image side (pixels)"})
-    masks: str = field(default="", metadata={"help": "SAM-DiffSR: make-masks folder, or segments (synthetic); empty = SRDiff"})
-    control: str = field(default="none", metadata={"help": "SPE control: none, other-image (another image's map), constant (its mean)", "choices": list(CONTROLS)})
-    coefficient: str = field(default="code", metadata={"help": "modulation: code = sqrt(1-abar) beta (official), strong = sqrt(1-abar)", "choices": list(COEFFICIENTS)})
-    rrdb: str = field(default="", metadata={"help": "diffusion: the frozen LR encoder (an sr train --stage rrdb run, or an official RRDB checkpoint)"})
+    masks: str = field(
+        default="",
+        metadata={"help": "SAM-DiffSR: make-masks folder, or segments (synthetic); empty = SRDiff"},
+    )
+    control: str = field(
+        default="none",
+        metadata={
+            "help": "SPE control: none, other-image (another image's map), constant (its mean)",
+            "choices": list(CONTROLS),
+        },
+    )
+    coefficient: str = field(
+        default="code",
+        metadata={
+            "help": "modulation: code = sqrt(1-abar) beta (official), strong = sqrt(1-abar)",
+            "choices": list(COEFFICIENTS),
+        },
+    )
+    rrdb: str = field(
+        default="",
+        metadata={
+            "help": "diffusion: the frozen LR encoder (an sr train --stage rrdb run, or an official RRDB checkpoint)"
+        },
+    )
     scale: int = field(default=4, metadata={"help": "SR factor (4 or 8)"})
     patch: int = field(default=32, metadata={"help": "HR patch side (multiple of scale)"})
-    flips: bool = field(default=False, metadata={"help": "random horizontal / vertical flips (official: none)"})
+    flips: bool = field(
+        default=False, metadata={"help": "random horizontal / vertical flips (official: none)"}
+    )
     rrdb_blocks: int = field(default=4, metadata={"help": "RRDB blocks (official 17)"})
     rrdb_feat: int = field(default=16, metadata={"help": "RRDB features (official 64)"})
     rrdb_growth: int = field(default=8, metadata={"help": "RRDB growth channels (official 32)"})
     hidden: int = field(default=16, metadata={"help": "U-Net width (official 64)"})
-    dim_mults: str = field(default="1,2,2", metadata={"help": "U-Net width multipliers per level (official 1,2,3,4)"})
+    dim_mults: str = field(
+        default="1,2,2", metadata={"help": "U-Net width multipliers per level (official 1,2,3,4)"}
+    )
     timesteps: int = field(default=100, metadata={"help": "diffusion steps T (cosine schedule)"})
     steps: int = field(default=2000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "patches per step (global)"})
     lr: float = field(default=2e-4, metadata={"help": "Adam learning rate"})
-    lr_decay_every: int = field(default=0, metadata={"help": "halve the learning rate every N steps (0 = never; official 200k)"})
+    lr_decay_every: int = field(
+        default=0,
+        metadata={"help": "halve the learning rate every N steps (0 = never; official 200k)"},
+    )
     clip_grad: float = field(default=10.0, metadata={"help": "gradient-norm clip (0 = off)"})
-    val_images: int = field(default=16, metadata={"help": "held-out synthetic images for the report"})
-    val_sampler: str = field(default="ddim", metadata={"help": "sampler of the report", "choices": list(SAMPLERS)})
+    val_images: int = field(
+        default=16, metadata={"help": "held-out synthetic images for the report"}
+    )
+    val_sampler: str = field(
+        default="ddim", metadata={"help": "sampler of the report", "choices": list(SAMPLERS)}
+    )
     val_steps: int = field(default=10, metadata={"help": "sampler steps of the report"})
-    srdiff_compat_scale: bool = field(default=False, metadata={"help": "U(LR) from LR/256 as SRDiff's code (parity runs)"})
+    srdiff_compat_scale: bool = field(
+        default=False, metadata={"help": "U(LR) from LR/256 as SRDiff's code (parity runs)"}
+    )
     checkpoint_every: int = field(default=200, metadata={"help": "checkpoint every N steps"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda[:N]"})
     seed: int = field(default=0, metadata={"help": "initialisation, data and noise seed"})
@@ -70,7 +112,9 @@ class SRTrainConfig:
             raise SlimkitError(f"--patch {self.patch} must be a multiple of --scale {self.scale}")
         self.model_config()
         if self.patch % (self.scale * self.model_config().multiple):
-            raise SlimkitError(f"--patch {self.patch} must be a multiple of {self.scale * self.model_config().multiple} for --dim-mults {self.dim_mults}")
+            raise SlimkitError(
+                f"--patch {self.patch} must be a multiple of {self.scale * self.model_config().multiple} for --dim-mults {self.dim_mults}"
+            )
         if self.control != "none" and not self.masks:
             raise SlimkitError("--control needs --masks (it replaces the SPE maps of the masks)")
 
@@ -78,7 +122,9 @@ class SRTrainConfig:
         try:
             mults = [int(v) for v in self.dim_mults.split(",")]
         except ValueError:
-            raise SlimkitError(f"--dim-mults must be integers separated by commas (got {self.dim_mults!r})") from None
+            raise SlimkitError(
+                f"--dim-mults must be integers separated by commas (got {self.dim_mults!r})"
+            ) from None
         return SRModelConfig(scale=self.scale, rrdb_blocks=self.rrdb_blocks, rrdb_feat=self.rrdb_feat,
                              rrdb_growth=self.rrdb_growth, hidden=self.hidden, dim_mults=mults,
                              timesteps=self.timesteps)  # fmt: skip
@@ -93,7 +139,9 @@ class SRTrainConfig:
 
 
 def _validation(cfg: SRTrainConfig):
-    return load_hr_images("synthetic", n=cfg.val_images, size=cfg.image_size, seed=cfg.seed + 1_000_003)
+    return load_hr_images(
+        "synthetic", n=cfg.val_images, size=cfg.image_size, seed=cfg.seed + 1_000_003
+    )
 
 
 class _SRTask(TrainTask):
@@ -165,13 +213,17 @@ class DiffusionTask(_SRTask):
 
     def __init__(self, cfg: SRTrainConfig, device: torch.device):
         if not cfg.rrdb:
-            raise SlimkitError("--rrdb is required: the frozen LR encoder (run slimkit sr train --stage rrdb first)")
+            raise SlimkitError(
+                "--rrdb is required: the frozen LR encoder (run slimkit sr train --stage rrdb first)"
+            )
         rrdb, info = load_run(cfg.rrdb, "rrdb")
         mc = cfg.model_config()
         got = info["model"]
         for k in ("rrdb_blocks", "rrdb_feat", "rrdb_growth"):
             if got[k] != getattr(mc, k):
-                raise SlimkitError(f"--rrdb {cfg.rrdb} has {k}={got[k]}, this run asks for {getattr(mc, k)} (LeiaLi/SRDiff#10)")
+                raise SlimkitError(
+                    f"--rrdb {cfg.rrdb} has {k}={got[k]}, this run asks for {getattr(mc, k)} (LeiaLi/SRDiff#10)"
+                )
         super().__init__(cfg, device)
         torch.manual_seed(cfg.seed)
         self.model = SRDiff(mc)
@@ -243,6 +295,8 @@ def _tiny_diffusion(tmp: Path) -> SRTrainConfig:
 
 
 TRAINERS.register("sr-rrdb", train_sr, config=SRTrainConfig, task=RRDBTask, tiny=_tiny_rrdb)
-TRAINERS.register("sr-diffusion", train_sr, config=SRTrainConfig, task=DiffusionTask, tiny=_tiny_diffusion)
+TRAINERS.register(
+    "sr-diffusion", train_sr, config=SRTrainConfig, task=DiffusionTask, tiny=_tiny_diffusion
+)
 
 __all__ = ["DiffusionTask", "RRDBTask", "SRTrainConfig", "train_sr"]
