@@ -13,7 +13,7 @@ import torch
 
 from slimkit.core.errors import SlimkitError
 from slimkit.sr import diffusion as D
-from slimkit.sr.data import HRImage, PairedPatches, e_maps_for, load_hr_images
+from slimkit.sr.data import HRImage, PairedPatches, e_maps_for, load_hr_images, make_pair
 from slimkit.sr.degrade import degrade, imresize
 from slimkit.sr.metrics import psnr_ssim, rgb_to_y
 from slimkit.sr.models import RRDBNet, SRDiff, SRModelConfig, Unet, load_official
@@ -225,6 +225,7 @@ def test_image_and_mask_crops_stay_aligned_under_random_crops_and_flips():
     assert len(np.unique(maps[0])) == len(np.unique(labels))  # one distinct value per segment
     data = PairedPatches([im], maps, scale=4, patch=32, flips=True)
     lr_full = torch.from_numpy(degrade(img, 4)).permute(2, 0, 1).float() / 127.5 - 1
+    full = make_pair(img, 4)
     rng = np.random.default_rng(0)
 
     def aligned(hr, e):
@@ -240,6 +241,9 @@ def test_image_and_mask_crops_stay_aligned_under_random_crops_and_flips():
         dims = ([-1] if fh else []) + ([-2] if fv else [])
         want = lr_full[:, y // 4 : y // 4 + 8, x // 4 : x // 4 + 8]
         assert torch.equal(w["lr"], want.flip(dims) if dims else want)
+        # U(LR) of the patch is the crop of the whole image's U(LR) (no patch-border effects)
+        up = full["lr_up"][:, y : y + 32, x : x + 32]
+        assert torch.allclose(w["lr_up"], up.flip(dims) if dims else up, atol=1e-5)
     b = data.batch(16, torch.Generator().manual_seed(0))
     assert all(aligned(b["hr"][i, 0], b["e"][i, 0]) for i in range(16))
     plain = PairedPatches([im], maps, scale=4, patch=32, flips=False).batch(

@@ -144,12 +144,14 @@ def load_e_map(masks_dir: str | Path, key: str, shape: tuple[int, int]) -> np.nd
             f"no SPE map for image {key!r} in {masks_dir} (run slimkit sr make-masks on these images)"
         )
     try:
-        e = np.load(f, allow_pickle=False)
+        e = np.load(f, allow_pickle=False, mmap_mode="r")  # cut per patch, never all in memory
     except ValueError as err:
         raise SlimkitError(f"{f} is not a plain .npy array ({err})") from None
     if e.ndim != 2 or e.shape[0] < shape[0] or e.shape[1] < shape[1]:
         raise SlimkitError(f"{f}: SPE map of shape {e.shape} does not cover the image {shape}")
-    return e[: shape[0], : shape[1]].astype(np.float32)
+    if e.dtype != np.float32:
+        raise SlimkitError(f"{f}: SPE map of dtype {e.dtype}, expected float32")
+    return e[: shape[0], : shape[1]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,6 +177,10 @@ def make_pair(
 class PairedPatches:
     """Random aligned patches of (HR, LR, U(LR), E).
 
+    Images are kept as uint8 (HR and LR) and E as given (a memory-mapped .npy stays on disk);
+    U(LR) of a patch is the bicubic x s of its LR window widened by 2 LR pixels (the kernel's
+    reach), so it equals the crop of the whole image's U(LR) without computing or storing it.
+
     Args:
         images: HR images (each at least ``patch`` pixels on each side after the crop).
         e_maps: one float [H, W] map per image in HR coordinates, or None (SRDiff).
@@ -189,36 +195,43 @@ class PairedPatches:
         if not images:
             raise SlimkitError("no training images")
         self.scale, self.patch, self.flips = scale, patch, flips
-        self.pairs = [make_pair(im.hr, scale, compat_scale) for im in images]
-        for im, p in zip(images, self.pairs):
-            h, w = p["hr"].shape[1:]
+        self.divisor = 256.0 if compat_scale else 255.0
+        self.hr, self.lr = [], []
+        for im in images:
+            hr = crop_to_multiple(im.hr, scale)
+            h, w = hr.shape[:2]
             if h < patch or w < patch:
                 raise SlimkitError(
                     f"image {im.key} ({h} x {w}) is smaller than the {patch}-pixel patch"
                 )
-        self.e = None
-        if e_maps is not None:
-            self.e = []
-            for p, e in zip(self.pairs, e_maps):
-                h, w = p["hr"].shape[1:]
-                self.e.append(torch.from_numpy(np.ascontiguousarray(e[:h, :w], np.float32))[None])
+            self.hr.append(torch.from_numpy(np.array(hr, copy=True)).permute(2, 0, 1))
+            self.lr.append(torch.from_numpy(degrade(hr, scale)).permute(2, 0, 1))
+        self.e = None if e_maps is None else list(e_maps)
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.hr)
+
+    def _lr_up(self, i: int, ly: int, lx: int, n: int) -> torch.Tensor:
+        lr = self.lr[i]
+        h, w = lr.shape[1:]
+        y0, x0 = max(ly - 2, 0), max(lx - 2, 0)
+        y1, x1 = min(ly + n + 2, h), min(lx + n + 2, w)
+        up = upsample(lr[:, y0:y1, x0:x1].double() / self.divisor, self.scale).float() * 2 - 1
+        s, p = self.scale, n * self.scale
+        return up[:, (ly - y0) * s : (ly - y0) * s + p, (lx - x0) * s : (lx - x0) * s + p]
 
     def window(self, i: int, y: int, x: int, flip_h: bool = False, flip_v: bool = False) -> dict:
         """The patch of image ``i`` whose top-left HR pixel is (y, x) (multiples of the scale)."""
         s, p = self.scale, self.patch
         if y % s or x % s:
             raise ValueError(f"patch corner ({y}, {x}) is not on the LR grid of scale {s}")
-        src = self.pairs[i]
         out = {
-            "hr": src["hr"][:, y : y + p, x : x + p],
-            "lr_up": src["lr_up"][:, y : y + p, x : x + p],
-            "lr": src["lr"][:, y // s : (y + p) // s, x // s : (x + p) // s],
+            "hr": self.hr[i][:, y : y + p, x : x + p].float() / 127.5 - 1,
+            "lr_up": self._lr_up(i, y // s, x // s, p // s),
+            "lr": self.lr[i][:, y // s : (y + p) // s, x // s : (x + p) // s].float() / 127.5 - 1,
         }
-        if self.e is not None:
-            out["e"] = self.e[i][:, y : y + p, x : x + p]  # the same HR window as the image
+        if self.e is not None:  # the same HR window as the image
+            out["e"] = torch.from_numpy(np.array(self.e[i][y : y + p, x : x + p], np.float32))[None]
         dims = ([-1] if flip_h else []) + ([-2] if flip_v else [])
         if dims:
             out = {k: v.flip(dims) for k, v in out.items()}
@@ -229,8 +242,8 @@ class PairedPatches:
         s, p = self.scale, self.patch
         items = []
         for _ in range(n):
-            i = int(torch.randint(len(self.pairs), (1,), generator=generator))
-            h, w = self.pairs[i]["hr"].shape[1:]
+            i = int(torch.randint(len(self.hr), (1,), generator=generator))
+            h, w = self.hr[i].shape[1:]
             y = int(torch.randint((h - p) // s + 1, (1,), generator=generator)) * s
             x = int(torch.randint((w - p) // s + 1, (1,), generator=generator)) * s
             fh, fv = (torch.rand(2, generator=generator) < 0.5).tolist()
@@ -254,13 +267,13 @@ def e_maps_for(images: list[HRImage], masks: str, control: str = "none") -> list
     if control == "none":
         return maps
     if control == "constant":
-        return [np.full_like(m, m.mean()) for m in maps]
+        return [np.full(m.shape, float(np.mean(m)), np.float32) for m in maps]
     if control == "other-image":
         if len(maps) < 2:
             raise SlimkitError("--control other-image needs at least 2 training images")
         out = []
         for i, m in enumerate(maps):
-            o = torch.from_numpy(maps[(i + 1) % len(maps)])[None, None]
+            o = torch.from_numpy(np.array(maps[(i + 1) % len(maps)], np.float32))[None, None]
             out.append(torch.nn.functional.interpolate(o, size=m.shape, mode="bilinear",
                                                        align_corners=False)[0, 0].numpy())  # fmt: skip
         return out
