@@ -26,10 +26,13 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, sampler: str = "ddim",
-                  steps: int = 0, seed: int = 0, compat_scale: bool = False) -> torch.Tensor:  # fmt: skip
+                  steps: int = 0, seed: int = 0, compat_scale: bool | None = None) -> torch.Tensor:  # fmt: skip
     """SR of one LR image ``lr`` [3, h, w] in [-1, 1] -> [3, s*h, s*w] in [-1, 1] (not clipped).
     ``model``: an :class:`SRDiff` (sampled with ``sampler`` / ``steps`` from noise seeded by
-    ``seed``) or an :class:`RRDBNet` (regression)."""
+    ``seed``) or an :class:`RRDBNet` (regression). ``compat_scale`` (default: as the model was
+    trained; True for official checkpoints) makes U(LR) from LR/256 as SRDiff's code does."""
+    if compat_scale is None:
+        compat_scale = bool(getattr(model, "compat_scale", False))
     dev = next(model.parameters()).device
     h, w = lr.shape[1:]
     m = model.cfg.multiple if isinstance(model, SRDiff) else 1

@@ -333,6 +333,7 @@ def load_official(path: str | Path) -> SRDiff:
 
     sd = unwrap_state_dict(load_state_dict(path), str(path))
     model = SRDiff(infer_config(sd, str(path)))
+    model.compat_scale = True  # trained on U(LR) made from LR / 256 (SRDiff's data code)
     return load_strict(model, sd, str(path))
 
 
@@ -379,4 +380,5 @@ def load_run(path: str | Path, kind: str = "diffusion") -> tuple[nn.Module, dict
     model = SRDiff(cfg) if kind == "diffusion" else RRDBNet(cfg)
     from safetensors.torch import load_file
 
+    model.compat_scale = bool(info.get("srdiff_compat_scale", False))
     return load_strict(model, load_file(str(p / "model.safetensors")), str(p)), info

@@ -254,7 +254,8 @@ class DiffusionTask(_SRTask):
 
         cfg = self.cfg
         save_model(self.model, cfg.model_config(), path, stage="diffusion", method=cfg.method,
-                   masks=cfg.masks, control=cfg.control, coefficient=cfg.coefficient, rrdb=cfg.rrdb)  # fmt: skip
+                   masks=cfg.masks, control=cfg.control, coefficient=cfg.coefficient, rrdb=cfg.rrdb,
+                   srdiff_compat_scale=cfg.srdiff_compat_scale)  # fmt: skip
         rows = evaluate_images({cfg.method: self.model}, _validation(cfg), cfg.scale, protocols=("basicsr",),
                                sampler=cfg.val_sampler, steps=cfg.val_steps, device=self.device)  # fmt: skip
         val = rows["summary"]
