@@ -16,7 +16,7 @@ from slimkit.sr import diffusion as D
 from slimkit.sr.data import HRImage, PairedPatches, e_maps_for, load_hr_images, make_pair
 from slimkit.sr.degrade import degrade, imresize
 from slimkit.sr.metrics import psnr_ssim, rgb_to_y
-from slimkit.sr.models import RRDBNet, SRDiff, SRModelConfig, Unet, load_official
+from slimkit.sr.models import RRDBNet, SRDiff, SRModelConfig, Unet, load_official, load_run
 from slimkit.sr.structural_position_encoding import encode_labels, encode_masks, rope_pattern
 
 TINY = SRModelConfig(
@@ -396,6 +396,13 @@ def test_official_checkpoint_layout_loads_strictly(tmp_path):
     assert len(feats) == 6 and m.denoise_fn(
         torch.zeros(1, 3, 16, 16), torch.tensor([3]), feats
     ).shape == (1, 3, 16, 16)
+    # the official RRDB pre-training checkpoint (a bare RRDBNet state dict) as --rrdb
+    rrdb_sd = {k.removeprefix("rrdb."): v for k, v in sd.items() if k.startswith("rrdb.")}
+    torch.save({"state_dict": {"model": rrdb_sd}}, tmp_path / "rrdb.ckpt")
+    rrdb, info = load_run(tmp_path / "rrdb.ckpt", "rrdb")
+    assert info["model"]["rrdb_blocks"] == 5 and torch.equal(
+        rrdb.conv_last.bias, rrdb_sd["conv_last.bias"]
+    )
     for broken, msg in ((lambda d: d.pop("denoise_fn.final_conv.1.weight"), "lacks denoise_fn.final_conv.1.weight"),
                         (lambda d: d.__setitem__("denoise_fn.extra.weight", torch.zeros(1)), "keys the model does not")):  # fmt: skip
         bad = dict(sd)
