@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "slimkit.cli.sam",
     "slimkit.cli.lvm",
     "slimkit.cli.clip",
+    "slimkit.cli.sr",
 )
 for _module in COMMAND_MODULES:
     importlib.import_module(_module)

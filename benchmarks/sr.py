@@ -1,0 +1,194 @@
+"""SAM-DiffSR vs SRDiff vs bicubic at toy scale (spec sam-diffsr.md section 5, shrunk to the
+CPU budget): x4, synthetic piecewise-textured training images with known segments (the SAM
+stand-in), evaluated on held-out synthetic images (in-domain) and on centre crops of the bundled
+photos (out-of-domain; no photo is used for training or selection), 3 training seeds.
+
+Recipes (same data, steps, seeds and sampler): SRDiff; SAM-DiffSR (SPE of the true segments,
+official c_t); control other-image (SPE of another image); control constant (the image-mean SPE
+everywhere). Writes benchmarks/results/sr.md and sr.json.
+
+    python benchmarks/sr.py [--seeds 0,1,2] [--rrdb-steps 300] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import ROOT, machine_line, mean_std, seed_list  # noqa: E402
+
+from slimkit.sr.data import PHOTOS, load_hr_images  # noqa: E402
+from slimkit.sr.evaluate import evaluate_images  # noqa: E402
+from slimkit.sr.models import load_run  # noqa: E402
+from slimkit.sr.train import SRTrainConfig, train_sr  # noqa: E402
+
+RECIPES = {
+    "SRDiff": {},
+    "SAM-DiffSR": {"masks": "segments"},
+    "control: other image's E": {"masks": "segments", "control": "other-image"},
+    "control: constant E": {"masks": "segments", "control": "constant"},
+}
+PROTOS = ("basicsr-y-crop4", "pyiqa-y-ycbcr-nocrop")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
+    ap.add_argument("--rrdb-steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--n-images", type=int, default=500)
+    ap.add_argument("--sampler-steps", type=int, default=10)
+    ap.add_argument("--test-synthetic", type=int, default=16)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--report-only", action="store_true", help="re-render sr.md from sr.json")
+    a = ap.parse_args()
+    out = ROOT / "benchmarks" / "results"
+    if a.report_only:
+        (out / "sr.md").write_text(report(json.loads((out / "sr.json").read_text())))
+        return
+    torch.set_num_threads(1)
+    cpu0, wall0 = time.process_time(), time.time()
+    base = dict(images="synthetic", n_images=a.n_images, image_size=64, patch=32, batch_size=a.batch_size,
+                lr=a.lr, val_images=4, val_steps=a.sampler_steps, checkpoint_every=0, device="cpu")  # fmt: skip
+    test_syn = load_hr_images("synthetic", n=a.test_synthetic, size=64, seed=9_000_001)
+    photos = load_hr_images("photos")
+    for im in photos:  # centre crops keep the CPU budget
+        h, w = im.hr.shape[:2]
+        c = min(a.crop, h, w)
+        im.hr = im.hr[(h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c]
+    res: dict = {}  # set -> method -> protocol -> metric -> [per seed]
+    secs: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in a.seeds:
+            rrdb = Path(tmp) / f"rrdb-{seed}"
+            train_sr(SRTrainConfig(stage="rrdb", steps=a.rrdb_steps, seed=seed, **base), out=rrdb)
+            models = {}
+            for name, kw in RECIPES.items():
+                out = Path(tmp) / f"{name.replace(' ', '_').replace(':', '')}-{seed}"
+                train_sr(
+                    SRTrainConfig(
+                        stage="diffusion", rrdb=str(rrdb), steps=a.steps, seed=seed, **kw, **base
+                    ),
+                    out=out,
+                )
+                models[name] = load_run(out)[0]
+            models["RRDB (L1 regression)"] = load_run(rrdb, "rrdb")[0]
+            for set_name, images in (
+                ("synthetic (in-domain)", test_syn),
+                ("bundled photos (out-of-domain)", photos),
+            ):
+                r = evaluate_images(
+                    models, images, 4, sampler="ddim", steps=a.sampler_steps, seed=0
+                )
+                for m, ps in r["summary"].items():
+                    for p, v in ps.items():
+                        d = (
+                            res.setdefault(set_name, {})
+                            .setdefault(m, {})
+                            .setdefault(p, {"psnr": [], "ssim": []})
+                        )
+                        d["psnr"].append(v["psnr"])
+                        d["ssim"].append(v["ssim"])
+                if set_name.startswith("bundled"):
+                    for m, s in r["seconds_per_image"].items():
+                        secs.setdefault(m, []).append(s)
+            print(f"seed {seed} done: {time.process_time() - cpu0:.0f} s CPU", flush=True)
+    data = {"command": "python benchmarks/sr.py " + " ".join(sys.argv[1:]), "machine": machine_line(),
+            "args": vars(a), "results": res, "seconds_per_image": secs,
+            "cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.time() - wall0}  # fmt: skip
+    (out / "sr.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "sr.md").write_text(report(data))
+    print(report(data))
+
+
+def _diff(d: dict, m: str, p: str, k: str) -> str:
+    a, b = d[m][p][k], d["SRDiff"][p][k]
+    diffs = [x - y for x, y in zip(a, b)]
+    f = "{:.2f}" if k == "psnr" else "{:.4f}"
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return f"{'+' if statistics.mean(diffs) >= 0 else ''}{f.format(statistics.mean(diffs))} ± {f.format(sd)}"
+
+
+def _protocol_note(data: dict) -> str:
+    gaps, same = [], True
+    for d in data["results"].values():
+        a = {k: statistics.mean(v[PROTOS[0]]["psnr"]) for k, v in d.items()}
+        b = {k: statistics.mean(v[PROTOS[1]]["psnr"]) for k, v in d.items()}
+        gaps += [abs(a[k] - b[k]) for k in a]
+        same &= sorted(a, key=a.get) == sorted(b, key=b.get)
+    order = "rank the methods the same way" if same else "rank the methods differently"
+    return f"the two {order}; mean PSNR differs by {min(gaps):.2f}-{max(gaps):.2f} dB between them (pyiqa: no border crop, float)."
+
+
+def report(data: dict) -> str:
+    a = data["args"]
+    L = ["# SAM-DiffSR vs SRDiff vs bicubic (x4, toy scale, CPU)", "",
+         f"Command: `{data['command']}`  ", data["machine"],
+         f"CPU time {data['cpu_seconds']:.0f} s single-thread ({data['wall_seconds']:.0f} s wall on a shared machine).", "",
+         "**Setting (shrunk to a ~12-minute single-thread CPU budget; not the spec's 20-40 min per recipe).** "
+         f"Training: {a['n_images']} synthetic piecewise-textured 64 x 64 images (Voronoi cells with stripes / checks / "
+         "gradient / noise) with their known segments as the mask source; HR patches 32 x 32 (LR 8 x 8, MATLAB bicubic); "
+         f"RRDB-lite encoder (4 blocks, nf 16, gc 8) L1-pretrained {a['rrdb_steps']} steps, frozen; U-Net hidden 16, "
+         f"mults (1, 2, 2); T = 100 cosine; {a['steps']} diffusion steps, batch {a['batch_size']}, Adam {a['lr']} "
+         "(raised from the paper's 2e-4 for the tiny budget, chosen before any run, not tuned), clip 10, no flips. "
+         f"Sampler: DDIM-style {a['sampler_steps']} strided steps (eta 0, x0 clipped), sampler seed 0. "
+         f"Seeds {a['seeds']} (initialisation, data order, noise). Test sets: {a['test_synthetic']} held-out synthetic 64 x 64 images "
+         f"(another generator seed) and the centre {a['crop']} x {a['crop']} crops of the {len(PHOTOS)} bundled photos "
+         "(none used for training; nothing was selected on them). Mean ± std over seeds; Δ = paired per-seed difference to SRDiff.", ""]  # fmt: skip
+    for set_name, d in data["results"].items():
+        L += [f"## {set_name}", "", "| method | protocol | PSNR (dB) | SSIM | Δ PSNR vs SRDiff | Δ SSIM vs SRDiff |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+        for m in d:
+            for p in PROTOS:
+                v = d[m][p]
+                dp = _diff(d, m, p, "psnr") if m != "SRDiff" else ""
+                ds = _diff(d, m, p, "ssim") if m != "SRDiff" else ""
+                L.append(
+                    f"| {m} | {p} | {mean_std(v['psnr'])} | {mean_std(v['ssim'], '{:.4f}')} | {dp} | {ds} |"
+                )
+        L.append("")
+    syn, pho = (
+        data["results"]["synthetic (in-domain)"],
+        data["results"]["bundled photos (out-of-domain)"],
+    )
+    P = PROTOS[0]
+
+    def m(d, k):
+        return statistics.mean(d[k][P]["psnr"])
+
+    L += ["## Reading", "",
+          f"- At this budget the diffusion models are far from trained: SRDiff gives {m(syn, 'SRDiff'):.2f} dB in-domain "
+          f"against bicubic's {m(syn, 'bicubic'):.2f} and the RRDB regressor's {m(syn, 'RRDB (L1 regression)'):.2f} ({P}); "
+          "SSIM below 0.2 means the samples are still mostly noise. The comparison between the diffusion recipes "
+          "therefore says little about the method.",
+          f"- SAM-DiffSR - SRDiff: {_diff(syn, 'SAM-DiffSR', P, 'psnr')} dB in-domain, "
+          f"{_diff(pho, 'SAM-DiffSR', P, 'psnr')} dB on the photos (paired over seeds): within the seed spread. "
+          f"The structure-mismatched control (another image's E) gives {_diff(syn, 'control: other image' + chr(39) + 's E', P, 'psnr')} / "
+          f"{_diff(pho, 'control: other image' + chr(39) + 's E', P, 'psnr')} dB and the constant map "
+          f"{_diff(syn, 'control: constant E', P, 'psnr')} / {_diff(pho, 'control: constant E', P, 'psnr')} dB, so nothing "
+          "here isolates segment structure as a cause; the spec's expected +0.1-0.5 dB would need the models trained "
+          "to at least beat bicubic first (the spec's 8-10k steps per recipe).",
+          f"- Protocols: {_protocol_note(data)}",
+          ""]  # fmt: skip
+    s = data["seconds_per_image"]
+    L += ["## Inference seconds per image (bundled-photo crops, LR 32 x 32 -> 128 x 128, one CPU thread)", "",
+          "| method | seconds / image |", "|---|---|"]  # fmt: skip
+    for m, v in s.items():
+        L.append(f"| {m} | {mean_std(v, '{:.3f}')} |")
+    L += ["", "SRDiff and SAM-DiffSR run the same network and the same mask-free sampler, so their inference cost is "
+          "the same by construction; the measured differences are timing noise on a shared machine.", ""]  # fmt: skip
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    main()
