@@ -398,13 +398,12 @@ def _gguf_run(tmp_path, tok, *, hidden=64, tied=False, name="emb", **kw):
     "hidden,tied,kw,choice,want",
     [
         # llama.cpp's rule: the output matrix (or a tied embedding) Q6_K when its width divides
-        # by 256, else Q8_0; Q8_0 in a Q8_0 file; an untied embedding in the file's own type.
-        # slimkit writes no Q6_K yet: Q8_0 in its place (documented; the 256 cases)
+        # by 256, else Q8_0; Q8_0 in a Q8_0 file; an untied embedding in the file's own type
         (64, True, dict(wbits=4, group_size=32), "llama.cpp", {"token_embd.weight": "Q8_0"}),
-        (256, True, dict(wbits=4, group_size=32), "llama.cpp", {"token_embd.weight": "Q8_0"}),
+        (256, True, dict(wbits=4, group_size=32), "llama.cpp", {"token_embd.weight": "Q6_K"}),
         (256, True, dict(wbits=8, group_size=32, sym=True), "llama.cpp", {"token_embd.weight": "Q8_0"}),
         (256, False, dict(wbits=4, group_size=32, sym=True), "llama.cpp",
-         {"token_embd.weight": "Q4_0", "output.weight": "Q8_0"}),
+         {"token_embd.weight": "Q4_0", "output.weight": "Q6_K"}),
         (64, False, dict(wbits=4, group_size=32), "q8_0",
          {"token_embd.weight": "Q8_0", "output.weight": "Q8_0"}),
         (64, False, dict(wbits=4, group_size=32), "f16",

@@ -59,6 +59,11 @@ class CBQ(CFPSteps, WindowTraining, BlockwiseMethod):
                 "cbq trains quantizer parameters and does not run under torchrun yet; "
                 "run it as a single process (use --device to pick the accelerator)"
             )
+        if self.config.grid != "uniform":
+            raise SlimkitError(
+                "cbq learns its own scales, which a GGUF --grid fixes; cbq on a GGUF grid is not "
+                "there yet: use rtn, gptq or awq with --grid, or cbq with --grid uniform"
+            )
         check_widths(pipe, self.wspec)
         bm = pipe.bmap
         self.cfp_on = self.config.cfp and bool(bm.smooth) and bm.smooth_ok(pipe.model.config)
