@@ -199,7 +199,7 @@ def test_gptq_and_awq_on_q3_k_export_exactly(tmp_path, tiny_tokenizer, method, k
 
 def test_gguf_grid_refusals(tmp_path, tiny_tokenizer):
     """Clear one-line errors: a GGUF-grid run to a uniform format, an unknown grid, activation
-    bits with a GGUF grid, CBQ on a GGUF grid, a width no GGUF block fits."""
+    bits with a GGUF grid, a width no GGUF block fits."""
     run = _grid_run(tmp_path, tiny_tokenizer, grid="gguf:q4_k", layers=1)
     with pytest.raises(SlimkitError, match="only --format gguf"):
         export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors"))
@@ -210,6 +210,21 @@ def test_gguf_grid_refusals(tmp_path, tiny_tokenizer):
     model = tiny_model("llama", vocab=len(tiny_tokenizer), layers=1, hidden=48)
     with pytest.raises(SlimkitError, match="multiple of 32"):
         slimkit.quantize(model, slimkit.RTNConfig(grid="gguf:q4_0"), None)
-    cbq = slimkit.quant.methods.config_class("cbq")(grid="gguf:q4_k", epochs=1)
-    with pytest.raises(SlimkitError, match="cbq"):
-        slimkit.quantize(tiny_model("llama", hidden=256), cbq, random_ids(2, 8))
+
+
+def test_cbq_learns_rounding_on_the_q2_k_mix_and_exports_exactly(tmp_path, tiny_tokenizer):
+    """CBQ on llama.cpp's Q2_K mix (GPTQ start, learned LoRA rounding): every record lies on
+    its type's stored grid (the file's weights equal the run's in every bit) and the learned
+    rounding moved codes away from GPTQ's start. Catches a learned quantizer whose hardened
+    weight leaves the grid (free scales / clipping) or a mix ignored by CBQ."""
+    cfg = dict(epochs=2, train_batch_size=2, batch_size=2, rank=2, cfp=False, window=1, overlap=0)
+    run = _grid_run(tmp_path, tiny_tokenizer, method="cbq", grid="llama.cpp:q2_k", layers=1, **cfg)
+    qm = load_quantized(run)
+    grids = {n.rsplit(".", 1)[-1]: qw.spec.grid for n, qw in qm.layers.items()}
+    assert grids == {"q_proj": "q2_k", "k_proj": "q2_k", "v_proj": "q3_k", "o_proj": "q3_k",
+                     "gate_proj": "q2_k", "up_proj": "q2_k", "down_proj": "q4_0"}  # fmt: skip
+    r = export(run, tmp_path / "m.gguf", ExportConfig(format="gguf", verify=True))
+    assert r["verify"]["passed"] and r["verify"]["max_abs_weight_diff_vs_reference"] == 0.0
+    gptq = _grid_run(tmp_path, tiny_tokenizer, method="gptq", grid="llama.cpp:q2_k", layers=1)
+    g = load_quantized(gptq).layers
+    assert any(not torch.equal(g[n].codes, qw.codes) for n, qw in qm.layers.items())

@@ -20,7 +20,7 @@ from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, Window
 from slimkit.quant import activations as acts
 from slimkit.quant.cfp import truncated_weight
 from slimkit.quant.methods.awq import AWQ, AWQConfig
-from slimkit.quant.methods.base import QuantConfig, check_widths, register_method
+from slimkit.quant.methods.base import QuantConfig, layer_specs, register_method
 from slimkit.quant.methods.cbq.act_clipping import LearnableActQuant
 from slimkit.quant.methods.cbq.cfp_preprocessing import CFPSteps
 from slimkit.quant.methods.cbq.config import CBQConfig
@@ -59,12 +59,10 @@ class CBQ(CFPSteps, WindowTraining, BlockwiseMethod):
                 "cbq trains quantizer parameters and does not run under torchrun yet; "
                 "run it as a single process (use --device to pick the accelerator)"
             )
-        if self.config.grid != "uniform":
-            raise SlimkitError(
-                "cbq learns its own scales, which a GGUF --grid fixes; cbq on a GGUF grid is not "
-                "there yet: use rtn, gptq or awq with --grid, or cbq with --grid uniform"
-            )
-        check_widths(pipe, self.wspec)
+        self.specs = layer_specs(pipe.model, self.config)
+        for b in range(len(pipe.blocks)):
+            for name, m in pipe.named_linears(b).items():
+                self.specs[name].check_width(weight_of(m, pipe.bmap.transposed).shape[1], name)
         bm = pipe.bmap
         self.cfp_on = self.config.cfp and bool(bm.smooth) and bm.smooth_ok(pipe.model.config)
         if self.config.cfp and not self.cfp_on:
@@ -182,7 +180,7 @@ class CBQ(CFPSteps, WindowTraining, BlockwiseMethod):
                 rng = None
             q = LinearQuantizer(
                 w,
-                self.wspec,
+                self.specs[name],
                 self.config.rounding,
                 self.config.rank,
                 self.config.lora_init,
@@ -241,10 +239,13 @@ class CBQ(CFPSteps, WindowTraining, BlockwiseMethod):
         ]
         hessians = collect_hessians(pipe, block, win.inputs_of(b), shared)
         return {
+            # on a GGUF grid the quantizer fits its grid on the weight itself, and so does GPTQ
             n: gptq_quantize(
-                clipped[n] if n in clipped else weight_of(m, pipe.bmap.transposed).detach().float(),
+                clipped[n]
+                if n in clipped and not self.specs[n].grid
+                else weight_of(m, pipe.bmap.transposed).detach().float(),
                 hessians[n],
-                self.wspec,
+                self.specs[n],
                 act_order=True,
                 static_groups=True,
             )
