@@ -59,7 +59,9 @@ def export(
             "dtype": cfg.dtype,
             "method": qm.meta["method"],
             "quantization": {
-                k: qm.config[k] for k in ("wbits", "group_size", "sym", "abits") if k in qm.config
+                k: qm.config[k]
+                for k in ("wbits", "group_size", "sym", "abits", "grid")
+                if k in qm.config
             },
             "weights_only": cfg.weights_only,
             "layers": len(qm.layers),
