@@ -136,19 +136,24 @@ def check_widths(pipe: BlockwisePipeline, spec: QuantSpec) -> None:
             spec.check_width(weight_of(m, pipe.bmap.transposed).shape[1], name)
 
 
-def layer_specs(model: nn.Module, config: QuantConfig) -> dict[str, QuantSpec]:
-    """{block linear name: its grid}: ``config.weight_spec()`` for all, except that a GGUF grid
-    picks each linear's type as llama.cpp's quantizer does for the file type (including the
-    fallback to a 32-block type where the input width is not a multiple of 256)."""
+def layer_specs(
+    model: nn.Module, config: QuantConfig, bm=None, blocks=None
+) -> dict[str, QuantSpec]:
+    """{block linear name: its grid} under a GGUF grid, each linear's type chosen as llama.cpp's
+    quantizer does for the file type (including the fallback to a 32-block type where the input
+    width is not a multiple of 256); empty for a uniform grid (every linear takes
+    ``config.weight_spec()``). ``bm`` / ``blocks``: the pipeline's block map and blocks (default:
+    the model family's)."""
     from slimkit.llm.block_maps import block_map_for, get_blocks, get_module
     from slimkit.quant.gguf_grids import default_type, tensor_type
 
-    bm = block_map_for(model)
-    blocks = get_blocks(model, bm)
-    c = model.config
+    if default_type(config.grid) is None:
+        return {}
+    bm = bm or block_map_for(model)
+    blocks = blocks if blocks is not None else get_blocks(model, bm)
+    c = getattr(model, "config", None)
     heads = getattr(c, "num_attention_heads", 1) or 1
     n_gqa = heads // (getattr(c, "num_key_value_heads", None) or heads)
-    gguf = default_type(config.grid) is not None
     out = {}
     for i, block in enumerate(blocks):
         for rel in bm.linears():
@@ -157,9 +162,6 @@ def layer_specs(model: nn.Module, config: QuantConfig) -> dict[str, QuantSpec]:
                 continue
             name = f"{bm.blocks}.{i}.{rel}"
             width = weight_of(m, bm.transposed).shape[1]
-            if not gguf:
-                out[name] = config.weight_spec()
-                continue
             t = tensor_type(config.grid, rel, width, i, len(blocks), n_gqa)
             if t is None:
                 raise SlimkitError(
@@ -179,14 +181,16 @@ class WeightQuantMethod(BlockwiseMethod):
         self.aspec = config.act_spec()
 
     def on_start(self, pipe: BlockwisePipeline) -> None:
-        self.specs = layer_specs(pipe.model, self.config)
+        self.specs = layer_specs(pipe.model, self.config, pipe.bmap, pipe.blocks)
         for b in range(len(pipe.blocks)):
             for name, m in pipe.named_linears(b).items():
-                self.specs[name].check_width(weight_of(m, pipe.bmap.transposed).shape[1], name)
+                spec = self.specs.get(name, self.wspec)
+                spec.check_width(weight_of(m, pipe.bmap.transposed).shape[1], name)
         self.spec_by_module = {
             id(m): self.specs[n]
             for b in range(len(pipe.blocks))
             for n, m in pipe.named_linears(b).items()
+            if n in self.specs
         }
 
     def spec_of(self, module: nn.Module) -> QuantSpec:
@@ -235,10 +239,12 @@ def check_model_widths(model: nn.Module, config: QuantConfig) -> None:
     from slimkit.llm.block_maps import block_map_for, get_blocks, get_module
 
     bm = block_map_for(model)
-    specs = layer_specs(model, config)
+    specs = layer_specs(model, config, bm)
     for i, block in enumerate(get_blocks(model, bm)):
         for rel in bm.linears():
             m = get_module(block, rel)
             name = f"{bm.blocks}.{i}.{rel}"
             if m is not None:
-                specs[name].check_width(weight_of(m, bm.transposed).shape[1], name)
+                specs.get(name, config.weight_spec()).check_width(
+                    weight_of(m, bm.transposed).shape[1], name
+                )

@@ -59,7 +59,12 @@ class CBQ(CFPSteps, WindowTraining, BlockwiseMethod):
                 "cbq trains quantizer parameters and does not run under torchrun yet; "
                 "run it as a single process (use --device to pick the accelerator)"
             )
-        self.specs = layer_specs(pipe.model, self.config)
+        specs = layer_specs(pipe.model, self.config, pipe.bmap, pipe.blocks)
+        self.specs = {
+            name: specs.get(name, self.wspec)
+            for b in range(len(pipe.blocks))
+            for name in pipe.named_linears(b)
+        }
         for b in range(len(pipe.blocks)):
             for name, m in pipe.named_linears(b).items():
                 self.specs[name].check_width(weight_of(m, pipe.bmap.transposed).shape[1], name)
