@@ -81,6 +81,39 @@ def test_compressed_tensors_fp32_scales_reload_bit_exact(tmp_path, tiny_tokenize
     assert w["strategy"] == ("channel" if kw["group_size"] == -1 else "group")
 
 
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+def test_compressed_tensors_loads_with_plain_from_pretrained(tmp_path, tiny_tokenizer, sym):
+    """A plain ``AutoModelForCausalLM.from_pretrained(dir)`` (no CompressedTensorsConfig passed)
+    loads the W4 g32 export and gives the logits of slimkit's model with the stored scales.
+    Catches the asymmetric export failing with a weight_zero_point size mismatch ([out / 8,
+    groups] in the file, [out, groups] registered by compressed-tensors 0.20's loader), while the
+    zero points stay packed the way the package's own compressor packs them (what vLLM reads)."""
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.export.base import FORMATS, reference_model
+
+    run = make_run(tmp_path, tiny_tokenizer, wbits=4, group_size=32, sym=sym)
+    cfg = ExportConfig(format="compressed-tensors", dtype="float32")
+    export(run, tmp_path / "ct", cfg)
+    qcfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qcfg.get("dequantize", False) == (not sym)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    qm = load_quantized(run)
+    if not sym:
+        from safetensors.torch import load_file
+
+        zp = load_file(str(tmp_path / "ct" / "model.safetensors"))
+        q = qm.layers["model.layers.0.self_attn.q_proj"]
+        assert zp["model.layers.0.self_attn.q_proj.weight_zero_point"].shape == (
+            q.codes.shape[0] // 8,
+            q.scale.shape[1],
+        )
+    ref = reference_model(qm, FORMATS.get("compressed-tensors")(), cfg).eval()
+    ids = random_ids(2, 16, len(tiny_tokenizer))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+
+
 def test_act_order_g_idx_goes_to_gptq_static_groups_to_compressed_tensors(tmp_path, tiny_tokenizer):
     kw = dict(method="gptq", wbits=4, group_size=32, act_order=True)
     run = make_run(tmp_path, tiny_tokenizer, name="ao", static_groups=False, **kw)
@@ -398,13 +431,12 @@ def _gguf_run(tmp_path, tok, *, hidden=64, tied=False, name="emb", **kw):
     "hidden,tied,kw,choice,want",
     [
         # llama.cpp's rule: the output matrix (or a tied embedding) Q6_K when its width divides
-        # by 256, else Q8_0; Q8_0 in a Q8_0 file; an untied embedding in the file's own type.
-        # slimkit writes no Q6_K yet: Q8_0 in its place (documented; the 256 cases)
+        # by 256, else Q8_0; Q8_0 in a Q8_0 file; an untied embedding in the file's own type
         (64, True, dict(wbits=4, group_size=32), "llama.cpp", {"token_embd.weight": "Q8_0"}),
-        (256, True, dict(wbits=4, group_size=32), "llama.cpp", {"token_embd.weight": "Q8_0"}),
+        (256, True, dict(wbits=4, group_size=32), "llama.cpp", {"token_embd.weight": "Q6_K"}),
         (256, True, dict(wbits=8, group_size=32, sym=True), "llama.cpp", {"token_embd.weight": "Q8_0"}),
         (256, False, dict(wbits=4, group_size=32, sym=True), "llama.cpp",
-         {"token_embd.weight": "Q4_0", "output.weight": "Q8_0"}),
+         {"token_embd.weight": "Q4_0", "output.weight": "Q6_K"}),
         (64, False, dict(wbits=4, group_size=32), "q8_0",
          {"token_embd.weight": "Q8_0", "output.weight": "Q8_0"}),
         (64, False, dict(wbits=4, group_size=32), "f16",

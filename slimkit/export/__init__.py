@@ -41,6 +41,12 @@ def export(
     exporter = FORMATS.get(cfg.format)()
     t0 = time.perf_counter()
     qm: QuantizedModel = exporter.load_source(run_dir)
+    grids = sorted({s.grid for s in qm.specs() if s.grid})
+    if grids and not getattr(exporter, "stores_gguf_grids", False):
+        raise SlimkitError(
+            f"{run_dir} was quantized on GGUF grids ({', '.join(grids)}), which only --format gguf "
+            "stores exactly; quantize with --grid uniform for compressed-tensors / gptq"
+        )
     exporter.check(qm, cfg)
     # written and verified under OUT.partial: a kill, even during --verify, leaves no OUT
     with atomic_output(out, overwrite=overwrite, directory=not exporter.single_file) as tmp:
@@ -53,7 +59,9 @@ def export(
             "dtype": cfg.dtype,
             "method": qm.meta["method"],
             "quantization": {
-                k: qm.config[k] for k in ("wbits", "group_size", "sym", "abits") if k in qm.config
+                k: qm.config[k]
+                for k in ("wbits", "group_size", "sym", "abits", "grid")
+                if k in qm.config
             },
             "weights_only": cfg.weights_only,
             "layers": len(qm.layers),

@@ -138,13 +138,7 @@ def load_quantized(run_dir: str | Path) -> QuantizedModel:
     model, tok = load_model(str(p))
     layers, act_params = {}, {}
     for name, spec in meta["layers"].items():
-        qw = QuantizedWeight(
-            codes=state[f"{name}.codes"],
-            scale=state[f"{name}.scale"].float(),
-            zero=state[f"{name}.zero"].float(),
-            g_idx=state[f"{name}.g_idx"].to(torch.int32),
-            spec=QuantSpec(**spec),
-        )
+        qw = QuantizedWeight.from_tensors(state, name, QuantSpec(**spec))
         module = get_module(model, name)
         if module is None and ".experts." in name:
             raise SlimkitError(

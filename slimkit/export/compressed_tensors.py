@@ -7,6 +7,15 @@ Packing and the ``quantization_config`` come from the compressed-tensors package
 files are what its reader expects. Mapping from slimkit's unsigned codes: signed codes
 ``q - 2^(b-1)``, signed zero points ``z - 2^(b-1)`` (the difference, hence the weight, is unchanged);
 a symmetric grid (z = 2^(b-1)) stores no zero point.
+
+Asymmetric ``pack-quantized``: the zero points are packed along the output dimension, as the
+package's own compressor packs them (what vLLM reads), but compressed-tensors 0.20's loader
+registers them unpacked ([out, groups]) when it prepares a compressed model on the meta
+device, so a plain ``AutoModelForCausalLM.from_pretrained(dir)`` fails with a size mismatch on
+``weight_zero_point`` (checkpoints llm-compressor saves for an asymmetric scheme fail the same
+way; vllm-project/llm-compressor#1618). Such exports declare ``"dequantize": true`` in their
+``quantization_config``, which transformers' ``CompressedTensorsConfig`` reads (the weights are
+then dequantized at load, the path that works) and compressed-tensors / vLLM ignore.
 """
 
 from __future__ import annotations
@@ -152,6 +161,8 @@ class CompressedTensorsExporter(Exporter):
         config = qm.model.config.to_dict()
         config["dtype"] = cfg.dtype
         config["quantization_config"] = qcfg.model_dump(exclude_none=True)
+        if not w8a8 and any(not qw.spec.sym for qw in qm.layers.values()):
+            config["quantization_config"]["dequantize"] = True  # see the module docstring
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(qm, out)
         return {"format": config["quantization_config"]["format"]}

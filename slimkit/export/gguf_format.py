@@ -1,10 +1,14 @@
-"""GGUF files for llama.cpp / ollama / llama-cpp-python (CPU serving): Q4_0, Q4_1 and Q8_0
-blocks of 32 weights written from slimkit's codes through the ``gguf`` package's writer.
+"""GGUF files for llama.cpp / ollama / llama-cpp-python (CPU serving), written from slimkit's
+codes through the ``gguf`` package's writer.
 
-Fit (exact only): Q4_0 = 4-bit symmetric groups of 32 (d = scale, q = code, value d (q - 8));
-Q4_1 = 4-bit asymmetric groups of 32 (d = scale, m = -d zero, value d q + m); Q8_0 = 8-bit
-symmetric groups of 32 (signed code q - 128). Scales and m are stored in fp16, so the reference
-the file is compared with uses the same fp16 numbers.
+Two kinds of runs fit (exactly; slimkit never re-quantizes on export):
+- a uniform grid of groups of 32: Q4_0 = 4-bit symmetric (d = scale, q = code, value d (q - 8));
+  Q4_1 = 4-bit asymmetric (d = scale, m = -d zero, value d q + m); Q8_0 = 8-bit symmetric
+  (signed code q - 128). Scales and m are stored in fp16, so the reference the file is compared
+  with uses the same fp16 numbers;
+- a run quantized on a GGUF grid (``--grid gguf:TYPE`` or ``--grid llama.cpp:FTYPE``, see
+  :mod:`slimkit.quant.gguf_grids`): every linear already holds the exact numbers of its block
+  type (K-quants included), so the file reproduces the run's fake-quant weights bit for bit.
 
 Llama family only (``general.architecture = llama``; Mistral uses the same layout). The rows of
 the q and k projections are permuted from the Hugging Face rotary layout to GGML's as llama.cpp's
@@ -31,6 +35,7 @@ from slimkit.export.base import (
     check_activations,
     unsupported,
 )
+from slimkit.quant import gguf_grids
 from slimkit.quant.quantizer import QuantizedWeight
 
 log = logging.getLogger("slimkit")
@@ -41,6 +46,8 @@ PRE_HINTS = (("smollm", "smollm"), ("qwen", "qwen2"), ("llama-3", "llama-bpe"), 
 
 def gguf_type(qw: QuantizedWeight) -> str | None:
     s = qw.spec
+    if s.grid:
+        return s.ggml.ggml
     if s.group_size != 32:
         return None
     if s.bits == 4:
@@ -63,6 +70,9 @@ def _fp16_bytes(x: torch.Tensor) -> np.ndarray:
 
 def encode_blocks(qw: QuantizedWeight, kind: str) -> np.ndarray:
     """(out, in) codes -> (out, in/32 * block_bytes) uint8 in the GGML block layout."""
+    if qw.spec.grid:
+        p = gguf_grids.GridParams(qw.scale, qw.zero, qw.super_scale)
+        return gguf_grids.encode(qw.codes, p, qw.spec.ggml)
     out, inp = qw.codes.shape
     nb = inp // 32
     codes = qw.codes.reshape(out, nb, 32)
@@ -81,6 +91,8 @@ def encode_blocks(qw: QuantizedWeight, kind: str) -> np.ndarray:
 
 def decode_codes(raw: np.ndarray, kind: str, n_in: int) -> np.ndarray:
     """Independent block reader: uint8 rows of GGML blocks -> (rows, n_in) unsigned codes."""
+    if kind not in ("Q4_0", "Q4_1", "Q8_0"):
+        return gguf_grids.decode_codes(raw, kind, n_in)
     size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
     blocks = raw.reshape(raw.shape[0], n_in // 32, size)
     if kind == "Q8_0":
@@ -93,12 +105,17 @@ def decode_codes(raw: np.ndarray, kind: str, n_in: int) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(raw.shape[0], n_in)
 
 
-@FORMATS.register("gguf", help="GGUF file, Q4_0 / Q4_1 / Q8_0 (llama.cpp, ollama), Llama family")
+@FORMATS.register(
+    "gguf",
+    help="GGUF file (llama.cpp, ollama), Llama family: Q4_0 / Q4_1 / Q8_0 from a uniform grid of "
+    "32, K-quants and llama.cpp's file-type mixes from a --grid gguf:TYPE / llama.cpp:FTYPE run",
+)
 class GGUFExporter(Exporter):
     name = "gguf"
     single_file = True
+    stores_gguf_grids = True
     reader_name = (
-        "transformers GGUF loader (dequantizes Q4_0/Q4_1/Q8_0, undoes the q/k permutation)"
+        "transformers GGUF loader (dequantizes with gguf's reader, undoes the q/k permutation)"
     )
 
     def scale_dtype(self, cfg: ExportConfig) -> torch.dtype:
@@ -117,8 +134,8 @@ class GGUFExporter(Exporter):
                 "Use --format compressed-tensors or gptq."
             )
         fits = (
-            "--wbits 4 --group-size 32 (Q4_1), --wbits 4 --group-size 32 --sym (Q4_0) or "
-            "--wbits 8 --group-size 32 --sym (Q8_0)"
+            "--grid llama.cpp:q4_k_m (or another GGUF grid), --wbits 4 --group-size 32 (Q4_1), "
+            "--wbits 4 --group-size 32 --sym (Q4_0) or --wbits 8 --group-size 32 --sym (Q8_0)"
         )
         for name, qw in qm.layers.items():
             if gguf_type(qw) is None:
@@ -129,6 +146,8 @@ class GGUFExporter(Exporter):
         self._tokenizer_json(qm)
 
     def reference_weight(self, qw: QuantizedWeight, cfg: ExportConfig) -> torch.Tensor:
+        if qw.spec.grid:  # the run's own numbers are the stored ones
+            return qw.dequantize()
         idx = qw.g_idx.long()
         d = qw.scale.half().float()
         if gguf_type(qw) == "Q4_1":
@@ -149,42 +168,48 @@ class GGUFExporter(Exporter):
         return data
 
     @staticmethod
+    def file_default(qm: QuantizedModel) -> str | None:
+        """The file type's default GGML type (lower case): the grid's, or the one type of a
+        uniform run's linears; None when nothing is quantized."""
+        t = gguf_grids.default_type(qm.config.get("grid", "uniform"))
+        if t is not None:
+            return t
+        kinds = {gguf_type(qw) for qw in qm.layers.values()}
+        return sorted(kinds)[0].lower() if kinds else None
+
+    @staticmethod
     def embedding_types(qm: QuantizedModel, cfg: ExportConfig) -> dict[str, str]:
         """GGML types of the token embedding and the output matrix, by Hugging Face name; an
         absent name is stored unquantized. ``llama.cpp`` follows llama.cpp's quantizer
         (``llama_tensor_get_type``): the output matrix (or the embedding when they are tied) is
-        Q6_K, falling back to Q8_0 when its width is not a multiple of 256 or the file is Q8_0;
-        an untied embedding takes the file's type.
-
-        Not yet: slimkit writes no Q6_K (gguf's Python package only reads it), so where llama.cpp
-        picks Q6_K this writes Q8_0 (8.5 instead of 6.56 bits per value) and logs it."""
-        kinds = {gguf_type(qw) for qw in qm.layers.values()}
-        if not kinds or cfg.gguf_embeddings == "f16":
+        Q6_K, Q8_0 when its width is not a multiple of the file type's block or of 256, or the
+        file is Q8_0; an untied embedding takes the file's default type (with the width
+        fallback of :func:`slimkit.quant.gguf_grids.with_fallback`)."""
+        default = GGUFExporter.file_default(qm)
+        if default is None or cfg.gguf_embeddings == "f16":
             return {}
-        file_kind = sorted(kinds)[0]
         c = qm.model.config
-        if cfg.gguf_embeddings == "q8_0" or file_kind == "Q8_0":
-            out_kind = emb_kind = "Q8_0"
+        if cfg.gguf_embeddings == "q8_0":
+            out_kind = emb_kind = "q8_0"
         else:
-            out_kind = "Q8_0"  # llama.cpp: Q8_0 here, or Q6_K for widths divisible by 256
-            if c.hidden_size % 256 == 0:
-                log.warning(
-                    "GGUF: llama.cpp stores the output matrix of this width as Q6_K; slimkit "
-                    "writes Q8_0 (no Q6_K writer yet), so the file is slightly larger"
-                )
-            emb_kind = file_kind
-        if getattr(c, "tie_word_embeddings", False):
-            return {"model.embed_tokens.weight": out_kind}
-        return {"model.embed_tokens.weight": emb_kind, "lm_head.weight": out_kind}
+            out_kind = gguf_grids.output_type(default, c.hidden_size)
+            emb_kind = gguf_grids.with_fallback(default, c.hidden_size)
+        kinds = {"model.embed_tokens.weight": out_kind}
+        if not getattr(c, "tie_word_embeddings", False):
+            kinds = {"model.embed_tokens.weight": emb_kind, "lm_head.weight": out_kind}
+        return {k: v.upper() for k, v in kinds.items() if v is not None}
 
     @staticmethod
     def _ggml_quantize(t: torch.Tensor, kind: str) -> np.ndarray:
-        """llama.cpp's reference quantization (gguf's port of it) of ``t`` as read from an F16
-        file: the bytes of the GGML blocks."""
+        """The bytes of the GGML blocks of ``t`` as read from an F16 file: llama.cpp's reference
+        quantization (gguf's port of it) for the 32-block types, slimkit's round to nearest on
+        the type's grid for the K-quants (gguf's package has no K-quant writer)."""
         import gguf
 
-        x = t.detach().half().float().numpy()
-        return gguf.quants.quantize(x, getattr(gguf.GGMLQuantizationType, kind))
+        x = t.detach().half().float()
+        if kind in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"):
+            return gguf.quants.quantize(x.numpy(), getattr(gguf.GGMLQuantizationType, kind))
+        return gguf_grids.quantize_tensor(x, kind)[0]
 
     def stored_tensor(
         self, name: str, t: torch.Tensor, qm: QuantizedModel, cfg: ExportConfig
@@ -210,7 +235,11 @@ class GGUFExporter(Exporter):
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
         w = gguf.GGUFWriter(str(out), "llama")
         kinds = {gguf_type(qw) for qw in qm.layers.values()}
-        ftype = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[sorted(kinds)[0]] if kinds else 1  # 1: F16
+        grid = qm.config.get("grid", "uniform")
+        if gguf_grids.default_type(grid) is not None:
+            ftype = gguf_grids.file_type(grid)
+        else:
+            ftype = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[sorted(kinds)[0]] if kinds else 1  # 1: F16
         self._metadata(w, qm, ftype, cfg)
         heads = self._permutations(model)
         tied = getattr(c, "tie_word_embeddings", False)
@@ -228,8 +257,9 @@ class GGUFExporter(Exporter):
                 kind = gguf_type(qw)
                 if short in heads:
                     perm = rope_permutation(qw.codes.shape[0], heads[short])
+                    sup = None if qw.super_scale is None else qw.super_scale[perm]
                     qw = QuantizedWeight(
-                        qw.codes[perm], qw.scale[perm], qw.zero[perm], qw.g_idx, qw.spec
+                        qw.codes[perm], qw.scale[perm], qw.zero[perm], qw.g_idx, qw.spec, sup
                     )
                 w.add_tensor(
                     gname,

@@ -38,12 +38,8 @@ class QuantRecords(BlockState):
         for name, spec_json in meta.items():
             if name.startswith("@"):
                 continue
-            pipe.records[name] = QuantizedWeight(
-                codes=tensors[f"@q.{name}.codes"],
-                scale=tensors[f"@q.{name}.scale"],
-                zero=tensors[f"@q.{name}.zero"],
-                g_idx=tensors[f"@q.{name}.g_idx"],
-                spec=QuantSpec(**json.loads(spec_json)),
+            pipe.records[name] = QuantizedWeight.from_tensors(
+                tensors, f"@q.{name}", QuantSpec(**json.loads(spec_json))
             )
             used.add(name)
         return used

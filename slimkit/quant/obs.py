@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from slimkit.core.errors import SlimkitError
-from slimkit.quant.quantizer import QuantSpec, fit_params, quantize
+from slimkit.quant.quantizer import QuantSpec, dequantize_on, fit_params, quantize_on
 
 
 class HessianAccumulator:
@@ -221,9 +221,11 @@ def obs_sweep(
                         s, z = scale[:, orig // g], zero[:, orig // g]
                     else:
                         s, z = scale[:, c // g], zero[:, c // g]
-                    qc = quantize(q, s, z, spec.bits)
+                    qc = quantize_on(q, s, z, spec)
                     codes[:, c] = qc
-                    q = s * (qc - z)  # pruned entries stay exactly 0: 0 is on every grid
+                    # pruned entries stay exactly 0: 0 is on every uniform grid (a GGUF grid
+                    # with minimums may lack it, keep_zero then gets the nearest value)
+                    q = dequantize_on(qc, s, z, spec)
                 err = (col - q) / Hinv1[i, i]
                 W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
                 W1[:, i] = q

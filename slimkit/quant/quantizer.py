@@ -34,15 +34,26 @@ class QuantSpec:
         sym: symmetric grid (fixed zero point 2^(b-1)) instead of asymmetric min-max.
         clip: ``minmax`` (full range) or ``mse`` (shrink the range to minimise the error
             sum |w - w_hat|^2.4, GPTQ's grid of 100 steps down to 0.2).
+        grid: "" for the uniform grid above, or a GGUF block type (``q4_k``, ``q3_k``, ...,
+            ``q4_0``; see :mod:`slimkit.quant.gguf_grids`): bits, group size (the sub-block) and
+            symmetry then follow the type, and scales are stored the way llama.cpp stores them.
     """
 
     bits: int = 4
     group_size: int = -1
     sym: bool = False
     clip: str = "minmax"
+    grid: str = ""
 
     def __post_init__(self) -> None:
         validate_bits(self.bits, "weight bits")
+        if self.grid:
+            t = self.ggml
+            if (self.bits, self.group_size, self.sym) != (t.bits, t.sub, not t.offset):
+                raise SlimkitError(
+                    f"grid {self.grid}: bits {self.bits}, group size {self.group_size}, sym "
+                    f"{self.sym} do not match the type ({t.bits}, {t.sub}, {not t.offset})"
+                )
         if self.group_size < -1:
             raise SlimkitError(
                 f"group size {self.group_size} is invalid; use -1 (per channel), 0 (per tensor) or g > 0"
@@ -56,7 +67,33 @@ class QuantSpec:
     def qmax(self) -> int:
         return 2**self.bits - 1
 
+    @property
+    def ggml(self):
+        """The GGUF block type of a ``grid`` spec (see :mod:`slimkit.quant.gguf_grids`)."""
+        from slimkit.quant.gguf_grids import ggml_type
+
+        return ggml_type(self.grid)
+
+    @property
+    def offset_form(self) -> bool:
+        """Dequantization is ``scale * q - zero`` (``zero`` holds the offset M of a GGUF type
+        with minimums) instead of ``scale * (q - zero)``."""
+        return bool(self.grid) and self.ggml.offset
+
+    @staticmethod
+    def for_ggml(name: str, clip: str = "minmax") -> QuantSpec:
+        from slimkit.quant.gguf_grids import ggml_type
+
+        t = ggml_type(name)
+        return QuantSpec(bits=t.bits, group_size=t.sub, sym=not t.offset, clip=clip, grid=t.name)
+
     def check_width(self, in_features: int, name: str = "layer") -> None:
+        if self.grid and in_features % self.ggml.block:
+            raise SlimkitError(
+                f"GGUF {self.ggml.ggml} stores blocks of {self.ggml.block} weights; the input width "
+                f"{in_features} of {name} is not a multiple (llama.cpp's file types fall back to "
+                "a 32-block type there: use --grid llama.cpp:FTYPE)"
+            )
         if self.group_size > 0 and in_features % self.group_size:
             divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
             raise SlimkitError(
@@ -141,6 +178,19 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return scale * (q - zero)
 
 
+def quantize_on(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec):
+    """Nearest codes on ``spec``'s grid (uniform, or a GGUF type's, whose steps may be 0)."""
+    if not spec.grid:
+        return quantize(x, scale, zero, spec.bits)
+    from slimkit.quant.gguf_grids import quantize_codes
+
+    return quantize_codes(x, scale, zero, spec.ggml)
+
+
+def dequantize_on(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec):
+    return scale * q - zero if spec.offset_form else scale * (q - zero)
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() forward, identity backward (straight-through estimator)."""
     return (torch.round(x) - x).detach() + x
@@ -156,7 +206,10 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
 class QuantizedWeight:
     """The exact integer form of a quantized linear weight (what exporters pack).
 
-    ``weight = scale[:, g_idx] * (codes - zero[:, g_idx])`` with codes in [0, 2^bits - 1].
+    ``weight = scale[:, g_idx] * (codes - zero[:, g_idx])`` with codes in [0, 2^bits - 1]; on a
+    GGUF grid with minimums (``spec.offset_form``) ``weight = scale * codes - zero`` instead
+    (``zero`` is the offset M), and ``super_scale`` (out, in / 256, 2) holds a K-quant's fp16
+    super-block scales d and dmin (scale = d * sub-block scale code, exactly).
     """
 
     codes: torch.Tensor  # uint8 (out, in)
@@ -164,18 +217,34 @@ class QuantizedWeight:
     zero: torch.Tensor  # float32 (out, groups), integer-valued
     g_idx: torch.Tensor  # int32 (in,), group of each input column
     spec: QuantSpec
+    super_scale: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         idx = self.g_idx.long()  # per tensor: (1, in) broadcasts over the rows
-        return dequantize(self.codes.float(), self.scale[:, idx], self.zero[:, idx])
+        return dequantize_on(self.codes.float(), self.scale[:, idx], self.zero[:, idx], self.spec)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             f"{prefix}.codes": self.codes,
             f"{prefix}.scale": self.scale,
             f"{prefix}.zero": self.zero,
             f"{prefix}.g_idx": self.g_idx,
         }
+        if self.super_scale is not None:
+            out[f"{prefix}.super_scale"] = self.super_scale
+        return out
+
+    @staticmethod
+    def from_tensors(state: dict, prefix: str, spec: QuantSpec) -> QuantizedWeight:
+        """The inverse of :meth:`tensors` (``state``: a safetensors dict)."""
+        return QuantizedWeight(
+            codes=state[f"{prefix}.codes"],
+            scale=state[f"{prefix}.scale"].float(),
+            zero=state[f"{prefix}.zero"].float(),
+            g_idx=state[f"{prefix}.g_idx"].to(torch.int32),
+            spec=spec,
+            super_scale=state.get(f"{prefix}.super_scale"),
+        )
 
 
 def trivial_g_idx(in_features: int, group_size: int) -> torch.Tensor:
@@ -184,10 +253,23 @@ def trivial_g_idx(in_features: int, group_size: int) -> torch.Tensor:
     return (torch.arange(in_features) // group_size).to(torch.int32)
 
 
+def fit_grid(w: torch.Tensor, spec: QuantSpec):
+    """GGUF grid parameters of ``w`` (see :func:`slimkit.quant.gguf_grids.fit`)."""
+    from slimkit.quant.gguf_grids import fit
+
+    return fit(w, spec.ggml, spec.clip)
+
+
 def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest quantization of a whole (out, in) weight."""
     out, inp = w.shape
     spec.check_width(inp)
+    if spec.grid:
+        p = fit_grid(w, spec)
+        g_idx = trivial_g_idx(inp, spec.group_size)
+        idx = g_idx.long()
+        codes = quantize_on(w.float(), p.scale[:, idx], p.zero[:, idx], spec)
+        return QuantizedWeight(codes.to(torch.uint8), p.scale, p.zero, g_idx, spec, p.super)
     scale, zero = fit_params(w, spec)
     g_idx = trivial_g_idx(inp, spec.group_size)
     if spec.group_size == 0:

@@ -343,7 +343,7 @@ class AWQ(WeightQuantMethod):
                 continue
             w = weight_of(m, T).detach().float()
             mv = search_clip(
-                w, H[leader[rel]], self.wspec, self.config.clip_grid, self.config.max_shrink
+                w, H[leader[rel]], self.spec_of(m), self.config.clip_grid, self.config.max_shrink
             )
             wg = w.reshape(w.shape[0], mv.shape[1], -1)
             out[rel] = torch.clamp(wg, -mv[..., None], mv[..., None]).reshape(w.shape)
@@ -361,7 +361,7 @@ class AWQ(WeightQuantMethod):
         self.attach_activation_quantizers(win, b)
         for name, m in win.named_linears(b).items():
             w = weight_of(m, pipe.bmap.transposed).detach().clone().float()
-            qw = quantize_weight(w, self.wspec)
+            qw = quantize_weight(w, self.spec_of(m))
             self.write(pipe, name, m, qw)
             err = output_error(w, qw.dequantize().to(w), H[leader[name[len(prefix) :]]])
             pipe.log.append({"window": win.index, "layer": name, "out_err": err})
@@ -377,7 +377,10 @@ class AWQ(WeightQuantMethod):
         err0 = math.inf
         w_mean = None
         if self.config.duo_scaling:
-            w_mean = weight_means([w.float() for w in orig.values()], self.wspec.group_size)
+            w_mean = weight_means(
+                [w.float() for w in orig.values()],
+                self.spec_of(next(iter(mods.values()))).group_size,
+            )
         try:
             for i, (ratio, duo) in enumerate(
                 scale_grid(self.config.n_grid, self.config.duo_scaling)
@@ -386,16 +389,17 @@ class AWQ(WeightQuantMethod):
                 if parent is None:
                     err = 0.0
                     n_out = 0
-                    for w in orig.values():
+                    for c, w in orig.items():
                         wf = w.float()
-                        d = fake_quant_weight(wf * s[None, :], self.wspec) / s[None, :] - wf
+                        spec = self.spec_of(mods[c])
+                        d = fake_quant_weight(wf * s[None, :], spec) / s[None, :] - wf
                         err += float(torch.einsum("oi,ij,oj->", d.double(), H.double(), d.double()))
                         n_out += w.shape[0]
                     err /= max(n_out, 1)
                 else:
                     for c, m in mods.items():
                         wf = orig[c].float()
-                        q = fake_quant_weight(wf * s[None, :], self.wspec) / s[None, :]
+                        q = fake_quant_weight(wf * s[None, :], self.spec_of(m)) / s[None, :]
                         set_weight(m, q.to(m.weight), T)
                     tot = torch.zeros((), dtype=torch.float64, device=pipe.device)
                     cnt = torch.zeros((), dtype=torch.float64, device=pipe.device)

@@ -59,6 +59,16 @@ class QuantConfig(PipelineFields):
         "run then needs slimkit to load, no export format carries it"
     )
     rotate_seed: int = field(default=0, metadata={"help": "seed of the rotations"})
+    grid: str = field(
+        default="uniform",
+        metadata={
+            "help": "weight grid: uniform (--wbits / --group-size / --sym), gguf:TYPE (every linear "
+            "on one llama.cpp block type: q4_k, q3_k, q2_k, q5_k, q6_k, q4_0, q4_1, q5_0, q5_1, "
+            "q8_0, with llama.cpp's fallback for widths not a multiple of 256) or llama.cpp:FTYPE "
+            "(llama.cpp's per-tensor mix of a file type: q4_k_m, q3_k_m, q2_k, ...); a GGUF grid "
+            "sets bits, group size and symmetry itself"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("rotate", "rotate_down"):
@@ -68,12 +78,23 @@ class QuantConfig(PipelineFields):
                     f"choose one of: {', '.join(ROTATIONS)}"
                 )
         validate_bits(self.wbits, "--wbits")
+        from slimkit.quant.gguf_grids import default_type
+
+        if default_type(self.grid) is not None and self.abits != 16:
+            raise SlimkitError("a GGUF --grid stores weights only; use --abits 16")
         if self.abits != 16:
             validate_bits(self.abits, "--abits")
         self.weight_spec()
         self.act_spec()
 
     def weight_spec(self) -> QuantSpec:
+        """The grid of every linear (a GGUF grid: of the file type's default tensors; see
+        :func:`layer_specs` for each linear's own)."""
+        from slimkit.quant.gguf_grids import default_type
+
+        t = default_type(self.grid)
+        if t is not None:
+            return QuantSpec.for_ggml(t, self.clip)
         return QuantSpec(bits=self.wbits, group_size=self.group_size, sym=self.sym, clip=self.clip)
 
     def act_spec(self) -> ActSpec | None:
@@ -82,6 +103,8 @@ class QuantConfig(PipelineFields):
         return ActSpec(bits=self.abits, granularity=self.act_granularity, sym=self.act_sym)
 
     def scheme(self) -> str:
+        if self.grid != "uniform":
+            return self.grid
         g = (
             ""
             if self.group_size == -1
@@ -113,6 +136,42 @@ def check_widths(pipe: BlockwisePipeline, spec: QuantSpec) -> None:
             spec.check_width(weight_of(m, pipe.bmap.transposed).shape[1], name)
 
 
+def layer_specs(
+    model: nn.Module, config: QuantConfig, bm=None, blocks=None
+) -> dict[str, QuantSpec]:
+    """{block linear name: its grid} under a GGUF grid, each linear's type chosen as llama.cpp's
+    quantizer does for the file type (including the fallback to a 32-block type where the input
+    width is not a multiple of 256); empty for a uniform grid (every linear takes
+    ``config.weight_spec()``). ``bm`` / ``blocks``: the pipeline's block map and blocks (default:
+    the model family's)."""
+    from slimkit.llm.block_maps import block_map_for, get_blocks, get_module
+    from slimkit.quant.gguf_grids import default_type, tensor_type
+
+    if default_type(config.grid) is None:
+        return {}
+    bm = bm or block_map_for(model)
+    blocks = blocks if blocks is not None else get_blocks(model, bm)
+    c = getattr(model, "config", None)
+    heads = getattr(c, "num_attention_heads", 1) or 1
+    n_gqa = heads // (getattr(c, "num_key_value_heads", None) or heads)
+    out = {}
+    for i, block in enumerate(blocks):
+        for rel in bm.linears():
+            m = get_module(block, rel)
+            if m is None:
+                continue
+            name = f"{bm.blocks}.{i}.{rel}"
+            width = weight_of(m, bm.transposed).shape[1]
+            t = tensor_type(config.grid, rel, width, i, len(blocks), n_gqa)
+            if t is None:
+                raise SlimkitError(
+                    f"{name}: input width {width} is not a multiple of 32, which every GGUF "
+                    "block type needs (llama.cpp keeps such a tensor in F16); use --grid uniform"
+                )
+            out[name] = QuantSpec.for_ggml(t, config.clip)
+    return out
+
+
 class WeightQuantMethod(BlockwiseMethod):
     """Base of RTN / GPTQ: activation quantizers first, then each linear's weight."""
 
@@ -122,7 +181,21 @@ class WeightQuantMethod(BlockwiseMethod):
         self.aspec = config.act_spec()
 
     def on_start(self, pipe: BlockwisePipeline) -> None:
-        check_widths(pipe, self.wspec)
+        self.specs = layer_specs(pipe.model, self.config, pipe.bmap, pipe.blocks)
+        for b in range(len(pipe.blocks)):
+            for name, m in pipe.named_linears(b).items():
+                spec = self.specs.get(name, self.wspec)
+                spec.check_width(weight_of(m, pipe.bmap.transposed).shape[1], name)
+        self.spec_by_module = {
+            id(m): self.specs[n]
+            for b in range(len(pipe.blocks))
+            for n, m in pipe.named_linears(b).items()
+            if n in self.specs
+        }
+
+    def spec_of(self, module: nn.Module) -> QuantSpec:
+        """The grid of one block linear (its GGUF type under a per-tensor mix)."""
+        return getattr(self, "spec_by_module", {}).get(id(module), self.wspec)
 
     def attach_activation_quantizers(self, win: Window, block_id: int) -> None:
         if self.aspec is None:
@@ -166,9 +239,12 @@ def check_model_widths(model: nn.Module, config: QuantConfig) -> None:
     from slimkit.llm.block_maps import block_map_for, get_blocks, get_module
 
     bm = block_map_for(model)
-    spec = config.weight_spec()
+    specs = layer_specs(model, config, bm)
     for i, block in enumerate(get_blocks(model, bm)):
         for rel in bm.linears():
             m = get_module(block, rel)
+            name = f"{bm.blocks}.{i}.{rel}"
             if m is not None:
-                spec.check_width(weight_of(m, bm.transposed).shape[1], f"{bm.blocks}.{i}.{rel}")
+                specs.get(name, config.weight_spec()).check_width(
+                    weight_of(m, bm.transposed).shape[1], name
+                )

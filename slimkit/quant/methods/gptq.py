@@ -19,7 +19,13 @@ from slimkit.llm.block_maps import get_module, weight_of
 from slimkit.llm.pipeline import Window
 from slimkit.quant.methods.base import QuantConfig, WeightQuantMethod, output_error, register_method
 from slimkit.quant.obs import collect_hessians, inverse_factor, obs_sweep
-from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, fit_params, quantize_weight
+from slimkit.quant.quantizer import (
+    QuantizedWeight,
+    QuantSpec,
+    fit_grid,
+    fit_params,
+    quantize_weight,
+)
 
 
 @dataclass
@@ -75,6 +81,11 @@ def gptq_quantize(
     """Quantize ``w`` (out, in) given the input Hessian ``H`` (in, in); returns the integer form.
 
     ``keep_zero``: bool (out, in) of entries that must stay exactly zero (a pruning mask).
+
+    On a GGUF grid (``spec.grid``) every scale is fixed before the sweep: the super-block and
+    sub-block scales (and mins) are fit on the original weight, as static groups, because a
+    K-quant's super-block scale depends on all 256 columns of the block while the sweep changes
+    them one at a time; the sweep then chooses the codes on that fixed, stored grid.
     """
     cols = w.shape[1]
     g = spec.group_size
@@ -83,9 +94,13 @@ def gptq_quantize(
     spec.check_width(cols)
     if not bool(torch.diagonal(H).any()):  # no input reached it (an expert no token was routed
         return quantize_weight(w.float(), spec)  # to): nothing to weigh, round to nearest
-    groups = None
-    if g > 0 and static_groups:  # (rows, cols // g) each, on the original columns
-        groups = fit_params(w.float() * ~keep_zero if keep_zero is not None else w.float(), spec)
+    groups, sup = None, None
+    w0 = w.float() * ~keep_zero if keep_zero is not None else w.float()
+    if spec.grid:
+        p = fit_grid(w0, spec)
+        groups, sup = (p.scale, p.zero), p.super
+    elif g > 0 and static_groups:  # (rows, cols // g) each, on the original columns
+        groups = fit_params(w0, spec)
     W, Hinv, perm = inverse_factor(w, H, damp=damp, act_order=act_order)
     if keep_zero is not None and perm is not None:
         keep_zero = keep_zero[:, perm]
@@ -110,6 +125,7 @@ def gptq_quantize(
         zero=res.zero.cpu(),
         g_idx=g_idx.cpu(),
         spec=spec,
+        super_scale=None if sup is None else sup.cpu(),
     )
 
 
@@ -143,14 +159,15 @@ class GPTQ(WeightQuantMethod):
                     qw = gptq_quantize(
                         w,
                         H,
-                        self.wspec,
+                        self.spec_of(m),
                         damp=self.config.damp,
                         block_size=self.config.block_size,
                         act_order=self.config.act_order,
                         static_groups=self.config.static_groups,
                         keep_zero=(w == 0) if self.config.keep_zeros else None,
                     )
-                    for t in (qw.codes, qw.scale, qw.zero, qw.g_idx):
+                    extra = () if qw.super_scale is None else (qw.super_scale,)
+                    for t in (qw.codes, qw.scale, qw.zero, qw.g_idx, *extra):
                         dist.broadcast(t)  # every rank keeps rank 0's result, bit for bit
                     self.write(pipe, n, m, qw)
                     entry = {

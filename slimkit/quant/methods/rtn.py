@@ -29,7 +29,7 @@ class RTN(WeightQuantMethod):
                 w = (
                     weight_of(m, pipe.bmap.transposed).detach().clone().float()
                 )  # the write below is in place
-                qw = quantize_weight(w, self.wspec)
+                qw = quantize_weight(w, self.spec_of(m))
                 self.write(pipe, name, m, qw)
                 err = float(((qw.dequantize() - w).norm() / w.norm().clamp(min=1e-30)) ** 2)
                 pipe.log.append({"window": win.index, "layer": name, "weight_rel_err": err})

@@ -20,7 +20,7 @@ from slimkit.llm.pipeline import BlockwiseMethod, BlockwisePipeline, Window
 from slimkit.quant import activations as acts
 from slimkit.quant.cfp import truncated_weight
 from slimkit.quant.methods.awq import AWQ, AWQConfig
-from slimkit.quant.methods.base import QuantConfig, check_widths, register_method
+from slimkit.quant.methods.base import QuantConfig, layer_specs, register_method
 from slimkit.quant.methods.cbq.act_clipping import LearnableActQuant
 from slimkit.quant.methods.cbq.cfp_preprocessing import CFPSteps
 from slimkit.quant.methods.cbq.config import CBQConfig
@@ -59,7 +59,15 @@ class CBQ(CFPSteps, WindowTraining, BlockwiseMethod):
                 "cbq trains quantizer parameters and does not run under torchrun yet; "
                 "run it as a single process (use --device to pick the accelerator)"
             )
-        check_widths(pipe, self.wspec)
+        specs = layer_specs(pipe.model, self.config, pipe.bmap, pipe.blocks)
+        self.specs = {
+            name: specs.get(name, self.wspec)
+            for b in range(len(pipe.blocks))
+            for name in pipe.named_linears(b)
+        }
+        for b in range(len(pipe.blocks)):
+            for name, m in pipe.named_linears(b).items():
+                self.specs[name].check_width(weight_of(m, pipe.bmap.transposed).shape[1], name)
         bm = pipe.bmap
         self.cfp_on = self.config.cfp and bool(bm.smooth) and bm.smooth_ok(pipe.model.config)
         if self.config.cfp and not self.cfp_on:
@@ -177,7 +185,7 @@ class CBQ(CFPSteps, WindowTraining, BlockwiseMethod):
                 rng = None
             q = LinearQuantizer(
                 w,
-                self.wspec,
+                self.specs[name],
                 self.config.rounding,
                 self.config.rank,
                 self.config.lora_init,
@@ -236,10 +244,13 @@ class CBQ(CFPSteps, WindowTraining, BlockwiseMethod):
         ]
         hessians = collect_hessians(pipe, block, win.inputs_of(b), shared)
         return {
+            # on a GGUF grid the quantizer fits its grid on the weight itself, and so does GPTQ
             n: gptq_quantize(
-                clipped[n] if n in clipped else weight_of(m, pipe.bmap.transposed).detach().float(),
+                clipped[n]
+                if n in clipped and not self.specs[n].grid
+                else weight_of(m, pipe.bmap.transposed).detach().float(),
                 hessians[n],
-                self.wspec,
+                self.specs[n],
                 act_order=True,
                 static_groups=True,
             )

@@ -10,7 +10,14 @@ import math
 import torch
 from torch import nn
 
-from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, _grouped, trivial_g_idx
+from slimkit.quant.quantizer import (
+    QuantizedWeight,
+    QuantSpec,
+    _grouped,
+    dequantize_on,
+    fit_grid,
+    trivial_g_idx,
+)
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 
@@ -49,6 +56,11 @@ class LinearQuantizer(nn.Module):
 
     ``weight(w, hard)`` returns the fake-quantized weight (out, in); ``hard=True`` uses hardened
     rounding and equals ``harden(w).dequantize()`` exactly.
+
+    On a GGUF grid (``spec.grid``) the scales are llama.cpp's (fp16 super-block scales, integer
+    sub-block scales and mins), fit on the current weight as RTN fits them; the clipping factors
+    are not used (the grid has no free float range) and only the rounding (and the migration
+    scales upstream) are learned.
     """
 
     def __init__(
@@ -97,14 +109,14 @@ class LinearQuantizer(nn.Module):
         if not init or rounding == "nearest":
             return
         with torch.no_grad():
-            s, _ = self.scale_zero(w)
-            frac = (_grouped(w.float(), spec) / s).reshape(out, inp)
+            x, _, _, _ = self._scaled(w)
+            frac = x.reshape(out, inp)
             v_star = rounding_logits(frac - torch.floor(frac))
             self.start_mismatch = 0.0
             if start is not None:  # h = 1 where GPTQ rounded up; margin = distance from 1/2
-                _, z = self.scale_zero(w)
+                x, _, _, shift = self._scaled(w)
                 codes = _grouped(start.codes.to(w.device).float(), spec)
-                d = (codes - z - torch.floor(_grouped(w.float(), spec) / s)).reshape(out, inp)
+                d = (codes - shift - torch.floor(x)).reshape(out, inp)
                 self.start_mismatch = float(((d < 0) | (d > 1)).float().mean())
                 v_star = torch.where(d >= 1, 1.0, -1.0) * v_star.abs().clamp(min=0.5)
             if rounding == "full":
@@ -125,7 +137,18 @@ class LinearQuantizer(nn.Module):
             return self.a1.numel() + self.a2.numel()
         return self.v.numel() if self.rounding == "full" else 0
 
+    def _grid(self, w: torch.Tensor):
+        with torch.no_grad():
+            return fit_grid(w.detach().float(), self.spec)
+
+    def _super(self, w: torch.Tensor) -> torch.Tensor | None:
+        sup = self._grid(w).super if self.spec.grid else None
+        return None if sup is None else sup.cpu()
+
     def scale_zero(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.grid:  # (out, groups, 1): S and Z (or the offset M) of the stored grid
+            p = self._grid(w)
+            return p.scale[..., None], p.zero[..., None]
         qmax = self.spec.qmax
         lo, hi = _group_range(w, self.spec)
         hi = torch.sigmoid(self.up) * hi
@@ -145,10 +168,20 @@ class LinearQuantizer(nn.Module):
             return rectified_sigmoid(self.v)
         return None
 
+    def _scaled(self, w: torch.Tensor):
+        """(w on the code axis before the shift, scale, zero, shift): codes = round(x) + shift."""
+        s, z = self.scale_zero(w)
+        wg = _grouped(w.float(), self.spec)
+        if not self.spec.grid:
+            return wg / s, s, z, z
+        safe = torch.where(s != 0, s, torch.ones_like(s))  # a dead sub-block: any code, same value
+        if self.spec.offset_form:  # w = S q - M
+            return (wg + z) / safe, s, z, torch.zeros_like(z)
+        return wg / safe, s, z, z
+
     def codes(self, w: torch.Tensor, hard: bool) -> tuple[torch.Tensor, ...]:
         """(codes (grouped, float, soft unless hard), scale, zero)."""
-        s, z = self.scale_zero(w)
-        x = _grouped(w.float(), self.spec) / s
+        x, s, z, shift = self._scaled(w)
         h = self.h()
         if h is None:
             q = torch.round(x) if hard else _round_ste(x)
@@ -161,11 +194,11 @@ class LinearQuantizer(nn.Module):
                 q = _floor_ste(x) + h
             else:  # hardened forward, gradient into h (straight-through)
                 q = _floor_ste(x) + (hard_h - h).detach() + h
-        return torch.clamp(q + z, 0, self.spec.qmax), s, z
+        return torch.clamp(q + shift, 0, self.spec.qmax), s, z
 
     def weight(self, w: torch.Tensor, hard: bool = False) -> torch.Tensor:
         q, s, z = self.codes(w, hard)
-        return (s * (q - z)).reshape(w.shape)
+        return dequantize_on(q, s, z, self.spec).reshape(w.shape)
 
     def reg(self, beta: float) -> torch.Tensor:
         """Mean of AdaRound's 1 - |2h - 1|^beta over the weights (0 once h is binary)."""
@@ -185,6 +218,7 @@ class LinearQuantizer(nn.Module):
             zero=z.reshape(z.shape[0], -1).cpu(),
             g_idx=trivial_g_idx(inp, g),
             spec=self.spec,
+            super_scale=self._super(w),
         )
 
     @torch.no_grad()
