@@ -44,7 +44,9 @@ def test_every_trainer_is_registered():
     # a trainer module that forgot to register would silently escape every test below
     assert {"train-classifier", "distill", "train-lm", "sam-train"} <= set(NAMES)
     assert {"lvm-tokenizer", "lvm-train", "lvm-distill"} <= set(NAMES)
-    assert {"sr-rrdb", "sr-diffusion"} <= set(NAMES)  # a pillar without __init__.py is not discovered
+    assert {"sr-rrdb", "sr-diffusion"} <= set(
+        NAMES
+    )  # a pillar without __init__.py is not discovered
 
 
 @pytest.mark.parametrize("name", NAMES)
