@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ROOT, machine_line, mean_std  # noqa: E402
+from tinysam import ensure_teacher  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "tinysam"
@@ -128,16 +129,11 @@ def main() -> None:
         evaluate_prompts,
         validation_scenes,
     )
-    from slimkit.sam.train import SamTrainConfig, load_trained, train_sam
+    from slimkit.sam.train import load_trained
 
     t_start = time.time()
     CACHE.mkdir(parents=True, exist_ok=True)
-    teacher = Path(args.teacher) if args.teacher else CACHE / f"teacher-{args.teacher_steps}"
-    if not (teacher / "model.safetensors").is_file():
-        train_sam(SamTrainConfig(arch="vit_mini", steps=args.teacher_steps, batch_size=4,
-                                 prompts_per_image=4, scenes=2000, lr=1e-3, warmup_steps=50,
-                                 checkpoint_every=10**6, val_scenes=10, device="cpu"),
-                  out=teacher, overwrite=True)  # fmt: skip
+    teacher = ensure_teacher(args.teacher, args.teacher_steps)
     test = validation_scenes(256, args.test_scenes, TEST_SEED)
     fp_model = load_trained(teacher).eval()
     fp = evaluate_prompts(fp_model, test)

@@ -47,6 +47,20 @@ RECIPES = {
 }
 
 
+def ensure_teacher(path: str, steps: int) -> Path:
+    """The offline teacher: ``path`` if given, else a vit_mini SAM trained for ``steps`` steps on
+    generated scenes (cached under benchmarks/.cache/tinysam)."""
+    from slimkit.sam.train import SamTrainConfig, train_sam
+
+    teacher = Path(path) if path else CACHE / f"teacher-{steps}"
+    if not (teacher / "model.safetensors").is_file():
+        train_sam(SamTrainConfig(arch="vit_mini", steps=steps, batch_size=4,
+                                 prompts_per_image=4, scenes=2000, lr=1e-3, warmup_steps=50,
+                                 checkpoint_every=10**6, val_scenes=10, device="cpu"),
+                  out=teacher, overwrite=True)  # fmt: skip
+    return teacher
+
+
 def params(model) -> dict:
     enc = sum(p.numel() for p in model.image_encoder.parameters())
     return {"encoder_params": enc, "total_params": sum(p.numel() for p in model.parameters())}
@@ -67,16 +81,11 @@ def main() -> None:
     from slimkit.sam.tinysam.evaluate import TEST_SEED, evaluate_prompts, validation_scenes
     from slimkit.sam.tinysam.quant import SamQuantConfig, load_quantized, quantize_sam
     from slimkit.sam.tinysam.train import DistillConfig, distill_sam
-    from slimkit.sam.train import SamTrainConfig, load_trained, train_sam
+    from slimkit.sam.train import load_trained
 
     t_start = time.time()
     CACHE.mkdir(parents=True, exist_ok=True)
-    teacher = Path(args.teacher) if args.teacher else CACHE / f"teacher-{args.teacher_steps}"
-    if not (teacher / "model.safetensors").is_file():
-        train_sam(SamTrainConfig(arch="vit_mini", steps=args.teacher_steps, batch_size=4,
-                                 prompts_per_image=4, scenes=2000, lr=1e-3, warmup_steps=50,
-                                 checkpoint_every=10**6, val_scenes=10, device="cpu"),
-                  out=teacher, overwrite=True)  # fmt: skip
+    teacher = ensure_teacher(args.teacher, args.teacher_steps)
     emb = CACHE / f"emb-{teacher.name}-{args.scenes}"
     if not (emb / "manifest.json").is_file():
         cache_embeddings(CacheConfig(teacher=str(teacher), scenes=args.scenes, device="cpu"),
