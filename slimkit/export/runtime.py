@@ -122,17 +122,18 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 32) -> dict:
     }
 
 
-def write_f16_gguf(gguf_path: Path, out: Path) -> Path:
-    """An F16 GGUF of the model a slimkit GGUF was exported from (the speed baseline)."""
+def write_f16_gguf(gguf_path: Path | None, out: Path, base: str = "") -> Path:
+    """An F16 GGUF of the model a slimkit GGUF was exported from (the speed baseline), or of
+    the model ``base`` names (a model id or directory)."""
     import gguf
 
     from slimkit.export.base import ExportConfig, QuantizedModel
     from slimkit.export.gguf_format import GGUFExporter
     from slimkit.llm.models import load_model
 
-    r = gguf.GGUFReader(str(gguf_path))
-    field = r.fields.get("slimkit.base_model")
-    base = field.contents() if field is not None else ""
+    if not base:
+        field = gguf.GGUFReader(str(gguf_path)).fields.get("slimkit.base_model")
+        base = field.contents() if field is not None else ""
     if not base:
         raise SlimkitError(
             f"{gguf_path} does not name the model it was made from: pass --baseline F16.gguf"
