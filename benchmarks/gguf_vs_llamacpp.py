@@ -107,7 +107,8 @@ def main() -> None:
         f"over the first {args.eval_windows} GPTQ-protocol windows of 512 tokens of each test "
         "split (identical token ids for every file). The slimkit files come from one GPTQ run "
         "per type (8 x 512 calibration tokens of wiki-offline train, seed 0; "
-        "`python benchmarks/gguf_kquants.py`).",
+        "`python benchmarks/gguf_kquants.py`). Prefill tok/s is one thread on a shared machine: "
+        "compare it only within a run, and with care.",
         "",
         "| type | file | size MB | wiki-offline ppl | bbc-news ppl | prefill tok/s |",
         "|---|---|---|---|---|---|",
