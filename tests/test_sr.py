@@ -170,6 +170,62 @@ def test_sampler_bad_steps_are_one_line_errors():
         D.sample(m, lr, imresize(lr, 4), sampler="ddim", steps=50)
 
 
+def test_tile_windows_cover_the_image_with_the_overlap():
+    """Every pixel is in some window and neighbours share at least the overlap; catches a last
+    window that stops short of the border or a stride that leaves gaps."""
+    for n in range(4, 60, 3):
+        for tile, ov in ((8, 0), (8, 3), (12, 4), (16, 8)):
+            starts = D.tile_starts(n, tile, ov)
+            covered = np.zeros(n, bool)
+            for a in starts:
+                covered[a : a + tile] = True
+            assert covered.all() and starts[-1] + min(tile, n) == n
+            for a, b in zip(starts, starts[1:]):
+                assert a + tile - b >= ov
+
+
+def test_tiled_denoiser_blends_windows_without_seams():
+    """With a denoiser that is local (noise prediction from the pixel and its own LR pixel), the
+    windowed sampler must give the untiled image: catches windows whose HR crop and LR
+    conditioning disagree, blending weights that do not sum to one, or uncovered borders."""
+    from types import SimpleNamespace
+
+    s = TINY.scale
+
+    def local(x, t, cond):
+        up = torch.repeat_interleave(torch.repeat_interleave(cond[0], s, 2), s, 3)
+        return 0.3 * x + up * (t.float().view(-1, 1, 1, 1) + 1) / 20
+
+    m = SimpleNamespace(cfg=TINY, schedule=SRDiff(TINY).schedule, encode=lambda lr: [lr],
+                        denoise_fn=local)  # fmt: skip
+    lr = torch.rand(1, 3, 12, 20) * 2 - 1
+    up = imresize(lr, s)
+    whole = D.sample(m, lr, up, sampler="ddim", steps=4, generator=torch.Generator().manual_seed(1))
+    for tile, ov in ((4, 0), (4, 2), (8, 3)):
+        tiled = D.sample(m, lr, up, sampler="ddim", steps=4, tile=tile, tile_overlap=ov,
+                         generator=torch.Generator().manual_seed(1))  # fmt: skip
+        assert torch.allclose(tiled, whole, atol=1e-5), (tile, ov)
+    one = D.TiledDenoiser(m, lr, 20, 4)  # one window: exactly the plain denoiser
+    x, t = torch.randn(up.shape), torch.tensor([3])
+    assert len(one.windows) == 1 and torch.equal(one(x, t), m.denoise_fn(x, t, [lr]))
+
+
+def test_tiled_sampling_of_a_real_unet_stays_close_and_bad_tiles_are_refused():
+    """The real U-Net sees less context per window, so tiling changes the image a little, not a
+    lot (a wrong window offset changes it by the image's own scale)."""
+    torch.manual_seed(0)
+    m = SRDiff(TINY).eval()
+    lr = torch.rand(1, 3, 8, 12) * 2 - 1
+    up = imresize(lr, m.cfg.scale)
+    g = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    whole = D.sample(m, lr, up, sampler="ddim", steps=3, generator=g())
+    tiled = D.sample(m, lr, up, sampler="ddim", steps=3, tile=8, tile_overlap=4, generator=g())
+    assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+    assert (tiled - whole).abs().mean() < 0.25 * (whole - up).abs().mean() + 1e-3
+    with pytest.raises(SlimkitError, match="multiple of"):
+        D.sample(m, lr, up, sampler="ddim", steps=3, tile=6, generator=g())
+
+
 # ---------------------------------------------------------------------------------------
 # structural position encoding
 # ---------------------------------------------------------------------------------------

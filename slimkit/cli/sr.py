@@ -16,6 +16,9 @@ SAMPLER_ARGS = [
         help="ddpm: all T ancestral steps; ddim: --steps strided deterministic steps"),
     arg("--steps", type=int, default=0, help="sampler steps (0 = T)"),
     arg("--seed", type=int, default=0, help="seed of the sampler's noise"),
+    arg("--tile", type=int, default=0,
+        help="run the denoiser on overlapping LR windows of this size (large images; 0 = whole image)"),
+    arg("--tile-overlap", type=int, default=8, help="LR pixels shared by neighbouring windows"),
     arg("--device", default="auto", help="auto, cpu, cuda[:N]"),
 ]  # fmt: skip
 
@@ -109,7 +112,8 @@ def upscale(inv: Invocation) -> int:
         raise SlimkitError(f"--scale {ns.scale}: the model {ns.model} is x{s}")
     lr = to_signed(read_image(ns.image))
     t0 = time.perf_counter()
-    sr = to_uint8(super_resolve(model, lr, s, sampler=ns.sampler, steps=ns.steps, seed=ns.seed))
+    sr = to_uint8(super_resolve(model, lr, s, sampler=ns.sampler, steps=ns.steps, seed=ns.seed,
+                                tile=ns.tile, tile_overlap=ns.tile_overlap))  # fmt: skip
     sec = time.perf_counter() - t0
     with atomic_output(ns.out, overwrite=ns.overwrite, directory=False) as tmp:
         Image.fromarray(sr).save(tmp, format="PNG")
@@ -156,9 +160,11 @@ def evaluate(inv: Invocation) -> int:
     protocols = PROTOCOLS if ns.protocol == "both" else (ns.protocol,)
     with atomic_output(ns.out, overwrite=ns.overwrite) as tmp:
         res = evaluate_images(models, images, scale, protocols=protocols, sampler=ns.sampler, steps=ns.steps,
-                              seed=ns.seed, device=device, pictures=tmp)  # fmt: skip
+                              seed=ns.seed, device=device, pictures=tmp, tile=ns.tile,
+                              tile_overlap=ns.tile_overlap)  # fmt: skip
         res.update({"images": ns.images, "crop": ns.crop, "scale": scale, "sampler": ns.sampler,
-                    "steps": ns.steps, "seed": ns.seed, "models": ns.models})  # fmt: skip
+                    "steps": ns.steps, "seed": ns.seed, "models": ns.models,
+                    "tile": ns.tile, "tile_overlap": ns.tile_overlap})  # fmt: skip
         (tmp / "metrics.json").write_text(json.dumps(res, indent=1) + "\n")
         (tmp / "metrics.md").write_text(metrics_table(res))
     print(metrics_table(res), end="")

@@ -117,12 +117,72 @@ def diffusion_loss(model, hr: torch.Tensor, lr: torch.Tensor, lr_up: torch.Tenso
     return (target - pred).abs().flatten(1).mean(1)
 
 
+def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of windows of ``tile`` covering [0, n) with at least ``overlap`` shared
+    between neighbours (the last window ends at n)."""
+    if tile >= n:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, n - tile, stride)) + [n - tile]
+    return sorted(set(starts))
+
+
+def _ramp(n: int, ramp: int, lo: bool, hi: bool) -> torch.Tensor:
+    """1-D blending weight: 1 inside, rising linearly over ``ramp`` pixels at the edges that
+    border another window (``lo`` / ``hi``), never 0."""
+    i = torch.arange(n, dtype=torch.float32) + 0.5
+    w = torch.ones(n)
+    if lo:
+        w = torch.minimum(w, i / ramp)
+    if hi:
+        w = torch.minimum(w, (n - i) / ramp)
+    return w
+
+
+class TiledDenoiser:
+    """The denoiser run window by window over a large image, MultiDiffusion-style: at every
+    sampling step each window of the current x_t gets its own noise prediction (conditioned on
+    the RRDB features of its LR window, computed once), and the predictions are averaged where
+    windows overlap with linear ramps. Memory follows the window, not the image; with one window
+    it is exactly the untiled denoiser. ``tile`` / ``overlap`` are in LR pixels (``tile`` a
+    multiple of the U-Net's LR multiple)."""
+
+    def __init__(self, model, lr: torch.Tensor, tile: int, overlap: int):
+        self.model, self.s = model, model.cfg.scale
+        h, w = lr.shape[2:]
+        self.windows = []
+        ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+        weight = torch.zeros(1, 1, h * self.s, w * self.s, device=lr.device)
+        ramp = max(1, overlap * self.s)
+        for y in ys:
+            for x in xs:
+                th, tw = min(tile, h), min(tile, w)
+                wy = _ramp(th * self.s, ramp, y > 0, y + th < h)
+                wx = _ramp(tw * self.s, ramp, x > 0, x + tw < w)
+                wt = (wy[:, None] * wx[None]).to(lr.device)[None, None]
+                cond = model.encode(lr[:, :, y : y + th, x : x + tw])
+                box = (y * self.s, (y + th) * self.s, x * self.s, (x + tw) * self.s)
+                self.windows.append((box, cond, wt))
+                weight[:, :, box[0] : box[1], box[2] : box[3]] += wt
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for (y0, y1, x0, x1), cond, wt in self.windows:
+            out[:, :, y0:y1, x0:x1] += wt * self.model.denoise_fn(x[:, :, y0:y1, x0:x1], t, cond)
+        return out / self.weight
+
+
 @torch.no_grad()
 def sample(model, lr: torch.Tensor, lr_up: torch.Tensor, *, sampler: str = "ddim", steps: int = 0,
-           generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+           generator: torch.Generator | None = None, tile: int = 0,
+           tile_overlap: int = 8) -> torch.Tensor:  # fmt: skip
     """Super-resolve ``lr`` [B, 3, h, w] (in [-1, 1], ``lr_up`` its bicubic upsampling): start
     from x_T ~ N(0, I) and denoise. ``ddpm``: all T steps (``steps`` 0 or T); ``ddim``: ``steps``
     evenly strided steps (0 = T). No mask, no SAM: the same for SRDiff and SAM-DiffSR.
+    ``tile`` > 0: the denoiser runs on overlapping LR windows of that size (see
+    :class:`TiledDenoiser`; the noise is drawn for the whole image, so the result does not
+    depend on where the windows fall beyond the U-Net's receptive field).
     Returns the SR image in [-1, 1] (not clipped)."""
     sched = model.schedule
     T = sched.T
@@ -133,7 +193,18 @@ def sample(model, lr: torch.Tensor, lr_up: torch.Tensor, *, sampler: str = "ddim
         raise SlimkitError(f"the ddpm sampler runs all {T} steps; use --sampler ddim for {steps}")
     if not 1 <= steps <= T:
         raise SlimkitError(f"steps must be in 1..{T} (got {steps})")
-    cond = model.encode(lr)
+    if tile and tile < max(lr.shape[2:]):
+        m = model.cfg.multiple
+        if tile % m or not 0 <= tile_overlap < tile:
+            raise SlimkitError(f"tile must be a multiple of {m} LR pixels and the overlap in "
+                               f"0..tile-1 (got tile {tile}, overlap {tile_overlap})")  # fmt: skip
+        denoise = TiledDenoiser(model, lr, tile, tile_overlap)
+    else:
+        cond = model.encode(lr)
+
+        def denoise(x, t):
+            return model.denoise_fn(x, t, cond)
+
     dev = lr_up.device
     x = torch.randn(lr_up.shape, generator=generator, device="cpu").to(dev)
     b = x.shape[0]
@@ -141,7 +212,7 @@ def sample(model, lr: torch.Tensor, lr_up: torch.Tensor, *, sampler: str = "ddim
         x0 = x
         for i in reversed(range(T)):
             t = torch.full((b,), i, dtype=torch.long, device=dev)
-            x0 = predict_x0(sched, x, t, model.denoise_fn(x, t, cond)).clamp(-1, 1)
+            x0 = predict_x0(sched, x, t, denoise(x, t)).clamp(-1, 1)
             mean = (
                 sched.at("posterior_mean_coef1", t) * x0 + sched.at("posterior_mean_coef2", t) * x
             )
@@ -155,7 +226,7 @@ def sample(model, lr: torch.Tensor, lr_up: torch.Tensor, *, sampler: str = "ddim
     x0 = x
     for j, i in enumerate(ts):
         t = torch.full((b,), int(i), dtype=torch.long, device=dev)
-        eps = model.denoise_fn(x, t, cond)
+        eps = denoise(x, t)
         x0 = predict_x0(sched, x, t, eps).clamp(-1, 1)
         if j == len(ts) - 1:
             break

@@ -26,11 +26,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, sampler: str = "ddim",
-                  steps: int = 0, seed: int = 0, compat_scale: bool | None = None) -> torch.Tensor:  # fmt: skip
+                  steps: int = 0, seed: int = 0, compat_scale: bool | None = None, tile: int = 0,
+                  tile_overlap: int = 8) -> torch.Tensor:  # fmt: skip
     """SR of one LR image ``lr`` [3, h, w] in [-1, 1] -> [3, s*h, s*w] in [-1, 1] (not clipped).
     ``model``: an :class:`SRDiff` (sampled with ``sampler`` / ``steps`` from noise seeded by
     ``seed``) or an :class:`RRDBNet` (regression). ``compat_scale`` (default: as the model was
-    trained; True for official checkpoints) makes U(LR) from LR/256 as SRDiff's code does."""
+    trained; True for official checkpoints) makes U(LR) from LR/256 as SRDiff's code does.
+    ``tile`` > 0 (LR pixels): the diffusion model's denoiser runs on overlapping windows, blended
+    at every step (memory for large images; see :class:`slimkit.sr.diffusion.TiledDenoiser`)."""
     if compat_scale is None:
         compat_scale = bool(getattr(model, "compat_scale", False))
     dev = next(model.parameters()).device
@@ -45,14 +48,15 @@ def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, sampl
     else:
         u8 = (x + 1) * 127.5
         up = upsample(u8.double() / (256.0 if compat_scale else 255.0), scale).float() * 2 - 1
-        out = sample(model, x, up, sampler=sampler, steps=steps,
+        out = sample(model, x, up, sampler=sampler, steps=steps, tile=tile, tile_overlap=tile_overlap,
                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
     return out[0, :, : scale * h, : scale * w].cpu()
 
 
 def evaluate_images(models: dict[str, torch.nn.Module], images: list[HRImage], scale: int, *,
                     protocols=PROTOCOLS, sampler: str = "ddim", steps: int = 0, seed: int = 0,
-                    device: torch.device | str = "cpu", pictures: Path | None = None) -> dict:  # fmt: skip
+                    device: torch.device | str = "cpu", pictures: Path | None = None, tile: int = 0,
+                    tile_overlap: int = 8) -> dict:  # fmt: skip
     """Score bicubic and every model on ``images`` (HR; LR made by MATLAB bicubic 1/s).
 
     Returns ``{"rows": [{image, method, protocol, psnr, ssim}], "summary": {method: {protocol:
@@ -67,7 +71,8 @@ def evaluate_images(models: dict[str, torch.nn.Module], images: list[HRImage], s
         outs = {"bicubic": to_uint8(pair["lr_up"])}
         for name, m in models.items():
             t0 = time.perf_counter()
-            sr = super_resolve(m, pair["lr"], scale, sampler=sampler, steps=steps, seed=seed)
+            sr = super_resolve(m, pair["lr"], scale, sampler=sampler, steps=steps, seed=seed,
+                               tile=tile, tile_overlap=tile_overlap)  # fmt: skip
             seconds.setdefault(name, []).append(time.perf_counter() - t0)
             outs[name] = to_uint8(sr)
         for name, sr in outs.items():
