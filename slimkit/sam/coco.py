@@ -87,24 +87,42 @@ def load_coco_folder(path: str | Path, size: int) -> list[tuple[np.ndarray, list
     return out
 
 
+def fit_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(height, width) of an h x w image whose longest side is resized to ``size`` (SAM)."""
+    s = size / max(h, w)
+    return int(h * s + 0.5), int(w * s + 0.5)
+
+
+def letterbox_image(img, size: int) -> np.ndarray:
+    """size x size x 3 uint8: the longest side resized to ``size`` (bilinear), the rest zeros."""
+    from PIL import Image
+
+    nh, nw = fit_size(img.height, img.width, size)
+    canvas = np.zeros((size, size, 3), np.uint8)
+    canvas[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR))
+    return canvas
+
+
+def letterbox_mask(m: np.ndarray, size: int) -> np.ndarray:
+    """size x size bool: an H x W mask resized (nearest) and padded as its image."""
+    from PIL import Image
+
+    nh, nw = fit_size(m.shape[0], m.shape[1], size)
+    mm = np.zeros((size, size), bool)
+    mm[:nh, :nw] = (
+        np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((nw, nh), Image.NEAREST)) > 127
+    )
+    return mm
+
+
 def letterbox(img, masks, size: int, min_area: int = 10):
     """(size x size x 3 uint8, masks at that size): the longest side resized to ``size`` and the
     rest padded with zeros, as SAM's preprocessing does; masks smaller than ``min_area`` pixels
     after resizing are dropped."""
-    from PIL import Image
-
-    h, w = img.height, img.width
-    s = size / max(h, w)
-    nh, nw = int(h * s + 0.5), int(w * s + 0.5)
-    canvas = np.zeros((size, size, 3), np.uint8)
-    canvas[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR))
+    canvas = letterbox_image(img, size)
     out = []
     for m in masks:
-        mm = np.zeros((size, size), bool)
-        mm[:nh, :nw] = (
-            np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((nw, nh), Image.NEAREST))
-            > 127
-        )
+        mm = letterbox_mask(m, size)
         if mm.sum() >= min_area:
             out.append(mm)
     return canvas, out

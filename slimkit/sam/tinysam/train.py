@@ -1,6 +1,7 @@
 """TinySAM full-stage distillation (``slimkit sam distill``), on the shared trainer.
 
-Per step: a batch of generated scenes; the student encodes them, the teacher's embeddings come
+Per step: a batch of images (generated scenes, or an SA-1B / COCO folder read lazily through
+``slimkit.sam.tinysam.data``); the student encodes them, the teacher's embeddings come
 from the on-disk cache (``slimkit sam cache-embeddings``) or from the frozen teacher. For up to
 ``prompts_per_image`` instances a prompt is drawn (one positive point inside the instance, or
 its box with probability ``box_prob``). With ``hard_prompts`` every point prompt gets a random
@@ -33,6 +34,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.optim import warmup_cosine
 from slimkit.sam.model import SAM_ALIASES, SAM_CONFIGS, build_sam
 from slimkit.sam.tinysam import losses as L
+from slimkit.sam.tinysam.data import DATA_HELP, parse_data
 from slimkit.sam.tinysam.prompts import REGIONS, initial_point, sample_error_points
 from slimkit.train import TRAINERS, LoopOptions, Trainer, TrainTask, run_task
 
@@ -55,8 +57,8 @@ class DistillConfig:
             "help": "teacher embedding cache (slimkit sam cache-embeddings); empty: run the teacher"
         },
     )
-    data: str = field(default="scenes", metadata={"help": "scenes (generated; seeds 0..N-1)"})
-    scenes: int = field(default=2000, metadata={"help": "training scenes"})
+    data: str = field(default="scenes", metadata={"help": DATA_HELP})
+    scenes: int = field(default=2000, metadata={"help": "training scenes (--data scenes)"})
     mode: str = field(
         default="full",
         metadata={
@@ -124,8 +126,7 @@ class DistillConfig:
                                f"{', '.join([*SAM_CONFIGS, *SAM_ALIASES])}")  # fmt: skip
         if self.mode not in MODES:
             raise SlimkitError(f"--mode must be one of {', '.join(MODES)} (got {self.mode!r})")
-        if self.data != "scenes":
-            raise SlimkitError(f"--data must be scenes (got {self.data!r})")
+        parse_data(self.data)
         if min(self.steps, self.batch_size, self.scenes, self.prompts_per_image) < 1:
             raise SlimkitError(
                 "--steps, --batch-size, --scenes and --prompts-per-image must be >= 1"
@@ -145,7 +146,8 @@ class SamDistillTask(TrainTask):
     kind = "sam-distill"
 
     def __init__(self, cfg: DistillConfig, device: torch.device):
-        from slimkit.sam.tinysam.cache import EmbeddingCache, load_teacher, scenes_id
+        from slimkit.sam.tinysam.cache import EmbeddingCache, load_teacher
+        from slimkit.sam.tinysam.data import open_source
 
         self.cfg, self.device = cfg, device
         world = dist.world_size()
@@ -173,17 +175,13 @@ class SamDistillTask(TrainTask):
             student.mask_decoder.requires_grad_(False)
         self.teacher = teacher.to(device)
         self.model = student.to(device)
-        size = student.cfg.img_size
-        self.cache_emb = (EmbeddingCache(cfg.embeddings, cfg.teacher, scenes_id(cfg.scenes, size))
+        self.data = open_source(cfg.data, student.cfg.img_size, cfg.scenes)
+        self.cache_emb = (EmbeddingCache(cfg.embeddings, cfg.teacher, self.data.describe())
                           if cfg.embeddings else None)  # fmt: skip
-        self.scenes: dict[int, tuple] = {}
 
     def scene(self, i: int):
-        from slimkit.sam.train import draw_scene
-
-        if len(self.scenes) > 4096:
-            self.scenes.clear()
-        return self.scenes.setdefault(i, draw_scene(self.model.cfg.img_size, i))
+        """(image, instance masks) of image i of the training list."""
+        return self.data.sample(i)[:2]
 
     def optimizer(self):
         cfg = self.cfg
@@ -201,21 +199,24 @@ class SamDistillTask(TrainTask):
 
     def micro_batches(self, step: int) -> list:
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, step])
-        ids = [int(i) for i in rng.integers(0, cfg.scenes, cfg.batch_size)]
+        ids = self.data.order(cfg.seed, step, cfg.batch_size)
         world, r = dist.world_size(), dist.rank()
         mine = slice(r * len(ids) // world, (r + 1) * len(ids) // world) if world > 1 else None
         return [(step, ids, mine)]
 
     # ------------------------------------------------------------------ prompts
 
-    def draw_prompts(self, masks: list[np.ndarray], rng: np.random.Generator):
+    def draw_prompts(self, masks, rng: np.random.Generator):
         """Up to k prompts of one image: (gt masks of point prompts, first points) and (gt masks
-        of box prompts, boxes), each list in drawing order."""
+        of box prompts, boxes), each list in drawing order. ``masks``: a list, or a lazy
+        sequence that decodes only the masks drawn here; one left empty by the resize to the
+        input size is skipped."""
         cfg = self.cfg
         pts, boxes = [], []
         for i in rng.permutation(len(masks))[: cfg.prompts_per_image]:
             m = masks[i]
+            if not m.any():
+                continue
             if rng.random() < cfg.box_prob:
                 ys, xs = np.nonzero(m)
                 boxes.append(
@@ -227,10 +228,13 @@ class SamDistillTask(TrainTask):
 
     @torch.no_grad()
     def hard_points(self, emb: torch.Tensor, gt: np.ndarray, coords: np.ndarray,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                    rng: np.random.Generator,
+                    extent: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Online hard prompt sampling for K point prompts of one image: coords (K, 1, 2) ->
         (coords (K, 1 + R, 2), labels (K, 1 + R)), where prompt k gets rounds[k] <= R real extra
-        points (the rest are padding, label -1). ``emb``: the embedding of the predicting model."""
+        points (the rest are padding, label -1). ``emb``: the embedding of the predicting model.
+        ``extent``: (h, w) of the image inside its padded canvas; the prediction is cut to it,
+        so no point is drawn in the padding."""
         cfg = self.cfg
         model = self.model if cfg.hard_from == "student" else self.teacher
         k = len(coords)
@@ -245,6 +249,9 @@ class SamDistillTask(TrainTask):
             best = low[torch.arange(k), iou.argmax(1)][:, None]
             pred = F.interpolate(best, (size, size), mode="bilinear", align_corners=False)[:, 0] > 0
             pred = pred.cpu().numpy()[:, : gt.shape[1], : gt.shape[2]]
+            if extent is not None:
+                pred[:, extent[0] :] = False
+                pred[:, :, extent[1] :] = False
             c, lab = sample_error_points(gt, pred, rng, cfg.error_region)
             lab[~active] = -1
             c[lab == -1] = 0
@@ -259,8 +266,9 @@ class SamDistillTask(TrainTask):
         cfg, dev, student, teacher = self.cfg, self.device, self.model, self.teacher
         world = dist.world_size()
         own = list(range(len(ids)))[mine] if mine is not None else list(range(len(ids)))
-        scenes = [self.scene(i) for i in ids]
-        x = torch.stack([torch.as_tensor(scenes[b][0]).permute(2, 0, 1).float() for b in own]).to(
+        data = self.data
+        samples = {b: data.sample(ids[b]) for b in own}  # only this rank's images are read
+        x = torch.stack([torch.as_tensor(samples[b][0]).permute(2, 0, 1).float() for b in own]).to(
             dev
         )
         s_emb = student.image_encoder(student.preprocess(x))
@@ -272,12 +280,14 @@ class SamDistillTask(TrainTask):
         l_emb = L.embedding_loss(s_emb, t_emb, cfg.embedding_loss) * len(own) / len(ids) * world
         if cfg.mode == "embedding":
             return cfg.w_embedding * l_emb, {"embedding": float(l_emb.detach())}
-        total = sum(min(cfg.prompts_per_image, len(s[1])) for s in scenes)
+        # prompts of the whole step (every rank: instance counts only, no image is read)
+        total = max(1, sum(min(cfg.prompts_per_image, data.count(i)) for i in ids))
         low_size = student.prompt_encoder.mask_input_size
         terms, parts = [], {"token": 0.0, "output": 0.0, "mask": 0.0, "iou": 0.0, "weight": 0.0}
         for j, b in enumerate(own):
             rng = np.random.default_rng([cfg.seed, step, b])  # per image: same on any rank
-            pts, boxes = self.draw_prompts(scenes[b][1], rng)
+            _, masks, extent = samples[b]
+            pts, boxes = self.draw_prompts(masks, rng)
             groups = []
             if pts:
                 gt = np.stack([m for m, _ in pts])
@@ -289,7 +299,7 @@ class SamDistillTask(TrainTask):
                         if cfg.hard_from == "student"
                         else t_emb[j : j + 1]
                     )
-                    coords, labels = self.hard_points(e, gt, coords, rng)
+                    coords, labels = self.hard_points(e, gt, coords, rng, extent)
                 groups.append(
                     (gt, (torch.as_tensor(coords).to(dev), torch.as_tensor(labels).to(dev)), None)
                 )
