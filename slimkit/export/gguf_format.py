@@ -10,10 +10,12 @@ Two kinds of runs fit (exactly; slimkit never re-quantizes on export):
   :mod:`slimkit.quant.gguf_grids`): every linear already holds the exact numbers of its block
   type (K-quants included), so the file reproduces the run's fake-quant weights bit for bit.
 
-Llama family only (``general.architecture = llama``; Mistral uses the same layout). The rows of
+Families: Llama / Mistral, Qwen2, Qwen3, Gemma-3 and Phi-3 (:mod:`slimkit.export.gguf_families`
+says what each needs; tensor names come from the ``gguf`` package's map). For Llama the rows of
 the q and k projections are permuted from the Hugging Face rotary layout to GGML's as llama.cpp's
 converter does (whole rows move, so each row's groups move with it); transformers' GGUF loader
-undoes it.
+undoes it. Gemma's norm weights are stored as 1 + w. Tokenizers: byte-level BPE and
+SentencePiece-style BPE (:mod:`slimkit.export.gguf_vocab`).
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ from slimkit.export.base import (
     check_activations,
     unsupported,
 )
+from slimkit.export.gguf_families import FAMILIES, GGUFFamily, family_for
+from slimkit.export.gguf_vocab import tokenizer_json, vocab_kind, write_tokenizer
 from slimkit.quant import gguf_grids
 from slimkit.quant.quantizer import QuantizedWeight
 
 log = logging.getLogger("slimkit")
-ARCHS = {"llama": "llama", "mistral": "llama"}
-# tokenizer.ggml.pre values llama.cpp knows, guessed from the model's name when not given
-PRE_HINTS = (("smollm", "smollm"), ("qwen", "qwen2"), ("llama-3", "llama-bpe"), ("gpt2", "gpt-2"))
+ARCHS = tuple(FAMILIES)  # the transformers model types GGUF export writes
 
 
 def gguf_type(qw: QuantizedWeight) -> str | None:
@@ -107,7 +109,7 @@ def decode_codes(raw: np.ndarray, kind: str, n_in: int) -> np.ndarray:
 
 @FORMATS.register(
     "gguf",
-    help="GGUF file (llama.cpp, ollama), Llama family: Q4_0 / Q4_1 / Q8_0 from a uniform grid of "
+    help="GGUF file (llama.cpp, ollama) of Llama / Mistral, Qwen2, Qwen3, Gemma-3 or Phi-3: Q4_0 / Q4_1 / Q8_0 from a uniform grid of "
     "32, K-quants and llama.cpp's file-type mixes from a --grid gguf:TYPE / llama.cpp:FTYPE run",
 )
 class GGUFExporter(Exporter):
@@ -122,17 +124,13 @@ class GGUFExporter(Exporter):
         return torch.float16
 
     def other_dtype(self, name: str, cfg: ExportConfig) -> torch.dtype:
-        if name.endswith("norm.weight") or cfg.dtype == "float32":
+        # vectors (norms, biases) in F32 as llama.cpp's converter stores every 1-D tensor
+        if name.endswith(("norm.weight", ".bias")) or cfg.dtype == "float32":
             return torch.float32
         return torch.float16
 
     def check(self, qm: QuantizedModel, cfg: ExportConfig) -> None:
-        mt = qm.model.config.model_type
-        if mt not in ARCHS:
-            raise SlimkitError(
-                f"GGUF export supports the Llama family ({', '.join(ARCHS)}); this model is {mt!r}. "
-                "Use --format compressed-tensors or gptq."
-            )
+        family_for(qm.model.config)
         fits = (
             "--grid llama.cpp:q4_k_m (or another GGUF grid), --wbits 4 --group-size 32 (Q4_1), "
             "--wbits 4 --group-size 32 --sym (Q4_0) or --wbits 8 --group-size 32 --sym (Q8_0)"
@@ -143,7 +141,14 @@ class GGUFExporter(Exporter):
             if qm.act_order(name):
                 raise unsupported(qm, self.name, "act-order (GGUF blocks are consecutive)", fits)
         check_activations(qm, cfg, "none")
-        self._tokenizer_json(qm)
+        if not (qm.path / "tokenizer.json").is_file():
+            # transformers would make up an empty tokenizer of the model type
+            raise SlimkitError(
+                f"GGUF files carry the tokenizer, and {qm.path} has no tokenizer.json: quantize "
+                "from a model directory with its tokenizer, or use --format compressed-tensors "
+                "or gptq."
+            )
+        vocab_kind(tokenizer_json(qm.tokenizer))
 
     def reference_weight(self, qw: QuantizedWeight, cfg: ExportConfig) -> torch.Tensor:
         if qw.spec.grid:  # the run's own numbers are the stored ones
@@ -154,18 +159,6 @@ class GGUFExporter(Exporter):
             m = (-(d * qw.zero)).half().float()
             return d[:, idx] * qw.codes.float() + m[:, idx]
         return d[:, idx] * (qw.codes.float() - qw.zero[:, idx])
-
-    @staticmethod
-    def _tokenizer_json(qm: QuantizedModel) -> dict:
-        tok = qm.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        data = json.loads(backend.to_str()) if backend is not None else {}
-        if data.get("model", {}).get("type") != "BPE":
-            raise SlimkitError(
-                "GGUF export writes byte-level BPE tokenizers (GPT-2 style, tokenizer.json); this "
-                "model's tokenizer is not one. Use --format compressed-tensors or gptq."
-            )
-        return data
 
     @staticmethod
     def file_default(qm: QuantizedModel) -> str | None:
@@ -216,6 +209,10 @@ class GGUFExporter(Exporter):
     ) -> torch.Tensor:
         kind = self.embedding_types(qm, cfg).get(name)
         if kind is None:
+            offset = self._norm_offset(qm.model, name)
+            if offset:  # stored as offset + w, read back as (offset + w) - offset
+                x = t.detach().float() + offset
+                return (x.to(self.other_dtype(name, cfg)).float() - offset).float()
             return super().stored_tensor(name, t, qm, cfg)
         import gguf
 
@@ -223,24 +220,31 @@ class GGUFExporter(Exporter):
         deq = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind))
         return torch.from_numpy(np.ascontiguousarray(deq)).reshape(t.shape).float()
 
-    def _permutations(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+    @staticmethod
+    def _norm_offset(model: nn.Module, name: str) -> float:
+        fam = FAMILIES.get(model.config.model_type)
+        return fam.norm_offset if fam is not None and name.endswith("norm.weight") else 0.0
+
+    def _permutations(self, model: nn.Module) -> dict[str, int]:
         c = model.config
+        if not FAMILIES[c.model_type].permute_qk:
+            return {}
         return {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}
 
     def write(self, qm: QuantizedModel, cfg: ExportConfig, out: Path) -> dict:
         import gguf
 
         model, c = qm.model, qm.model.config
-        n_layers = c.num_hidden_layers
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-        w = gguf.GGUFWriter(str(out), "llama")
+        fam = family_for(c)
+        names = gguf.get_tensor_name_map(fam.model_arch, c.num_hidden_layers)
+        w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[fam.model_arch])
         kinds = {gguf_type(qw) for qw in qm.layers.values()}
         grid = qm.config.get("grid", "uniform")
         if gguf_grids.default_type(grid) is not None:
             ftype = gguf_grids.file_type(grid)
         else:
             ftype = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[sorted(kinds)[0]] if kinds else 1  # 1: F16
-        self._metadata(w, qm, ftype, cfg)
+        self._metadata(w, qm, fam, ftype, cfg)
         heads = self._permutations(model)
         tied = getattr(c, "tie_word_embeddings", False)
         emb_types = self.embedding_types(qm, cfg)
@@ -249,7 +253,9 @@ class GGUFExporter(Exporter):
                 continue
             gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
             if gname is None:
-                raise SlimkitError(f"GGUF: no llama.cpp tensor name for {name}")
+                raise SlimkitError(
+                    f"GGUF: no llama.cpp tensor name for {name} ({fam.arch.lower()} architecture)"
+                )
             mod = name.rsplit(".", 1)[0]
             short = mod.rsplit(".", 1)[-1]
             if name.endswith(".weight") and mod in qm.layers:
@@ -273,7 +279,7 @@ class GGUFExporter(Exporter):
                     raw_dtype=getattr(gguf.GGMLQuantizationType, emb_types[name]),
                 )
             else:
-                x = t.detach().float()
+                x = t.detach().float() + self._norm_offset(model, name)
                 if short in heads and name.endswith(".weight"):
                     x = x[rope_permutation(x.shape[0], heads[short])]
                 np_dtype = (
@@ -286,104 +292,35 @@ class GGUFExporter(Exporter):
         w.close()
         return {"gguf_types": sorted(kinds), "gguf_embedding_types": emb_types}
 
-    def _metadata(self, w, qm: QuantizedModel, ftype: int, cfg: ExportConfig) -> None:
+    def _metadata(
+        self, w, qm: QuantizedModel, fam: GGUFFamily, ftype: int, cfg: ExportConfig
+    ) -> None:
         import gguf
 
         c = qm.model.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(
-            c, "rope_theta", 10000.0
-        )
-        rtype = (getattr(c, "rope_parameters", None) or {}).get("rope_type", "default")
-        if rtype not in ("default", None):
-            log.warning(
-                "GGUF: rope scaling %r is not written; long-context behaviour may differ", rtype
-            )
         w.add_name(qm.run.get("model", qm.path.name))
-        w.add_context_length(c.max_position_embeddings)
-        w.add_embedding_length(c.hidden_size)
-        w.add_block_count(c.num_hidden_layers)
-        w.add_feed_forward_length(c.intermediate_size)
-        w.add_head_count(c.num_attention_heads)
-        w.add_head_count_kv(c.num_key_value_heads)
-        w.add_rope_freq_base(float(rope))
-        w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-        w.add_rope_dimension_count(head_dim)
-        if head_dim != c.hidden_size // c.num_attention_heads:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
+        fam.metadata(w, c)
         w.add_vocab_size(c.vocab_size)
         w.add_file_type(ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string("slimkit.base_model", str(qm.run.get("model_path") or qm.run.get("model", "")))
         w.add_string("slimkit.quantization", json.dumps(qm.config, sort_keys=True))
-        self._tokenizer(w, qm, c.vocab_size, cfg)
-
-    def _tokenizer(self, w, qm: QuantizedModel, vocab_size: int, cfg: ExportConfig) -> None:
-        import gguf
-
-        data = self._tokenizer_json(qm)
-        tok = qm.tokenizer
-        vocab = dict(data["model"]["vocab"])
-        added = {t["id"]: t for t in data.get("added_tokens", [])}
-        for i, t in added.items():
-            vocab[t["content"]] = i
-        by_id = {i: s for s, i in vocab.items()}
-        tokens, types = [], []
-        for i in range(vocab_size):
-            if i in by_id:
-                tokens.append(by_id[i])
-                if i in added:
-                    types.append(
-                        gguf.TokenType.CONTROL
-                        if added[i].get("special")
-                        else gguf.TokenType.USER_DEFINED
-                    )
-                else:
-                    types.append(gguf.TokenType.NORMAL)
-            else:
-                tokens.append(f"[PAD{i}]")
-                types.append(gguf.TokenType.UNUSED)
-        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
         name = " ".join(
             str(x)
             for x in (
                 qm.run.get("model", ""),
-                getattr(qm.model.config, "_name_or_path", ""),
-                tok.name_or_path,
+                getattr(c, "_name_or_path", ""),
+                getattr(qm.tokenizer, "name_or_path", ""),
             )
-        ).lower()
-        pre = cfg.gguf_pre or next((p for hint, p in PRE_HINTS if hint in name), "default")
-        if not cfg.gguf_pre and pre == "default":
-            log.warning(
-                "GGUF: unknown pre-tokenizer for this model; writing tokenizer.ggml.pre = 'default' "
-                "(pass --gguf-pre NAME with llama.cpp's name for it if text tokenizes differently)"
-            )
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        for attr, add in (
-            ("bos_token_id", w.add_bos_token_id),
-            ("eos_token_id", w.add_eos_token_id),
-            ("unk_token_id", w.add_unk_token_id),
-            ("pad_token_id", w.add_pad_token_id),
-        ):
-            v = getattr(tok, attr, None)
-            if v is None:
-                v = getattr(qm.model.config, attr, None)
-            if isinstance(v, int):
-                add(v)
-        w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
-        if getattr(tok, "chat_template", None):
-            w.add_chat_template(tok.chat_template)
+        )
+        write_tokenizer(w, qm.tokenizer, c, c.vocab_size, cfg.gguf_pre, name)
 
     def read_codes(self, out: Path, qm: QuantizedModel) -> dict[str, torch.Tensor]:
         import gguf
 
         reader = gguf.GGUFReader(str(out))
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, qm.model.config.num_hidden_layers)
+        c = qm.model.config
+        names = gguf.get_tensor_name_map(family_for(c).model_arch, c.num_hidden_layers)
         by_gguf = {t.name: t for t in reader.tensors}
         heads = self._permutations(qm.model)
         res = {}
