@@ -133,9 +133,8 @@ def _common(w, c) -> None:
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
     w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-    if hd != c.hidden_size // c.num_attention_heads:
-        w.add_key_length(hd)
-        w.add_value_length(hd)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
 
 
 def _llama(w, c) -> None:
@@ -173,8 +172,6 @@ def _gemma3(w, c) -> None:
     import gguf
 
     _common(w, c)
-    w.add_key_length(head_dim(c))
-    w.add_value_length(head_dim(c))
     full = rope_params(c, "full_attention")
     w.add_rope_freq_base(float(full["rope_theta"]))
     if (full.get("rope_type") or "default") == "linear":

@@ -298,7 +298,17 @@ class GGUFExporter(Exporter):
         import gguf
 
         c = qm.model.config
-        w.add_name(qm.run.get("model", qm.path.name))
+        title = str(qm.run.get("model", qm.path.name))
+        vocab = qm.tokenizer.get_vocab() if qm.tokenizer is not None else {}
+        need = [t for t in ("<s>", "</s>", "<unk>", "<|endoftext|>") if t not in vocab]
+        if ("phi3" in title.lower() or "phi-3" in title.lower()) and need:
+            log.warning(
+                "GGUF: llama.cpp treats a model named %r as Phi-3 and looks up %s, which this "
+                "vocabulary lacks: it will refuse the file (rename the run directory)",
+                title,
+                ", ".join(need),
+            )
+        w.add_name(title)
         fam.metadata(w, c)
         w.add_vocab_size(c.vocab_size)
         w.add_file_type(ftype)

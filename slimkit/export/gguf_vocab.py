@@ -59,7 +59,7 @@ def vocab_kind(data: dict) -> str:
     kind = model.get("type")
     parts = [data.get("normalizer"), data.get("pre_tokenizer"), data.get("decoder")]
     types = {n.get("type") for n in _nodes(parts)}
-    metaspace = "Metaspace" in types or SPACE in json.dumps(parts)
+    metaspace = "Metaspace" in types or SPACE in json.dumps(parts, ensure_ascii=False)
     if kind == "BPE" and model.get("byte_fallback") and metaspace:
         return "llama"
     if kind == "BPE" and "ByteLevel" in types:
@@ -109,7 +109,7 @@ def write_tokenizer(w, tok, model_config, vocab_size: int, pre: str = "", name: 
     for i, t in added.items():
         vocab[t["content"]] = i
     by_id = {i: s for s, i in vocab.items()}
-    unk = data["model"].get("unk_token")
+    unk = data["model"].get("unk_token") or getattr(tok, "unk_token", None)
     merges = _merges(data)
     score = {}
     if kind == "llama":
