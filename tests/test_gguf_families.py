@@ -95,7 +95,8 @@ def family_model(mt: str, vocab: int, hidden: int = 64):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_tokenizer):
-    """Per family: a Q8_0 run (RTN, 8-bit symmetric groups of 32) exported to GGUF."""
+    """Per family: a Q8_0 run (RTN, 8-bit symmetric groups of 32) exported to GGUF and verified
+    through transformers' GGUF loader."""
     base = tmp_path_factory.mktemp("gguf-families")
     out = {}
     for mt in ARCH:
@@ -105,7 +106,8 @@ def runs(tmp_path_factory, tiny_tokenizer):
         run = base / f"run{len(out)}"  # llama.cpp reads a name with "phi3" as Phi-3's vocabulary
         slimkit.save_quantized(model, tiny_tokenizer, run, res)
         gguf_file = base / f"{mt}.gguf"
-        report = export(run, gguf_file, ExportConfig(format="gguf", gguf_pre="gpt-2"))
+        cfg = ExportConfig(format="gguf", gguf_pre="gpt-2", verify=True)
+        report = export(run, gguf_file, cfg)  # verify: transformers' GGUF reader, codes, logits
         out[mt] = (run, gguf_file, report)
     return out
 
@@ -166,6 +168,9 @@ def test_file_has_llama_cpp_names_metadata_and_the_stored_numbers(mt, runs):
             assert x.tensor_type.name == "F32", name
             assert np.array_equal(np.asarray(x.data), (p.float() + offset).numpy()), name
     assert report["gguf_types"] == ["Q8_0"]
+    v = report["verify"]
+    assert v["passed"] and v["codes_identical"] and v["max_abs_logit_diff_vs_reference"] == 0.0
+    assert v["tokenizer_identical"] is not False
 
 
 def _llama_cpp_logits(llama_cpp, path, ids) -> torch.Tensor:
