@@ -4,7 +4,7 @@ splits as transformers does, and refusals that name what llama.cpp lacks.
 
 The llama.cpp checks run where llama-cpp-python is installed (``make llamacpp``) and are skipped
 elsewhere; they are the ones that catch a wrong norm offset (Gemma's 1 + w), a wrong rotary layout
-or sliding-window period, and a wrongly fused tensor. Verified by hand against mutations of
+or sliding-window period, a wrongly fused tensor, and Phi-3's LongRoPE factors. Verified by hand against mutations of
 ``slimkit/export/gguf_families.py`` (each makes ``test_llama_cpp_logits_match_transformers``
 fail, relative error 0.3-1.0 against < 3e-3): Gemma norm offset 0 instead of 1; Gemma sliding
 period fixed at 6; Phi-3 rotary dimension count halved; Qwen2 rows permuted as Llama's.
@@ -208,6 +208,45 @@ def test_llama_cpp_logits_match_transformers(mt, runs, tmp_path, tiny_tokenizer)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
+def test_phi3_longrope_factors_and_attention_factor_in_llama_cpp(tmp_path, tiny_tokenizer):
+    """Phi-3-128k / Phi-3.5 LongRoPE: distinct short and long frequency factors written as
+    llama.cpp's rope_factors_short / _long tensors and transformers' cos / sin scale (here
+    sqrt(1 + ln 4 / ln 512) = 1.11) as rope.scaling.attn_factor. llama.cpp uses the short factors
+    while its context (64, padded to 256) is within the original 512 positions, as transformers
+    does for a 24-token sequence. Catches swapped factor tensors and a missing attention factor
+    (measured 0.35 and 0.16 relative against 4e-4)."""
+    import gguf
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    short = [1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 4.0]  # head_dim 16: 8 frequencies
+    cfg = tf.Phi3Config(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+        max_position_embeddings=2048, original_max_position_embeddings=512, initializer_range=0.1,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": short,
+                         "long_factor": [8.0] * 8},
+    )  # fmt: skip
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    qm = QuantizedModel(tmp_path, model, tiny_tokenizer, {"config": {}}, {}, {}, {"model": "t"})
+    out = tmp_path / "f32.gguf"
+    GGUFExporter().write(qm, ExportConfig(format="gguf", dtype="float32", gguf_pre="gpt-2"), out)
+    reader = gguf.GGUFReader(str(out))
+    t = {x.name: np.asarray(x.data) for x in reader.tensors}
+    assert np.array_equal(t["rope_factors_short.weight"], np.float32(short))
+    assert reader.fields["phi3.rope.scaling.attn_factor"].contents() == pytest.approx(
+        (1 + np.log(4) / np.log(512)) ** 0.5, rel=1e-6
+    )
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids = random_ids(1, 24, len(tiny_tokenizer), seed=4)[0].tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    got = _llama_cpp_logits(llama_cpp, out, ids)
+    assert (got - ref).norm() / ref.norm() < 3e-3
+
+
 def test_k_quant_gemma3_is_bit_exact_and_runs_in_llama_cpp(tmp_path, tiny_tokenizer):
     """Gemma-3 at widths divisible by 256 on the Q4_K grid: genuine K-quant super-blocks,
     verified through transformers' GGUF loader (codes identical) and run by llama.cpp."""
@@ -340,10 +379,9 @@ def test_refusals_name_what_llama_cpp_lacks(tmp_path, tiny_tokenizer):
             query_pre_attn_scalar=16, final_logit_softcapping=30.0,
         ),
         "sliding-window": tf.Qwen2Config(vocab_size=V, use_sliding_window=True, sliding_window=8),
-        "'longrope'": tf.Phi3Config(
-            vocab_size=V, hidden_size=64, num_attention_heads=4, max_position_embeddings=8192,
-            rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
-                             "long_factor": [2.0] * 8, "original_max_position_embeddings": 4096},
+        "'yarn'": tf.Qwen2Config(
+            vocab_size=V, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                           "original_max_position_embeddings": 32},
         ),
         "'llama3'": tf.LlamaConfig(
             vocab_size=V, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,

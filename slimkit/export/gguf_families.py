@@ -22,14 +22,20 @@ offset stored in the RMSNorm weights, the architecture's metadata, and what llam
   ``query_pre_attn_scalar``, and applies no logit soft-capping with sliding windows.
 - Phi-3 (``phi3``): the fused ``qkv_proj`` and ``gate_up_proj`` stay fused (``attn_qkv`` and a
   ``ffn_up`` of twice the width whose first half is the gate), with the original context length
-  of its rotary settings and the rotary dimension count.
+  of its rotary settings and the rotary dimension count. LongRoPE (Phi-3-128k, Phi-3.5): the
+  short and long frequency factors as the tensors ``rope_factors_short`` / ``rope_factors_long``
+  and the attention factor (``rope.scaling.attn_factor``). llama.cpp picks the long factors when
+  its context window exceeds the original one, transformers when the sequence does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from slimkit.core.errors import SlimkitError
 
@@ -73,6 +79,7 @@ class GGUFFamily:
     norm_offset: float  # added to every ``*norm.weight`` (Gemma stores its x (1 + w) as 1 + w)
     metadata: Callable  # (writer, config) -> None: the architecture's own keys
     missing: Callable  # config -> what llama.cpp cannot run for this model, or None
+    tensors: Callable = field(default=lambda c: {})  # config -> extra GGUF tensors (name: array)
 
     @property
     def model_arch(self):
@@ -158,6 +165,8 @@ def _phi3(w, c) -> None:
     w.add_rope_scaling_orig_ctx_len(int(orig))
     rot = p.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)) or 1.0
     w.add_rope_dimension_count(int(rot * c.hidden_size) // c.num_attention_heads)
+    if p.get("rope_type") == "longrope":
+        w.add_rope_scaling_attn_factors(_longrope_attention_factor(c, p))
     window = getattr(c, "sliding_window", None) or 0
     if window:
         log.warning(
@@ -166,6 +175,26 @@ def _phi3(w, c) -> None:
             window,
         )
     w.add_sliding_window(int(window))
+
+
+def _longrope_attention_factor(c, p: dict) -> float:
+    """transformers' LongRoPE cos / sin scale: the given one, else sqrt(1 + ln s / ln L0) with s
+    the extension factor (``factor``, else max / original positions) and L0 the original length."""
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+    orig = p["original_max_position_embeddings"]
+    s = p.get("factor") or c.max_position_embeddings / orig
+    return math.sqrt(1 + math.log(s) / math.log(orig)) if s > 1 else 1.0
+
+
+def _phi3_tensors(c) -> dict:
+    p = rope_params(c)
+    if p.get("rope_type") != "longrope":
+        return {}
+    return {
+        "rope_factors_long.weight": np.asarray(p["long_factor"], dtype=np.float32),
+        "rope_factors_short.weight": np.asarray(p["short_factor"], dtype=np.float32),
+    }
 
 
 def _gemma3(w, c) -> None:
@@ -190,7 +219,14 @@ FAMILIES: dict[str, GGUFFamily] = {
     "qwen2": GGUFFamily("QWEN2", False, 0.0, _qwen, _qwen_missing),
     "qwen3": GGUFFamily("QWEN3", False, 0.0, _qwen, _qwen_missing),
     "gemma3_text": GGUFFamily("GEMMA3", False, 1.0, _gemma3, _gemma3_missing),
-    "phi3": GGUFFamily("PHI3", False, 0.0, _phi3, _no_missing),
+    "phi3": GGUFFamily(
+        "PHI3",
+        False,
+        0.0,
+        _phi3,
+        lambda c: _rope_missing(c, ("default", "longrope")),
+        _phi3_tensors,
+    ),
 }
 
 

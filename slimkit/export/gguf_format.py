@@ -109,8 +109,8 @@ def decode_codes(raw: np.ndarray, kind: str, n_in: int) -> np.ndarray:
 
 @FORMATS.register(
     "gguf",
-    help="GGUF file (llama.cpp, ollama) of Llama / Mistral, Qwen2, Qwen3, Gemma-3 or Phi-3: Q4_0 / Q4_1 / Q8_0 from a uniform grid of "
-    "32, K-quants and llama.cpp's file-type mixes from a --grid gguf:TYPE / llama.cpp:FTYPE run",
+    help="GGUF file (llama.cpp, ollama) of Llama / Mistral, Qwen2, Qwen3, Gemma-3 or Phi-3: "
+    "Q4_0 / Q4_1 / Q8_0 from a uniform grid of 32, K-quants and llama.cpp's file-type mixes from a --grid gguf:TYPE / llama.cpp:FTYPE run",
 )
 class GGUFExporter(Exporter):
     name = "gguf"
@@ -244,7 +244,9 @@ class GGUFExporter(Exporter):
         if gguf_grids.default_type(grid) is not None:
             ftype = gguf_grids.file_type(grid)
         else:
-            ftype = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[sorted(kinds)[0]] if kinds else 1  # 1: F16
+            # 0 / 1: all F32 / mostly F16
+            fp = 0 if cfg.dtype == "float32" else 1
+            ftype = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[sorted(kinds)[0]] if kinds else fp
         self._metadata(w, qm, fam, ftype, cfg)
         heads = self._permutations(model)
         tied = getattr(c, "tie_word_embeddings", False)
@@ -287,6 +289,8 @@ class GGUFExporter(Exporter):
                     np.float32 if self.other_dtype(name, cfg) == torch.float32 else np.float16
                 )
                 w.add_tensor(gname, x.numpy().astype(np_dtype))
+        for gname, x in fam.tensors(c).items():  # e.g. Phi-3's LongRoPE factors
+            w.add_tensor(gname, x)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
