@@ -3,11 +3,16 @@ logits transformers gives for the same weights, SentencePiece-style tokenizers t
 splits as transformers does, and refusals that name what llama.cpp lacks.
 
 The llama.cpp checks run where llama-cpp-python is installed (``make llamacpp``) and are skipped
-elsewhere; they are the ones that catch a wrong norm offset (Gemma's 1 + w), a wrong rotary layout
-or sliding-window period, a wrongly fused tensor, and Phi-3's LongRoPE factors. Verified by hand against mutations of
-``slimkit/export/gguf_families.py`` (each makes ``test_llama_cpp_logits_match_transformers``
-fail, relative error 0.3-1.0 against < 3e-3): Gemma norm offset 0 instead of 1; Gemma sliding
-period fixed at 6; Phi-3 rotary dimension count halved; Qwen2 rows permuted as Llama's.
+elsewhere; they are the ones that catch a wrong norm offset (Gemma's 1 + w), a wrong rotary
+layout or sliding-window period, a wrongly fused tensor and wrong LongRoPE factors. Mutations of
+``slimkit/export/gguf_families.py`` checked by hand (each fails the named test):
+- Gemma norm offset 0 instead of 1 -> test_llama_cpp_logits_match_transformers[gemma3_text]
+  (relative error 1.03 against < 3e-3);
+- Gemma sliding period fixed at llama.cpp's default 6 -> same test, gemma3_text (0.36);
+- Phi-3 rotary dimension count halved -> same test, phi3 (0.46);
+- Qwen2 rows permuted as Llama's -> same test, qwen2 (0.34);
+- Phi-3 short / long factor tensors swapped -> test_phi3_longrope_factors_and_attention_factor_in_
+  llama_cpp.
 """
 
 from __future__ import annotations
