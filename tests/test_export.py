@@ -155,7 +155,9 @@ def test_awq_run_exports_with_its_folded_norms(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_gptq_v1_independent_reader_exact(tmp_path, tiny_tokenizer, bits):
     run = make_run(tmp_path, tiny_tokenizer, wbits=bits, group_size=32)
-    r = export(run, tmp_path / "g", ExportConfig(format="gptq", verify=True))
+    cfg = ExportConfig(format="gptq", checkpoint_format="gptq", verify=True)
+    r = export(run, tmp_path / "g", cfg)
+    assert r["checkpoint_format"] == "gptq"
     v = r["verify"]
     assert v["codes_identical"] and v["passed"]
     assert v["max_abs_weight_diff_vs_reference"] == 0.0
@@ -183,6 +185,62 @@ def test_gptq_v1_zero_point_zero_shifted_exactly_or_refused(tmp_path, tiny_token
     qw.codes[0, cols[0]] = 15  # the top code is used: no exact shift exists
     with pytest.raises(SlimkitError, match="zero point 0"):
         v1_codes(qw, "q")
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_gptq_v2_asymmetric_default_round_trip_exact(tmp_path, tiny_tokenizer, bits):
+    """An asymmetric run exports as GPTQ v2 by default (qzeros hold the zero point itself) and
+    reads back bit for bit. Catches the default staying on v1 (which gptqmodel refuses for
+    asymmetric files) and a v2 reader that still adds v1's 1."""
+    run = make_run(tmp_path, tiny_tokenizer, wbits=bits, group_size=32)
+    r = export(run, tmp_path / "g", ExportConfig(format="gptq", verify=True))
+    v = r["verify"]
+    assert r["checkpoint_format"] == "gptq_v2" and r["zero_groups_shifted"] == 0
+    assert v["codes_identical"] and v["passed"]
+    assert v["max_abs_weight_diff_vs_reference"] == 0.0
+    assert v["max_abs_logit_diff_vs_reference"] == 0.0
+    qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == qc["format"] == "gptq_v2" and qc["sym"] is False
+    assert json.loads((tmp_path / "g" / "quantize_config.json").read_text()) == qc
+    qw = load_quantized(run).layers["model.layers.0.mlp.down_proj"]
+    codes, zeros, _, _ = read_gptq(tmp_path / "g")["model.layers.0.mlp.down_proj"]
+    assert np.array_equal(zeros, qw.zero.numpy()) and np.array_equal(codes, qw.codes.numpy())
+
+
+def test_gptq_v2_writes_zero_point_zero_that_v1_refuses(tmp_path, tiny_tokenizer):
+    """v2 stores a zero point of 0 beside the top code as it is, where v1 (zero - 1) has no exact
+    encoding and refuses. Catches the v2 path going through v1's shift / refusal."""
+    from slimkit.export.gptq import GPTQExporter
+
+    run = make_run(tmp_path, tiny_tokenizer, wbits=4, group_size=32)
+    qm = load_quantized(run)
+    qw = qm.layers["model.layers.0.self_attn.q_proj"]
+    qw.zero[0, 0] = 0.0
+    qw.codes[0, (qw.g_idx == 0).nonzero().flatten()[0]] = 15
+    ex = GPTQExporter()
+    with pytest.raises(SlimkitError, match="zero point 0"):
+        (tmp_path / "v1").mkdir()
+        ex.write(qm, ExportConfig(format="gptq", checkpoint_format="gptq"), tmp_path / "v1")
+    (tmp_path / "v2").mkdir()
+    assert (
+        ex.write(qm, ExportConfig(format="gptq"), tmp_path / "v2")["checkpoint_format"] == "gptq_v2"
+    )
+    codes, zeros, _, _ = read_gptq(tmp_path / "v2")["model.layers.0.self_attn.q_proj"]
+    assert np.array_equal(codes, qw.codes.numpy()) and np.array_equal(zeros, qw.zero.numpy())
+
+
+def test_gptq_checkpoint_format_refusals(tmp_path):
+    with pytest.raises(SlimkitError, match="auto, gptq or gptq_v2"):
+        ExportConfig(format="gptq", checkpoint_format="gptq_v3")
+    with pytest.raises(SlimkitError, match="--format gptq only"):
+        ExportConfig(format="gguf", checkpoint_format="gptq_v2")
+    d = tmp_path / "g"
+    d.mkdir()
+    (d / "config.json").write_text(
+        json.dumps({"quantization_config": {"bits": 4, "checkpoint_format": "marlin"}})
+    )
+    with pytest.raises(SlimkitError, match="'marlin' is not one slimkit reads"):
+        read_gptq(d)
 
 
 @pytest.mark.parametrize(

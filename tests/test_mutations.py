@@ -5,7 +5,8 @@ description, or an independent reader.
 Mutations 1, 2a, 3, 4a, 4b, 5, 6a and 7 each passed the whole suite before this module existed;
 2b and 6b are other ways to break the same pieces that the earlier tests missed as well
 (test_cbq.py, resp. test_gptq.py, test_smoothquant.py and test_pipeline.py pass with them); 4c was
-already caught by test_kd.py and is listed for completeness. Each now makes the named tests fail.
+already caught by test_kd.py and is listed for completeness; 8 came with the GPTQ v2 export and
+passes every other module. Each now makes the named tests fail.
 To rerun: apply one mutation to the working tree, run
 ``python -m pytest tests/test_mutations.py -q -p no:cacheprovider`` (the named tests must fail),
 then ``git checkout -- <file>``. Never commit a mutation.
@@ -40,17 +41,23 @@ then ``git checkout -- <file>``. Never commit a mutation.
    b. ``slimkit/quant/methods/gptq.py``: ``GPTQConfig.damp`` default 0.01 -> 1.0.
       Fails: ``test_gptq_in_the_pipeline_matches_the_reference``.
 7. ``slimkit/export/gptq.py``: GPTQ v1 qzeros without their -1 offset, in writer and reader
-   together (slimkit's own round trip still passes): in ``GPTQExporter.write``
-   ``pack_rows((zero - 1)...`` -> ``pack_rows((zero - 0)...``, and in ``read_gptq``
-   ``qz.astype(np.int64) + 1`` -> ``qz.astype(np.int64) + 0``.
-   Fails: ``test_gptq_v1_checkpoint_read_by_an_independent_reader`` (all cases).
+   together (slimkit's own round trip still passes): ``QZERO_OFFSET = {"gptq": -1, ...}`` ->
+   ``{"gptq": 0, ...}``.
+   Fails: ``test_gptq_v1_checkpoint_read_by_an_independent_reader`` (all cases),
+   ``test_gptq_default_checkpoint_format_read_by_an_independent_reader`` (the symmetric case).
+8. ``slimkit/export/gptq.py``: GPTQ v2 qzeros written with v1's offset, in writer and reader
+   together: ``QZERO_OFFSET = {..., "gptq_v2": 0}`` -> ``{..., "gptq_v2": -1}``.
+   Fails: ``test_gptq_default_checkpoint_format_read_by_an_independent_reader`` (the asymmetric
+   cases).
 
-No GPTQ v1 reader from another package is used: gptqmodel and optimum are not installed and not
-pinned in constraints.txt. The reader here (``read_gptq_v1``) is written from the GPTQ v1 format
-description instead (qweight packs the transposed codes along the input features, 32 / b values
-per int32 word, value i at stream bit i * b; qzeros packs the zero points along the output
-features the same way and stores zero - 1; scales fp16; g_idx the group of each input column),
-with its own bit-stream arithmetic (Python integers, not slimkit's numpy unpacker).
+The GPTQ readers here (``read_gptq_v1`` / ``read_gptq_v2``) are written from the format
+descriptions, not from slimkit's code (qweight packs the transposed codes along the input
+features, 32 / b values per int32 word, value i at stream bit i * b; qzeros packs the zero points
+along the output features the same way, v1 storing zero - 1 and v2 the zero itself; scales fp16;
+g_idx the group of each input column), with their own bit-stream arithmetic (Python integers,
+not slimkit's numpy unpacker). Where gptqmodel is installed (``make gptqmodel``),
+tests/test_gptq_readers.py also loads slimkit's GPTQ files with gptqmodel's own loader and
+kernel, which catches mutations 7 and 8 as well.
 """
 
 from __future__ import annotations
@@ -348,12 +355,8 @@ def _read_packed_column(words, bits: int, n: int) -> list[int]:
     return [(stream >> (i * bits)) & ((1 << bits) - 1) for i in range(n)]
 
 
-def read_gptq_v1(directory) -> dict[str, torch.Tensor]:
-    """An independent GPTQ v1 reader (format description, not slimkit's code): for each linear,
-    ``qweight`` [in*b/32, out] int32 packs the codes along the input features, ``qzeros``
-    [groups, out*b/32] packs the zero points along the output features and stores zero - 1,
-    ``scales`` [groups, out] fp16, ``g_idx`` [in] the group of each input column. Returns the
-    dequantized weights W[o, c] = scale[g, o] * (q[c, o] - zero[g, o]), g = g_idx[c]."""
+def _read_gptq(directory, zero_offset: int) -> dict[str, torch.Tensor]:
+    """Dequantized weights of a GPTQ directory whose ``qzeros`` hold zero + ``zero_offset``."""
     import json
 
     from safetensors.torch import load_file
@@ -373,35 +376,79 @@ def read_gptq_v1(directory) -> dict[str, torch.Tensor]:
         q = torch.tensor(
             [_read_packed_column([row[o] for row in qweight], bits, n_in) for o in range(n_out)]
         ).T  # (in, out)
-        zero = torch.tensor([_read_packed_column(row, bits, n_out) for row in qzeros]) + 1
+        zero = torch.tensor([_read_packed_column(row, bits, n_out) for row in qzeros]) - zero_offset
         g = g_idx.long()
         w = scales.float()[g] * (q.float() - zero[g].float())  # (in, out)
         out[name] = w.T
     return out
 
 
-@pytest.mark.parametrize("kw", [dict(wbits=4, group_size=32), dict(wbits=3, group_size=-1),
-                                dict(wbits=2, group_size=32, sym=True)])  # fmt: skip
-def test_gptq_v1_checkpoint_read_by_an_independent_reader(tmp_path, tiny_tokenizer, kw):
-    """The exported tensors, read by the reader above, dequantize to the run's weights (codes,
-    fp16-rounded scales, zero points) exactly. Catches zero points stored without the v1
-    ``- 1`` (with slimkit's own reader changed to match, its round trip still passes), a wrong
-    packing order, or scales / g_idx of the wrong shape."""
+def read_gptq_v1(directory) -> dict[str, torch.Tensor]:
+    """An independent GPTQ v1 reader (format description, not slimkit's code): for each linear,
+    ``qweight`` [in*b/32, out] int32 packs the codes along the input features, ``qzeros``
+    [groups, out*b/32] packs the zero points along the output features and stores zero - 1,
+    ``scales`` [groups, out] fp16, ``g_idx`` [in] the group of each input column. Returns the
+    dequantized weights W[o, c] = scale[g, o] * (q[c, o] - zero[g, o]), g = g_idx[c]."""
+    return _read_gptq(directory, -1)
+
+
+def read_gptq_v2(directory) -> dict[str, torch.Tensor]:
+    """An independent GPTQ v2 reader, from gptqmodel's description of ``format: gptq_v2`` ("v2
+    format fixed sym = False quantization"): the v1 layout, but ``qzeros`` stores the zero point
+    itself (gptqmodel converts v1 to v2 on load by adding 1 to every packed zero)."""
+    return _read_gptq(directory, 0)
+
+
+def _export_and_read(tmp_path, tok, kw, checkpoint_format="auto"):
+    import json
+
     import slimkit
     from slimkit.export import ExportConfig, export, load_quantized
     from slimkit.quant.methods import RTNConfig
 
-    model = tiny_model("llama", layers=1, vocab=len(tiny_tokenizer))
+    model = tiny_model("llama", layers=1, vocab=len(tok))
     model, res = slimkit.quantize(model, RTNConfig(**kw), None)
-    slimkit.save_quantized(model, tiny_tokenizer, tmp_path / "run", res)
-    export(tmp_path / "run", tmp_path / "g", ExportConfig(format="gptq"))
-    got = read_gptq_v1(tmp_path / "g")
-    layers = load_quantized(tmp_path / "run").layers
+    slimkit.save_quantized(model, tok, tmp_path / "run", res)
+    cfg = ExportConfig(format="gptq", checkpoint_format=checkpoint_format)
+    export(tmp_path / "run", tmp_path / "g", cfg)
+    qcfg = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    return qcfg, load_quantized(tmp_path / "run").layers
+
+
+def _assert_exact(got, layers):
     assert got.keys() == layers.keys() and len(got) == 7
     for name, qw in layers.items():
         idx = qw.g_idx.long()
         want = qw.scale.half().float()[:, idx] * (qw.codes.float() - qw.zero[:, idx])
         assert torch.equal(got[name], want), (name, float((got[name] - want).abs().max()))
+
+
+@pytest.mark.parametrize("kw", [dict(wbits=4, group_size=32), dict(wbits=3, group_size=-1),
+                                dict(wbits=2, group_size=32, sym=True)])  # fmt: skip
+def test_gptq_v1_checkpoint_read_by_an_independent_reader(tmp_path, tiny_tokenizer, kw):
+    """The exported v1 tensors, read by the reader above, dequantize to the run's weights (codes,
+    fp16-rounded scales, zero points) exactly. Catches zero points stored without the v1
+    ``- 1`` (with slimkit's own reader changed to match, its round trip still passes), a wrong
+    packing order, or scales / g_idx of the wrong shape."""
+    qcfg, layers = _export_and_read(tmp_path, tiny_tokenizer, kw, "gptq")
+    assert qcfg["checkpoint_format"] == qcfg["format"] == "gptq"
+    _assert_exact(read_gptq_v1(tmp_path / "g"), layers)
+
+
+@pytest.mark.parametrize("kw", [dict(wbits=4, group_size=32), dict(wbits=3, group_size=-1),
+                                dict(wbits=2, group_size=32), dict(wbits=4, group_size=32, sym=True)])  # fmt: skip
+def test_gptq_default_checkpoint_format_read_by_an_independent_reader(tmp_path, tiny_tokenizer, kw):
+    """The default export is v2 for asymmetric runs (gptqmodel refuses asymmetric v1 files it
+    did not write) and v1 for symmetric ones; either, read by the matching reader above,
+    dequantizes to the run's weights exactly. Catches v2 zero points written with v1's ``- 1``
+    (slimkit's own reader changed to match still round-trips), a config that names one format
+    while the tensors are in the other, or symmetric runs moved off v1."""
+    qcfg, layers = _export_and_read(tmp_path, tiny_tokenizer, kw)
+    want = "gptq" if kw.get("sym") else "gptq_v2"
+    assert qcfg["checkpoint_format"] == qcfg["format"] == want and qcfg["sym"] == bool(
+        kw.get("sym")
+    )
+    _assert_exact((read_gptq_v1 if want == "gptq" else read_gptq_v2)(tmp_path / "g"), layers)
 
 
 # ----------------------------------------------------------------------------- CBQ

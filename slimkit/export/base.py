@@ -61,6 +61,15 @@ class ExportConfig:
             "quantizers (deploy W4A4 / W4A8 as W4A16); re-measure accuracy"
         },
     )
+    checkpoint_format: str = field(
+        default="auto",
+        metadata={
+            "help": "GPTQ checkpoint format: gptq (v1, qzeros hold zero - 1), gptq_v2 (the zero "
+            "itself), or auto: v1 for symmetric runs (every GPTQ reader), v2 for asymmetric ones "
+            "(gptqmodel refuses asymmetric v1 files that gptqmodel did not write)",
+            "choices": ["auto", "gptq", "gptq_v2"],
+        },
+    )
     gguf_embeddings: str = field(
         default="llama.cpp",
         metadata={
@@ -82,6 +91,15 @@ class ExportConfig:
         FORMATS.get(self.format)
         if self.dtype not in DTYPES:
             raise SlimkitError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.checkpoint_format not in ("auto", "gptq", "gptq_v2"):
+            raise SlimkitError(
+                f"--checkpoint-format must be auto, gptq or gptq_v2 (got {self.checkpoint_format!r})"
+            )
+        if self.checkpoint_format != "auto" and self.format != "gptq":
+            raise SlimkitError(
+                f"--checkpoint-format {self.checkpoint_format} applies to --format gptq only "
+                f"(got --format {self.format})"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

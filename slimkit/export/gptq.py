@@ -1,10 +1,19 @@
-"""GPTQ v1 checkpoints (transformers through gptqmodel/optimum, vLLM ``gptq`` / ``gptq_marlin``,
-SGLang, TGI): ``qweight`` [in*b/32, out], ``qzeros`` [groups, out*b/32], ``scales`` [groups, out]
-fp16, ``g_idx`` [in], for 2, 3, 4 and 8 bits.
+"""GPTQ checkpoints (transformers through gptqmodel / optimum, gptqmodel, vLLM ``gptq`` /
+``gptq_marlin``, SGLang, TGI): ``qweight`` [in*b/32, out], ``qzeros`` [groups, out*b/32],
+``scales`` [groups, out] fp16, ``g_idx`` [in], for 2, 3, 4 and 8 bits, in one of two
+checkpoint formats that differ only in what ``qzeros`` holds:
 
-v1 stores ``zero - 1`` in ``qzeros`` (readers add 1 back). A zero point of 0 therefore cannot be
-written; such a group is shifted exactly (codes + 1, zero + 1) when no code of the group is at
-the top of the range, and refused otherwise.
+- ``gptq`` (v1, the original GPTQ / AutoGPTQ layout) stores ``zero - 1`` (readers add 1 back). A
+  zero point of 0 cannot be written; such a group is shifted exactly (codes + 1, zero + 1) when no
+  code of the group is at the top of the range, and refused otherwise. gptqmodel's loader refuses
+  an asymmetric v1 file unless its ``meta.quantizer`` names gptqmodel >= 0.9.0 as the producer
+  (``Loading of a sym=False model with format=FORMAT.GPTQ is only supported if produced by
+  gptqmodel version >= 0.9.0``); slimkit does not claim to be gptqmodel.
+- ``gptq_v2`` stores the zero point itself. gptqmodel loads it for any ``sym``, and so does
+  transformers through optimum (whose GPTQ path itself saves asymmetric models as ``gptq_v2``).
+
+``checkpoint_format: auto`` (the default) writes v1 for symmetric runs (every GPTQ reader) and
+v2 for asymmetric ones (what gptqmodel and transformers accept).
 """
 
 from __future__ import annotations
@@ -33,6 +42,16 @@ from slimkit.export.packing import pack_rows, unpack_rows_bitstream
 from slimkit.quant.quantizer import QuantizedWeight
 
 log = logging.getLogger("slimkit")
+# checkpoint format -> what qzeros holds minus the zero point (v1 stores zero - 1)
+QZERO_OFFSET = {"gptq": -1, "gptq_v2": 0}
+
+
+def checkpoint_format(cfg: ExportConfig, sym: bool) -> str:
+    """The GPTQ checkpoint format to write: ``cfg.checkpoint_format``, where ``auto`` is v1 for a
+    symmetric run and v2 for an asymmetric one."""
+    if cfg.checkpoint_format == "auto":
+        return "gptq" if sym else "gptq_v2"
+    return cfg.checkpoint_format
 
 
 def v1_codes(qw: QuantizedWeight, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -54,10 +73,13 @@ def v1_codes(qw: QuantizedWeight, name: str) -> tuple[torch.Tensor, torch.Tensor
     return codes, zero, int(bad.sum())
 
 
-@FORMATS.register("gptq", help="GPTQ v1 directory (qweight/qzeros/scales/g_idx), 2/3/4/8 bit")
+@FORMATS.register(
+    "gptq",
+    help="GPTQ directory (qweight/qzeros/scales/g_idx), 2/3/4/8 bit; v1, or v2 for asymmetric runs",
+)
 class GPTQExporter(Exporter):
     name = "gptq"
-    reader_name = "slimkit's independent GPTQ v1 unpacker (numpy bit stream) into transformers"
+    reader_name = "slimkit's independent GPTQ v1 / v2 unpacker (numpy bit stream) into transformers"
 
     def scale_dtype(self, cfg: ExportConfig) -> torch.dtype:
         return torch.float16
@@ -71,28 +93,45 @@ class GPTQExporter(Exporter):
             b = qw.spec.bits
             if b not in (2, 3, 4, 8):
                 raise SlimkitError(
-                    f"GPTQ v1 packs 2, 3, 4 or 8-bit codes; this run has {b}-bit weights. "
+                    f"GPTQ packs 2, 3, 4 or 8-bit codes; this run has {b}-bit weights. "
                     "Quantize with --wbits 4 (or 2/3/8)."
                 )
             if qw.spec.group_size == 0:
                 raise SlimkitError(
-                    "GPTQ v1 has per-group or per-channel scales, not one per tensor: quantize with "
+                    "GPTQ has per-group or per-channel scales, not one per tensor: quantize with "
                     "--group-size 128 (or 32/64, or -1 per channel)"
                 )
             if (inp * b) % 32 or (out * b) % 32:
                 raise SlimkitError(
-                    f"GPTQ v1 needs in*bits and out*bits divisible by 32; {name} is {out}x{inp} at {b} bits"
+                    f"GPTQ needs in*bits and out*bits divisible by 32; {name} is {out}x{inp} at {b} bits"
                 )
         check_activations(qm, cfg, "none")
 
     def write(self, qm: QuantizedModel, cfg: ExportConfig, out: Path) -> dict:
+        specs = qm.specs()
+        if len({(s.bits, s.group_size, s.sym) for s in specs}) != 1:
+            raise SlimkitError(
+                "a GPTQ checkpoint has one bits/group/sym setting per model; this run mixes several"
+            )
+        spec = next(iter(specs))
+        fmt = checkpoint_format(cfg, spec.sym)
+        if fmt == "gptq" and not spec.sym:
+            log.warning(
+                "GPTQ v1 with asymmetric weights: transformers (optimum), vLLM and other v1 readers "
+                "load it, gptqmodel's own loader refuses it (it accepts asymmetric v1 files only "
+                "from gptqmodel); --checkpoint-format gptq_v2 (the default) loads in both"
+            )
         tensors, shifted = {}, 0
         for name, qw in qm.layers.items():
-            codes, zero, n = v1_codes(qw, name)
-            shifted += n
+            if fmt == "gptq":
+                codes, zero, n = v1_codes(qw, name)
+                shifted += n
+            else:  # v2 stores any zero point as it is
+                codes, zero = qw.codes, qw.zero
             b = qw.spec.bits
+            stored = (zero + QZERO_OFFSET[fmt]).to(torch.int64).contiguous()
             tensors[f"{name}.qweight"] = pack_rows(codes.T.contiguous(), b)
-            tensors[f"{name}.qzeros"] = pack_rows((zero - 1).to(torch.int64).contiguous(), b).T
+            tensors[f"{name}.qzeros"] = pack_rows(stored, b).T
             tensors[f"{name}.scales"] = qw.scale.T.to(torch.float16)
             tensors[f"{name}.g_idx"] = qw.g_idx.to(torch.int32)
             bias = getattr(_module(qm.model, name), "bias", None)
@@ -105,12 +144,8 @@ class GPTQExporter(Exporter):
             str(out / "model.safetensors"),
             metadata={"format": "pt"},
         )
-        specs = qm.specs()
-        if len({(s.bits, s.group_size, s.sym) for s in specs}) != 1:
-            raise SlimkitError(
-                "GPTQ v1 has one bits/group/sym setting per model; this run mixes several"
-            )
-        spec = next(iter(specs))
+        import slimkit
+
         config = qm.model.config.to_dict()
         config["dtype"] = "float16"
         config["quantization_config"] = {
@@ -119,10 +154,13 @@ class GPTQExporter(Exporter):
             "group_size": spec.group_size,
             "desc_act": any(qm.act_order(n) for n in qm.layers),
             "sym": spec.sym,
-            "checkpoint_format": "gptq",
+            # current gptqmodel and transformers name it "format", older readers "checkpoint_format"
+            "format": fmt,
+            "checkpoint_format": fmt,
             "static_groups": bool(qm.config.get("static_groups", False)),
             "true_sequential": True,
             "damp_percent": qm.config.get("percdamp", qm.config.get("damp", 0.01)),
+            "meta": {"quantizer": [f"slimkit:{slimkit.__version__}"]},
         }
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (out / "quantize_config.json").write_text(
@@ -131,7 +169,7 @@ class GPTQExporter(Exporter):
         copy_side_files(qm, out)
         if shifted:
             log.info("GPTQ v1: %d groups with zero point 0 shifted exactly to zero 1", shifted)
-        return {"zero_groups_shifted": shifted}
+        return {"checkpoint_format": fmt, "zero_groups_shifted": shifted}
 
     def reference_weight(self, qw: QuantizedWeight, cfg: ExportConfig) -> torch.Tensor:
         idx = qw.g_idx.long()
@@ -155,10 +193,15 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 
 
 def read_gptq(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Independent GPTQ v1 reader: name -> (codes [out, in], true zeros [out, groups], scales
-    [out, groups] fp32, g_idx [in])."""
+    """Independent GPTQ v1 / v2 reader: name -> (codes [out, in], true zeros [out, groups],
+    scales [out, groups] fp32, g_idx [in])."""
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     b = cfg["bits"]
+    fmt = cfg.get("checkpoint_format", cfg.get("format", "gptq"))
+    if fmt not in QZERO_OFFSET:
+        raise SlimkitError(
+            f"{out}: GPTQ checkpoint_format {fmt!r} is not one slimkit reads (gptq, gptq_v2)"
+        )
     state = load_file(str(out / "model.safetensors"))
     res = {}
     for key in state:
@@ -171,13 +214,13 @@ def read_gptq(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, 
         n_in = g_idx.shape[0]
         codes = unpack_rows_bitstream(state[key].numpy(), b, n_in).T  # (out, in)
         qz = unpack_rows_bitstream(state[f"{name}.qzeros"].numpy().T, b, n_out)  # (out, groups)
-        zeros = qz.astype(np.int64) + 1  # v1 stores zero - 1
+        zeros = qz.astype(np.int64) - QZERO_OFFSET[fmt]  # v1 stores zero - 1, v2 the zero
         res[name] = (codes, zeros, scales.T, g_idx)
     return res
 
 
 def load_gptq(out: Path) -> nn.Module:
-    """A GPTQ v1 directory dequantized into a plain transformers model (fp32, CPU)."""
+    """A GPTQ v1 / v2 directory dequantized into a plain transformers model (fp32, CPU)."""
     dense = {}
     for name, (codes, zeros, scales, g_idx) in read_gptq(out).items():
         g = torch.as_tensor(g_idx).long()

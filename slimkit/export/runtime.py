@@ -60,7 +60,7 @@ def load_for_generation(path: str | Path):
 
         tok = AutoTokenizer.from_pretrained(p)
         model = load_gptq(p)
-        how = "GPTQ v1 dequantized to fp32 at load (no fast int4 CPU kernel in PyTorch)"
+        how = "GPTQ dequantized to fp32 at load (no fast int4 CPU kernel in PyTorch)"
     else:
         from slimkit.quant.api import load_saved
 
