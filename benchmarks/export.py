@@ -1,7 +1,7 @@
-"""Exports of quantized SmolLM2-135M: compressed-tensors, GPTQ v1 and GGUF, each verified,
+"""Exports of quantized SmolLM2-135M: compressed-tensors, GPTQ and GGUF, each verified,
 evaluated as loaded by its reader, and (GGUF) timed in llama.cpp beside the F16 GGUF.
 
-Runs: GPTQ W4A16 g64 (compressed-tensors, GPTQ v1), GPTQ W3A16 g64 (GPTQ v1), GPTQ W4A16 g32
+Runs: GPTQ W4A16 g64 (compressed-tensors, GPTQ), GPTQ W3A16 g64 (GPTQ), GPTQ W4A16 g32
 asymmetric (GGUF Q4_1, compressed-tensors), GPTQ W4A16 g32 symmetric (Q4_0) and RTN W8A16 g32
 symmetric (Q8_0). The embedded model already lies on a 4-bit grid with blocks of 32 (it ships as
 Q4_1), so the g32 rows show export fidelity, size and speed, not quantization quality. A SparseGPT

@@ -202,6 +202,7 @@ def test_gptq_v2_asymmetric_default_round_trip_exact(tmp_path, tiny_tokenizer, b
     qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
     assert qc["checkpoint_format"] == qc["format"] == "gptq_v2" and qc["sym"] is False
     assert json.loads((tmp_path / "g" / "quantize_config.json").read_text()) == qc
+    assert "checkpoint_format gptq_v2" in (tmp_path / "g" / "README.md").read_text()
     qw = load_quantized(run).layers["model.layers.0.mlp.down_proj"]
     codes, zeros, _, _ = read_gptq(tmp_path / "g")["model.layers.0.mlp.down_proj"]
     assert np.array_equal(zeros, qw.zero.numpy()) and np.array_equal(codes, qw.codes.numpy())

@@ -1,4 +1,4 @@
-"""Real quantized models out of slimkit runs: compressed-tensors, GPTQ v1 and GGUF.
+"""Real quantized models out of slimkit runs: compressed-tensors, GPTQ (v1 / v2) and GGUF.
 
 >>> from slimkit.export import ExportConfig, export
 >>> export("runs/smol-w4", "models/smol-w4-ct", ExportConfig(verify=True))  # doctest: +SKIP
@@ -103,9 +103,12 @@ def _extra_versions() -> dict[str, str]:
 
 def export_card(qm: QuantizedModel, r: dict) -> str:
     q = r["quantization"]
+    fmt = r["format"] + (
+        f" (checkpoint_format {r['checkpoint_format']})" if "checkpoint_format" in r else ""
+    )
     if q:
         title = (f"W{q['wbits']}A{16 if r['weights_only'] else q['abits']} g{q['group_size']} "
-                 f"({r['method']}), {r['format']}")  # fmt: skip
+                 f"({r['method']}), {fmt}")  # fmt: skip
         how = (
             f"Exported by slimkit from the run `{r['source_run']}` without re-quantization: the integer "
             "codes, scales and zero points are the ones the method produced "

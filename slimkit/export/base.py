@@ -46,7 +46,7 @@ class ExportConfig:
     dtype: str = field(
         default="float16",
         metadata={
-            "help": "dtype of scales and unquantized tensors (GPTQ v1 and GGUF scales are always float16)",
+            "help": "dtype of scales and unquantized tensors (GPTQ and GGUF scales are always float16)",
             "choices": list(DTYPES),
         },
     )

@@ -119,7 +119,7 @@ class GPTQExporter(Exporter):
             log.warning(
                 "GPTQ v1 with asymmetric weights: transformers (optimum), vLLM and other v1 readers "
                 "load it, gptqmodel's own loader refuses it (it accepts asymmetric v1 files only "
-                "from gptqmodel); --checkpoint-format gptq_v2 (the default) loads in both"
+                "from gptqmodel); --checkpoint-format gptq_v2 (the default for asymmetric runs) loads in both"
             )
         tensors, shifted = {}, 0
         for name, qw in qm.layers.items():

@@ -47,7 +47,7 @@ class GPTQConfig(QuantConfig):
         metadata={
             "help": "fit group scales on the original weight before the sweep, so groups stay consecutive "
             "columns (exportable to every format); --no-static-groups gives GPTQ's dynamic act-order "
-            "groups (a g_idx: GPTQ v1 export only)"
+            "groups (a g_idx: GPTQ export only)"
         },
     )
     keep_zeros: bool = field(
