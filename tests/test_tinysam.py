@@ -250,8 +250,10 @@ def test_quantized_model_reloads_identically_with_int8_weights(tmp_path, one_thr
     from slimkit.sam.train import load_trained
 
     run = tiny_teacher(tmp_path / "teacher")
-    # the encoder alone (the decoder's linears are counted in the next test)
-    cfg = Q.SamQuantConfig(calib_images=2, search_points=10, decoder=False, search="minmax")
+    # the encoder's linears alone (the decoder's linears are counted in the next test, the
+    # convolutions in tests/test_q_tinysam_convs.py)
+    cfg = Q.SamQuantConfig(calib_images=2, search_points=10, decoder=False, search="minmax",
+                           quantize_convs=False)  # fmt: skip
     Q.quantize_sam(run, cfg, out=tmp_path / "q")
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [
         "quant.json", "quant.safetensors", "sam_config.json"]  # fmt: skip
@@ -368,7 +370,9 @@ def test_int8_kernels_match_fake_quant(tmp_path, one_thread):
     # catches: an integer path with a wrong scale (per channel x activation step), a twin-GELU
     # input rounded on one grid, and a silent fallback that never runs torch._int_mm
     run = tiny_teacher(tmp_path / "teacher")
-    cfg = Q.SamQuantConfig(calib_images=2, search="minmax", decoder=False, matmuls=False)
+    cfg = Q.SamQuantConfig(
+        calib_images=2, search="minmax", decoder=False, matmuls=False, quantize_convs=False
+    )  # the linears' kernels; convs: test_q_tinysam_convs
     Q.quantize_sam(run, cfg, out=tmp_path / "q")
     fake = Q.load_quantized(tmp_path / "q")
     real = Q.load_quantized(tmp_path / "q", int8_kernels=True)
@@ -396,7 +400,7 @@ def test_q_tinysam_is_dispatched_by_the_one_compression_registry(one_thread):
     from slimkit.sam.model import build_sam
 
     cfg = Q.SamQuantConfig(calib_images=1, calib_prompts=2, search_points=4, rounds=1,
-                           search="mse", decoder=False, max_rows=64)  # fmt: skip
+                           search="mse", decoder=False, max_rows=64, quantize_convs=False)  # fmt: skip
     assert method_for_config(cfg) == "q-tinysam"
     torch.manual_seed(0)
     model, result = slimkit.compress(build_sam("vit_mini"), cfg)

@@ -311,8 +311,11 @@ class BlockwisePipeline:
             self.capture(kwargs_only=True)
         return self._act_shape
 
-    def new_store(self) -> ActivationStore:
-        return ActivationStore(self.calib.shape[0], self.act_shape(), self._disk_dir())
+    def new_store(self, shape: tuple[int, ...] | None = None) -> ActivationStore:
+        """A store for one activation per local sample, of ``shape`` (default: block 0's input;
+        blocks that change the shape, such as a TinyViT's stages, give their own)."""
+        shape = self.act_shape() if shape is None else tuple(shape)
+        return ActivationStore(self.calib.shape[0], shape, self._disk_dir())
 
     def _disk_dir(self) -> str | None:
         if self.opts.offload == "ram":
@@ -366,12 +369,14 @@ class BlockwisePipeline:
     def run_blocks(
         self, blocks: list[nn.Module], src: ActivationStore, dst: ActivationStore | None = None
     ) -> ActivationStore:
-        """Push every cached sample of ``src`` through ``blocks``; write into ``dst`` (new store)."""
-        dst = dst if dst is not None else self.new_store()
+        """Push every cached sample of ``src`` through ``blocks``; write into ``dst`` (new store,
+        shaped as the blocks' output)."""
         for i0, i1 in self.batches():
             x = src.get(i0, i1).to(self.device)
             for b in blocks:
                 x = self.call_block(b, x)
+            if dst is None:
+                dst = self.new_store(x.shape[1:])
             dst.set(i0, i1, x)
         return dst
 
@@ -726,11 +731,11 @@ class BlockwisePipeline:
         method_file = d / files["method"]
         method.load_state_dict(load_file(method_file) if method_file.is_file() else {})
         streams = load_file(d / files["streams"].format(rank=dist.rank()))
-        q = self.new_store()
+        q = self.new_store(streams["q"].shape[1:])
         q.set(0, q.n, streams["q"])
         fp = None
         if "fp" in streams:
-            fp = self.new_store()
+            fp = self.new_store(streams["fp"].shape[1:])
             fp.set(0, fp.n, streams["fp"])
         torch.set_rng_state(streams["rng"])
         return start, q, fp

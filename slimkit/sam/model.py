@@ -506,6 +506,9 @@ SAM_ALIASES = {
 }
 
 
+TINYVIT_SHAPE = ("dims", "depths", "heads", "windows")
+
+
 def build_sam(arch: str = "vit_b", **overrides) -> Sam:
     from slimkit.core.errors import SlimkitError
 
@@ -518,7 +521,8 @@ def build_sam(arch: str = "vit_b", **overrides) -> Sam:
     if cfg.extra.get("encoder") == "tinyvit":
         from slimkit.sam.tinyvit import TinyViT
 
-        return Sam(
-            cfg, image_encoder=TinyViT(img_size=cfg.img_size, out_chans=cfg.prompt_dim)
-        ).eval()
+        # ``extra`` may shrink the TinyViT (dims / depths / heads / windows) for tests and CPU work
+        shape = {k: tuple(cfg.extra[k]) for k in TINYVIT_SHAPE if k in cfg.extra}
+        enc = TinyViT(img_size=cfg.img_size, out_chans=cfg.prompt_dim, **shape)
+        return Sam(cfg, image_encoder=enc).eval()
     return Sam(cfg).eval()

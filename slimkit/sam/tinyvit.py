@@ -92,6 +92,10 @@ class WindowAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        # identity hook points on the matmul operands and outputs (as in SAM's ViTAttention):
+        # places for Q-TinySAM's activation quantizers; no parameters, state-dict keys unchanged
+        self.q_in, self.k_in, self.v_in = nn.Identity(), nn.Identity(), nn.Identity()
+        self.softmax_out, self.qk_out, self.av_out = nn.Identity(), nn.Identity(), nn.Identity()
         points = list(itertools.product(range(window), range(window)))
         offsets: dict[tuple[int, int], int] = {}
         idxs = []
@@ -111,10 +115,11 @@ class WindowAttention(nn.Module):
         q, k, v = self.qkv(self.norm(x)).view(b, n, self.heads, -1).split([self.key_dim] * 3, dim=3)
         q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
         attn = (
-            q @ k.transpose(-2, -1) * self.scale
+            self.qk_out(self.q_in(q) @ self.k_in(k).transpose(-2, -1)) * self.scale
             + self.attention_biases[:, self.attention_bias_idxs]
         )
-        out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
+        out = self.av_out(self.softmax_out(attn.softmax(-1)) @ self.v_in(v))
+        out = out.transpose(1, 2).reshape(b, n, -1)
         return self.proj(out)
 
 

@@ -103,6 +103,12 @@ class SamQuantConfig:
     matmuls: bool = field(
         default=True, metadata={"help": "quantize the attention matmuls (q k^T, attn v)"}
     )
+    quantize_convs: bool = field(
+        default=True,
+        metadata={"help": "quantize the convolutions too (patch embedding, neck, TinyViT's MBConv / "
+                          "merging / local convs, the decoder's transposed convs); the paper "
+                          "quantizes every Conv2d / ConvTranspose2d"},
+    )  # fmt: skip
     max_rows: int = field(
         default=1024, metadata={"help": "rows (tokens) per place kept for the scale search"}
     )
@@ -152,18 +158,42 @@ def fq_twin_gelu(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor
     return pos + neg
 
 
+def fq_offset(x: torch.Tensor, step: torch.Tensor, bits: int, offset: torch.Tensor) -> torch.Tensor:
+    """The signed grid shifted by ``offset`` (a convolution's input, spec 2.4's a_bias):
+    clip(round((x - offset) / s), -2^(b-1), 2^(b-1) - 1) * s + offset."""
+    return fq_uniform(x - offset, step, bits) + offset
+
+
 FQ = {"uniform": fq_uniform, "twin_softmax": fq_twin_softmax, "twin_gelu": fq_twin_gelu}
 
 
-class ActQuant:
-    """A forward pre-hook that fake-quantizes a module's first input."""
+def act_offset(x: torch.Tensor) -> torch.Tensor:
+    """The offset of an ``offset`` grid: the middle of the calibration range."""
+    return ((x.max() + x.min()) / 2).reshape(())
 
-    def __init__(self, kind: str, step: torch.Tensor, bits: int):
+
+class ActQuant:
+    """A forward pre-hook that fake-quantizes a module's first input (``offset``: the shift of
+    an ``offset`` grid)."""
+
+    def __init__(
+        self, kind: str, step: torch.Tensor, bits: int, offset: torch.Tensor | None = None
+    ):
         self.kind, self.step, self.bits = kind, step.float().reshape(()), bits
+        self.offset = None if offset is None else offset.float().reshape(())
+        if (kind == "offset") != (offset is not None):
+            raise SlimkitError(
+                f"an {kind} activation grid {'needs' if kind == 'offset' else 'takes no'} offset"
+            )
 
     def __call__(self, module, args):
         x = args[0]
-        return (FQ[self.kind](x, self.step.to(x.device), self.bits).to(x.dtype), *args[1:])
+        s = self.step.to(x.device)
+        if self.kind == "offset":
+            y = fq_offset(x, s, self.bits, self.offset.to(x.device))
+        else:
+            y = FQ[self.kind](x, s, self.bits)
+        return (y.to(x.dtype), *args[1:])
 
 
 def search_step(sample: torch.Tensor, kind: str, bits: int, n: int) -> torch.Tensor:
@@ -189,32 +219,54 @@ def search_step(sample: torch.Tensor, kind: str, bits: int, n: int) -> torch.Ten
 
 @dataclass
 class Place:
-    """One quantized operation: output = op(A, B). ``linear``: A = the input, B = the weight;
-    ``qk``: A = q, B = k (q @ k^T); ``av``: A = post-softmax probabilities, B = v."""
+    """One quantized operation: output = op(A, B). ``linear`` / ``conv``: A = the input, B = the
+    weight; ``qk``: A = q, B = k (q @ k^T); ``av``: A = post-softmax probabilities, B = v.
+    ``geom`` of a conv: (transposed, stride, padding, output_padding, dilation, groups)."""
 
     op: str
     a: str  # module whose first input is operand A
-    b: str  # the linear itself (weight) or the module whose input is operand B
+    b: str  # the linear / conv itself (weight) or the module whose input is operand B
     out: str  # module whose output is the place's output
-    a_kind: str  # uniform / twin_gelu / twin_softmax
+    a_kind: str  # uniform / twin_gelu / twin_softmax / offset
+    geom: tuple = ()
 
     @property
     def weight(self) -> bool:
-        return self.op == "linear"
+        return self.op in ("linear", "conv")
+
+    @property
+    def rows(self) -> str:
+        """How operands are sampled for the search: token rows of a linear, (batch x head)
+        slices of a matmul, whole samples (maps) of a conv."""
+        return {"linear": "rows", "conv": "samples"}.get(self.op, "slices")
+
+
+CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def _conv_geom(m: nn.Module) -> tuple:
+    t = isinstance(m, nn.ConvTranspose2d)
+    if t and m.groups != 1:
+        raise SlimkitError(f"{m}: grouped transposed convolutions are not supported")
+    return (t, m.stride, m.padding, m.output_padding if t else 0, m.dilation, m.groups)
 
 
 def find_places(root: nn.Module, prefix: str, cfg: SamQuantConfig) -> list[Place]:
     """The quantized places under ``root`` (names prefixed with ``prefix``)."""
     from slimkit.sam.model import Attention, ViTAttention
+    from slimkit.sam.tinyvit import WindowAttention
 
     twin = cfg.act_quantizer == "twin"
     out = []
     for name, m in root.named_modules():
         n = prefix + name
         if isinstance(m, nn.Linear):
-            gelu = twin and name.endswith("mlp.lin2") and "image_encoder" in prefix
+            gelu = twin and name.endswith(("mlp.lin2", "mlp.fc2")) and "image_encoder" in prefix
             out.append(Place("linear", n, n, n, "twin_gelu" if gelu else "uniform"))
-        elif cfg.matmuls and isinstance(m, (ViTAttention, Attention)):
+        elif cfg.quantize_convs and isinstance(m, CONVS):
+            # the paper's convolution inputs carry an offset (a_bias); plain uniform: none
+            out.append(Place("conv", n, n, n, "offset" if twin else "uniform", _conv_geom(m)))
+        elif cfg.matmuls and isinstance(m, (ViTAttention, Attention, WindowAttention)):
             out.append(Place("qk", f"{n}.q_in", f"{n}.k_in", f"{n}.qk_out", "uniform"))
             sm = "twin_softmax" if twin else "uniform"
             out.append(Place("av", f"{n}.softmax_out", f"{n}.v_in", f"{n}.av_out", sm))
@@ -228,12 +280,15 @@ def _index(n: int, keep: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(n))[:keep].sort().values
 
 
-def _select(x: torch.Tensor, matmul: bool, max_rows: int) -> torch.Tensor:
-    """Rows of a linear's input / output, or (batch x head) slices of a matmul operand."""
+def _select(x: torch.Tensor, rows: str, max_rows: int) -> torch.Tensor:
+    """Rows of a linear's input / output, (batch x head) slices of a matmul operand, or whole
+    samples of a conv's input / output (``rows``: a :attr:`Place.rows`)."""
     x = x.detach().float().cpu()
-    if not matmul:
+    if rows == "rows":
         x = x.reshape(-1, x.shape[-1])
         return x[_index(len(x), max_rows)]
+    if rows == "samples":  # the same samples of an input map and of its output's gradient
+        return x[_index(len(x), max(1, max_rows // 32))]
     x = x.reshape(-1, *x.shape[-2:])  # (batch x heads, n, m): whole slices, the same for
     return x[_index(len(x), max(1, max_rows // 32))]  # both operands and the output
 
@@ -248,7 +303,30 @@ _OPS = {
 
 
 def _top(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "offset":
+        return ((x.max() - x.min()) / 2).clamp(min=1e-8)
     return (x.abs().max() if kind == "uniform" else x.max()).clamp(min=1e-8)
+
+
+def _conv_op(geom: tuple):
+    """The conv of a place, output channels last (so that the error sums per channel)."""
+    t, stride, pad, opad, dil, groups = geom
+
+    def op(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if t:
+            y = nn.functional.conv_transpose2d(a, w, None, stride, pad, opad, groups, dil)
+        else:
+            y = nn.functional.conv2d(a, w, None, stride, pad, dil, groups)
+        return y.movedim(1, -1)
+
+    return op
+
+
+def _channel_max(p: Place, w: torch.Tensor) -> torch.Tensor:
+    """max |w| per output channel, shaped to broadcast against the weight: (out, 1) for a
+    linear, (out, 1, 1, 1) for a conv, (1, out, 1, 1) for a transposed conv ((in, out, kh, kw))."""
+    dims = tuple(d for d in range(w.ndim) if d != (1 if p.op == "conv" and p.geom[0] else 0))
+    return w.abs().amax(dims, keepdim=True).clamp(min=1e-8)
 
 
 def search_place(p: Place, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | None,
@@ -258,21 +336,29 @@ def search_place(p: Place, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | N
     ``minmax`` returns the initial steps; ``mse`` / ``task`` alternate ``rounds`` times between
     A's step and B's, each the best of ``search_points`` candidates for the output distortion
     (weighted by g^2 for ``task``; g: the task-loss gradient at the place's output). The search
-    starts from, and never returns worse than, the min-max steps."""
+    starts from, and never returns worse than, the min-max steps. An ``offset`` A (a conv's
+    input) is centred on :func:`act_offset` first."""
     ma, mb = 2 ** (cfg.abits - 1) - 1, 2 ** ((cfg.wbits if p.weight else cfg.abits) - 1) - 1
     bits_b = cfg.wbits if p.weight else cfg.abits
-    if p.a_kind == "uniform":
-        step_a = _top(a, "uniform") / ma
+    if p.a_kind == "offset":
+        off = act_offset(a)
+        fa = lambda x, s, bits: fq_offset(x, s, bits, off)  # noqa: E731
+    else:
+        fa = FQ[p.a_kind]
+    if p.a_kind in ("uniform", "offset"):
+        step_a = _top(a, p.a_kind) / ma
     else:
         step_a = search_step(a, p.a_kind, cfg.abits, cfg.search_points)
-    top_b = b.abs().amax(1, keepdim=True).clamp(min=1e-8) if p.weight else _top(b, "uniform")
+    top_b = _channel_max(p, b) if p.weight else _top(b, "uniform")
     step_b = top_b / mb
     if cfg.search == "minmax":
         return step_a, step_b
     if cfg.search == "task" and g is None:
         raise SlimkitError(f"{p.out}: no task gradient was captured")
-    op = _OPS[p.op]
+    op = _conv_op(p.geom) if p.op == "conv" else _OPS[p.op]
     o = op(a, b)
+    if g is not None and p.op == "conv":
+        g = g.movedim(1, -1)  # channels last, as the op's output
     w2 = g.pow(2) if cfg.search == "task" else None
 
     def err(o_hat: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -281,7 +367,6 @@ def search_place(p: Place, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | N
             d = d * w2
         return d.reshape(-1, d.shape[-1]).sum(0) if per_channel else d.sum()
 
-    fa = FQ[p.a_kind]
     thetas = torch.linspace(0.01, 1.2, cfg.search_points).tolist()
     top_a = _top(a, p.a_kind)
     b_hat = fq_uniform(b, step_b, bits_b)
@@ -300,17 +385,33 @@ def search_place(p: Place, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | N
             if p.weight:  # per output channel: the channels' errors are independent
                 better = e < best
                 best = torch.where(better, e, best)
-                step_b = torch.where(better[:, None], s, step_b)
+                step_b = torch.where(better.reshape(step_b.shape), s, step_b)
             elif e < best:
                 best, step_b = e, s
         b_hat = fq_uniform(b, step_b, bits_b)
     return step_a, step_b
 
 
-def _weight_record(w: torch.Tensor, step: torch.Tensor, bits: int):
-    """slimkit's QuantizedWeight for a symmetric per-channel grid with the given steps."""
+def _as_rows(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A weight as (out, fan_in) rows: a conv's (out, in, kh, kw) flattened, a transposed
+    conv's (in, out, kh, kw) with its output channels first."""
+    return (w.transpose(0, 1) if transposed else w).reshape(w.shape[1 if transposed else 0], -1)
+
+
+def _from_rows(rows: torch.Tensor, like: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The inverse of :func:`_as_rows`: rows back in the layout of ``like``."""
+    if transposed:
+        return rows.reshape(like.shape[1], like.shape[0], *like.shape[2:]).transpose(0, 1)
+    return rows.reshape(like.shape)
+
+
+def _weight_record(w: torch.Tensor, step: torch.Tensor, bits: int, transposed: bool = False):
+    """slimkit's QuantizedWeight for a symmetric per-channel grid with the given steps (a
+    conv's weight as (out, fan_in) rows)."""
     from slimkit.quant.quantizer import QuantizedWeight, QuantSpec, quantize, trivial_g_idx
 
+    if w.ndim > 2:
+        w, step = _as_rows(w, transposed), step.reshape(-1, 1)
     zero = torch.full_like(step, float(2 ** (bits - 1)))
     codes = quantize(w.float(), step, zero, bits).to(torch.uint8)
     spec = QuantSpec(bits=bits, group_size=-1, sym=True)
@@ -332,21 +433,24 @@ def _apply(model_mods: dict, places: list[Place], caught: dict, grads: dict, cfg
             raise SlimkitError(f"{p.out}: captured gradient and input rows disagree")
         step_a, step_b = search_place(p, a, b, g, cfg)
         if cfg.abits != 16:
-            acts[p.a] = (p.a_kind, step_a.reshape(()))
+            off = act_offset(a) if p.a_kind == "offset" else None
+            acts[p.a] = (p.a_kind, step_a.reshape(()), off)
+        transposed = p.op == "conv" and p.geom[0]
         if p.weight:
-            qw = _weight_record(b, step_b, cfg.wbits)
+            qw = _weight_record(b, step_b, cfg.wbits, transposed)
             records[p.b] = qw
             mod = model_mods[p.b]
-            mod.weight.data.copy_(qw.dequantize().to(mod.weight.dtype))
+            mod.weight.data.copy_(_from_rows(qw.dequantize(), b, transposed).to(mod.weight.dtype))
         elif cfg.abits != 16:
-            acts[p.b] = ("uniform", step_b.reshape(()))
+            acts[p.b] = ("uniform", step_b.reshape(()), None)
+        rows = _as_rows(b, transposed) if p.weight else None
         log.append({"place": p.out, "step_a": float(step_a.reshape(())),
-                    "weight_rel_err": float((records[p.b].dequantize() - b).norm() / b.norm())
+                    "weight_rel_err": float((records[p.b].dequantize() - rows).norm() / rows.norm())
                     if p.weight else None})  # fmt: skip
         for n in (p.a,) if p.weight else (p.a, p.b):
             if n in acts:
-                kind, step = acts[n]
-                model_mods[n].register_forward_pre_hook(ActQuant(kind, step, cfg.abits))
+                kind, step, off = acts[n]
+                model_mods[n].register_forward_pre_hook(ActQuant(kind, step, cfg.abits, off))
 
 
 class SamPTQ(BlockwiseMethod):
@@ -356,24 +460,28 @@ class SamPTQ(BlockwiseMethod):
     advances through the block."""
 
     def __init__(self, cfg: SamQuantConfig, grads: dict | None = None,
-                 prefix: str = "image_encoder."):  # fmt: skip
-        self.cfg, self.grads, self.prefix = cfg, grads or {}, prefix
-        self.acts: dict[str, tuple[str, torch.Tensor]] = {}
+                 roots: list[tuple[nn.Module, str]] | None = None):  # fmt: skip
+        """``roots``: per pipeline block, the module whose places it quantizes and that
+        module's full name prefix in the SAM (:func:`encoder_chain`)."""
+        self.cfg, self.grads, self.roots = cfg, grads or {}, roots
+        # activation name -> (kind, step, offset of an ``offset`` grid or None)
+        self.acts: dict[str, tuple[str, torch.Tensor, torch.Tensor | None]] = {}
         self.log: list[dict] = []
 
     def on_window(self, win: Window) -> None:
         pipe = win.pipe
         for b in win.block_ids:
-            block = pipe.blocks[b]
-            local = f"{pipe.bmap.blocks}.{b}."
-            places = find_places(block, self.prefix + local, self.cfg)
-            rel = {n: n.removeprefix(self.prefix + local) for p in places for n in (p.a, p.b)}
-            mods = {n: block.get_submodule(r) for n, r in rel.items()}
+            root, prefix = self.roots[b]
+            places = find_places(root, prefix, self.cfg)
+            if not places:  # e.g. a TinyViT's MBConv block with --no-quantize-convs
+                continue
+            rel = {n: n.removeprefix(prefix) for p in places for n in (p.a, p.b)}
+            mods = {n: root.get_submodule(r) for n, r in rel.items()}
             caught: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
-            matmul = {n: not p.weight for p in places for n in (p.a, p.b)}
-            pipe.collect([block], win.inputs_of(b), mods,
-                         lambda n, x, c=caught, mm=matmul: c[n].append(
-                             _select(x, mm[n], self.cfg.max_rows)))  # fmt: skip
+            rows = {n: p.rows for p in places for n in (p.a, p.b)}
+            pipe.collect([pipe.blocks[b]], win.inputs_of(b), mods,
+                         lambda n, x, c=caught, r=rows: c[n].append(
+                             _select(x, r[n], self.cfg.max_rows)))  # fmt: skip
             _apply(mods, places, caught, self.grads, self.cfg, pipe.records, self.acts, self.log)
 
 
@@ -447,7 +555,7 @@ def fisher_grads(model, images, prompt_sets, places: list[Place], cfg: SamQuantC
     mods = dict(model.named_modules())
     gen = torch.Generator().manual_seed(0)
     calls: dict[str, list] = {p.out: [] for p in places}
-    matmul = {p.out: not p.weight for p in places}
+    rows = {p.out: p.rows for p in places}
 
     def fwd_hook(name):
         def hook(module, args, out):
@@ -456,7 +564,7 @@ def fisher_grads(model, images, prompt_sets, places: list[Place], cfg: SamQuantC
             i = len(slot) - 1
 
             def grad_hook(g):
-                slot[i] = _select(g, matmul[name], cfg.max_rows)
+                slot[i] = _select(g, rows[name], cfg.max_rows)
 
             out.register_hook(grad_hook)
 
@@ -492,12 +600,9 @@ def fisher_grads(model, images, prompt_sets, places: list[Place], cfg: SamQuantC
 
 
 def _check_encoder(model) -> None:
-    from slimkit.sam.model import ImageEncoderViT
+    from slimkit.sam.tinysam.encoder_blocks import encoder_chain
 
-    enc = model.image_encoder
-    if not isinstance(enc, ImageEncoderViT):
-        raise SlimkitError("sam quantize handles ViT image encoders (vit_b/l/h, vit_mini, vit_micro); "
-                           f"this model's encoder is {type(enc).__name__}")  # fmt: skip
+    encoder_chain(model.image_encoder)  # refuses an encoder without a block map
 
 
 @torch.no_grad()
@@ -505,31 +610,29 @@ def quantize_model(model, cfg: SamQuantConfig, calib=None) -> tuple[dict, dict]:
     """Quantize ``model`` in place; returns (weight records, activation steps), keyed by the
     full module names. ``calib``: (preprocessed images, prompt sets) of :func:`calibration_set`
     (default: ``cfg.calib_images`` training scenes)."""
-    from slimkit.llm.block_maps import encoder_block_map
     from slimkit.llm.pipeline import BlockwisePipeline, PipelineOptions
+    from slimkit.sam.tinysam.encoder_blocks import chain_block_map, encoder_chain
 
-    _check_encoder(model)
+    chain, roots = encoder_chain(model.image_encoder)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     images, prompt_sets = calib or calibration_set(
         model, cfg.calib_images, cfg.calib_prompts, cfg.calib_seed
     )
-    enc_places = find_places(model.image_encoder, "image_encoder.", cfg)
+    enc_places = [p for root, prefix in roots for p in find_places(root, prefix, cfg)]
     dec_places = find_places(model.mask_decoder, "mask_decoder.", cfg) if cfg.decoder else []
     grads = {}
     if cfg.search == "task":
         grads = fisher_grads(model, images, prompt_sets, enc_places + dec_places, cfg)
-    enc = model.image_encoder
-    bmap = encoder_block_map(enc, "blocks", pre_blocks=("patch_embed", "pos_embed"))
-    pipe = BlockwisePipeline(enc, images, PipelineOptions(batch_size=cfg.batch_size, device="cpu"),
-                             block_map=bmap)  # fmt: skip
-    method = SamPTQ(cfg, grads)
+    pipe = BlockwisePipeline(chain, images, PipelineOptions(batch_size=cfg.batch_size, device="cpu"),
+                             block_map=chain_block_map())  # fmt: skip
+    method = SamPTQ(cfg, grads, roots)
     pipe.run(method)
     records, acts = dict(pipe.records), dict(method.acts)
     if dec_places:
         mods = dict(model.named_modules())
-        names = {n: not p.weight for p in dec_places for n in (p.a, p.b)}
+        names = {n: p.rows for p in dec_places for n in (p.a, p.b)}
         caught: dict[str, list] = {n: [] for n in names}
         handles = [mods[n].register_forward_pre_hook(
             lambda m, args, _n=n: caught[_n].append(_select(args[0], names[_n], cfg.max_rows)))
@@ -570,31 +673,46 @@ def quantize_sam(
 def save_quantized(model, records: dict, acts: dict, cfg: SamQuantConfig, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tensors, layers = {}, []
+    tensors, layers, convs = {}, [], []
     qkeys = {f"{n}.weight": n for n in records}
     for k, v in model.state_dict().items():
         if k in qkeys:
             qw = records[qkeys[k]]
             if qw.scale.shape[1] != 1 or not torch.all(qw.zero == 2 ** (cfg.wbits - 1)):
                 raise SlimkitError(f"{k}: expected a symmetric per-channel grid")
-            tensors[k + ".int8"] = (
-                (qw.codes.to(torch.int16) - 2 ** (cfg.wbits - 1)).to(torch.int8).contiguous()
-            )
-            tensors[k + ".scale"] = qw.scale.float().contiguous()
+            codes = (qw.codes.to(torch.int16) - 2 ** (cfg.wbits - 1)).to(torch.int8)
+            scale = qw.scale.float()
+            if v.ndim == 4:  # a conv: codes in the weight's layout, scale broadcast per channel
+                t = isinstance(model.get_submodule(qkeys[k]), nn.ConvTranspose2d)
+                codes = _from_rows(codes, v, t)
+                scale = scale.reshape((1, -1, 1, 1) if t else (-1, 1, 1, 1))
+                convs.append(k)
+            tensors[k + ".int8"] = codes.contiguous()
+            tensors[k + ".scale"] = scale.contiguous()
             layers.append(k)
         else:
             tensors[k] = v.detach().cpu().contiguous()
-    for n, (_, step) in acts.items():
+    for n, (_, step, off) in acts.items():
         tensors[f"act.{n}.step"] = step.float().reshape(1).contiguous()
+        if off is not None:
+            tensors[f"act.{n}.offset"] = off.float().reshape(1).contiguous()
     save_file(tensors, str(path / "quant.safetensors"))
-    meta = {"format": "slimkit-sam-w8a8", **asdict(cfg), "weights": layers,
-            "acts": {n: kind for n, (kind, _) in acts.items()},
+    meta = {"format": "slimkit-sam-w8a8", **asdict(cfg), "weights": layers, "convs": convs,
+            "acts": {n: kind for n, (kind, *_) in acts.items()},
             "note": "int8 weight codes (w = int8 * scale per output channel) and activation "
-                    "steps"}  # fmt: skip
+                    "steps (x = code * step + offset on an offset grid)",
+            "conv_kernel": CONV_KERNEL_NOTE if convs else None}  # fmt: skip
     (path / "quant.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- int8 kernels
+
+CONV_KERNEL_NOTE = (
+    "convolutions run fake-quant (int8 codes x scales dequantized to float, inputs rounded on "
+    "their grid): PyTorch has no int8 x int8 convolution for plain tensors on the CPU; its "
+    "quantized-tensor convolution (torch.ao, deprecated) re-quantizes every output to 8 bits, "
+    "a rounding the paper's W8A8 model does not have"
+)
 
 
 class Int8Linear(nn.Module):
@@ -664,7 +782,7 @@ def load_quantized(path: str | Path, int8_kernels: bool = False):
     for k in meta["weights"]:
         if t[k + ".int8"].dtype != torch.int8:
             raise SlimkitError(f"{d}: {k} is not stored as int8")
-        sd[k] = t[k + ".scale"] * (t[k + ".int8"].float())
+        sd[k] = t[k + ".scale"] * (t[k + ".int8"].float())  # broadcast per output channel
     load_into(model, sd, str(d))
     mods = dict(model.named_modules())
     replaced = set()
@@ -672,7 +790,7 @@ def load_quantized(path: str | Path, int8_kernels: bool = False):
         for k in meta["weights"]:
             name = k.removesuffix(".weight")
             kind = meta["acts"].get(name)
-            if kind not in ("uniform", "twin_gelu"):
+            if kind not in ("uniform", "twin_gelu") or not isinstance(mods[name], nn.Linear):
                 continue
             lin = mods[name]
             new = Int8Linear(t[k + ".int8"], t[k + ".scale"], lin.bias, kind,
@@ -682,16 +800,22 @@ def load_quantized(path: str | Path, int8_kernels: bool = False):
             replaced.add(name)
     for n, kind in meta["acts"].items():
         if n not in replaced:
-            mods[n].register_forward_pre_hook(ActQuant(kind, t[f"act.{n}.step"], meta["abits"]))
+            mods[n].register_forward_pre_hook(ActQuant(kind, t[f"act.{n}.step"], meta["abits"],
+                                                       t.get(f"act.{n}.offset")))  # fmt: skip
     return model.eval()
 
 
 def int8_kernel_report(model) -> dict:
-    """How many linears ran which kernel in the last forward pass."""
+    """How many linears ran which kernel in the last forward pass, and how many quantized
+    convolutions run fake-quant (``fake_quant_conv``: see ``CONV_KERNEL_NOTE``)."""
     out: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, Int8Linear):
             out[m.kernel] = out.get(m.kernel, 0) + 1
+        elif isinstance(m, CONVS) and any(
+            isinstance(h, ActQuant) for h in m._forward_pre_hooks.values()
+        ):
+            out["fake_quant_conv"] = out.get("fake_quant_conv", 0) + 1
     return out
 
 
