@@ -162,13 +162,14 @@ def distill(inv: Invocation) -> int:
 @command("quantize", group="sam", configs=["slimkit.sam.tinysam.quant:SamQuantConfig"],
          run=("out", "overwrite"), args=[arg("model", help="a slimkit SAM run directory")],
          help="Q-TinySAM: W8A8 post-training quantization of the image encoder and decoder",
-         description="Q-TinySAM: W8A8 post-training quantization of a SAM's ViT image encoder "
-                     "and mask decoder (int8 weights + scales in safetensors).")  # fmt: skip
+         description="Q-TinySAM: W8A8 post-training quantization of a SAM's image encoder (ViT "
+                     "or TinyViT vit_t, linears, attention matmuls and convolutions) and mask "
+                     "decoder (int8 weights + scales in safetensors).")  # fmt: skip
 def quantize(inv: Invocation) -> int:
     from slimkit.sam.tinysam.quant import quantize_sam
 
     r = quantize_sam(inv.ns.model, *inv.configs, out=inv.ns.out, overwrite=inv.ns.overwrite)
-    print(f"{r['out']}: {r['layers']} linears W{r['wbits']}A{r['abits']} ({r['act_quantizer']}, "
+    print(f"{r['out']}: {r['layers']} linears / convs W{r['wbits']}A{r['abits']} ({r['act_quantizer']}, "
           f"{r['search']} search), {r['act_points']} activation quantizers; calibration task "
           f"KL to the FP model {r['calib_task_kl']:.3g}")  # fmt: skip
     return 0

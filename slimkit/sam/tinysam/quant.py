@@ -1,9 +1,18 @@
 """Q-TinySAM: W8A8 post-training quantization of a SAM (``slimkit sam quantize``), spec 2.4.
 
-Quantized places (``Place``), in the ViT image encoder and (``decoder: true``) the mask decoder:
+Quantized places (``Place``), in the image encoder (ViT: ``vit_b/l/h``, ``vit_mini``,
+``vit_micro``; TinyViT: ``vit_t``) and (``decoder: true``) the mask decoder:
 
 - every ``nn.Linear``: weight on a symmetric per-output-channel grid (slimkit's
   ``QuantizedWeight``), input on a static per-tensor grid;
+- (``quantize_convs: true``, the paper's choice) every ``nn.Conv2d`` / ``nn.ConvTranspose2d``
+  (patch embeddings, necks, TinyViT's MBConv / patch-merging / local convs, the decoder's
+  upscaling): weight per output channel as a linear's, input on a static per-tensor grid that
+  carries an offset (spec 2.4's a_bias: x_hat = round((x - o) / s) * s + o, o the middle of
+  the calibration range; ``act_quantizer: uniform``: no offset). A Conv-BN keeps its BN in
+  float: per-output-channel steps are scale-equivariant, so quantizing before or after folding
+  the BN's per-channel factor gives the same grid (up to float rounding, and the unused -128
+  code of a channel whose factor is negative);
 - (``matmuls: true``) both attention matmuls: q and k of q @ k^T, the post-softmax
   probabilities and v of attn @ v, each on a static per-tensor grid (identity modules
   ``q_in`` / ``k_in`` / ``softmax_out`` / ``v_in`` of the attention are the hook points).
@@ -11,7 +20,7 @@ Quantized places (``Place``), in the ViT image encoder and (``decoder: true``) t
 Activation grids: ``act_quantizer: uniform`` is the symmetric signed grid everywhere; ``twin``
 puts TinySAM's twin-uniform quantizers at the two skewed places of the encoder:
     post-softmax: [0, split) on a fine step s (codes 0..127), [split, 1] on step 1/127;
-    post-GELU (input of lin2): positives on a calibrated step (codes 0..127), negatives on the
+    post-GELU (input of lin2 / a TinyViT's fc2): positives on a calibrated step (codes 0..127), negatives on the
     fixed step 0.16997/128 (codes -128..0; GELU's minimum is about -0.17).
 (The decoder's MLPs use ReLU, so its post-softmax probabilities are its only twin place.)
 
@@ -21,7 +30,8 @@ Scale search (``search``):
 - ``mse`` / ``task``: for each place, alternately (``rounds`` times) the step of operand A
   (input / q / probabilities) and of operand B (weight, per output channel independently / k /
   v) among ``search_points`` candidates in [0.01, 1.2] x max / 127, minimising the distortion
-  of the place's output O (the linear's or the matmul's):
+  of the place's output O (the linear's, the conv's or the matmul's; a conv's operands are
+  whole calibration samples, its weight's error summed per output channel):
     mse:  mean((O - O_hat)^2)
     task: mean((g * (O - O_hat))^2), g = d L / d O (Hessian-guided, as the paper).
   L is the task loss of the mask logits and the IoU predictions on calibration prompts. The
@@ -29,21 +39,25 @@ Scale search (``search``):
   the Fisher information; g is therefore the gradient of the log-likelihood of labels drawn
   from the FP model's own Bernoulli outputs (sigmoid of the mask logits and of the IoU
   predictions; one draw per output, a fixed seed), whose square estimates the Fisher diagonal.
-- The image encoder runs on the shared block-wise pipeline (``BlockwisePipeline`` with
-  ``encoder_block_map``; the method is :class:`SamPTQ`): each block's places are searched on
-  the inputs that the already quantized blocks produce. The mask decoder's blocks take four
+- The image encoder runs on the shared block-wise pipeline (``BlockwisePipeline`` over the
+  encoder's chain of blocks, ``encoder_blocks.encoder_chain``: patch embedding, transformer /
+  MBConv / patch-merging blocks, neck; the method is :class:`SamPTQ`): each block's places are
+  searched on the inputs that the already quantized blocks produce. The mask decoder's blocks take four
   tensors (queries, keys and their positional encodings) and return two, which the pipeline's
   one-stream block calls cannot carry; its places are searched on inputs captured in one pass
   of the decoder behind the quantized encoder.
 
 Saved as ``quant.safetensors``: int8 codes + float32 per-channel scales of every quantized
-weight, the activation steps, the other tensors as they are; ``quant.json`` names the
-quantized weights and the kind of each activation quantizer; nothing is pickled.
+weight (a conv's codes in its weight's layout, scales broadcast per output channel), the
+activation steps and offsets, the other tensors as they are; ``quant.json`` names the quantized
+weights (``convs``: those of convolutions) and the kind of each activation quantizer; nothing
+is pickled.
 ``load_quantized`` rebuilds the model with identical outputs (fake-quant: int8 weights
 dequantized, activations rounded in float) or, with ``int8_kernels=True``, runs the linears
 whose input grid is uniform or twin-GELU as integer matmuls (``torch._int_mm``: int8 x int8 ->
 int32, then one float scale per output channel; a twin-GELU input is two integer matmuls, one
-per half). The attention matmuls stay fake-quant (PyTorch has no batched int8 matmul on CPU).
+per half). The attention matmuls stay fake-quant (PyTorch has no batched int8 matmul on CPU),
+and so do the convolutions (``CONV_KERNEL_NOTE``; ``int8_kernel_report`` counts them).
 """
 
 from __future__ import annotations
@@ -834,7 +848,7 @@ def _register() -> None:
         return
     register_compression_method(
         "q-tinysam", SamQuantConfig, kind="sam-quantization",
-        help="Q-TinySAM W8A8 of a SAM's ViT encoder and mask decoder",
+        help="Q-TinySAM W8A8 of a SAM's ViT / TinyViT encoder and mask decoder",
     )(SamPTQ)  # fmt: skip
 
     def compress_sam(model, config: SamQuantConfig, calib=None, **kw):
