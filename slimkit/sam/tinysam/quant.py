@@ -723,9 +723,10 @@ def save_quantized(model, records: dict, acts: dict, cfg: SamQuantConfig, path: 
 
 CONV_KERNEL_NOTE = (
     "convolutions run fake-quant (int8 codes x scales dequantized to float, inputs rounded on "
-    "their grid): PyTorch has no int8 x int8 convolution for plain tensors on the CPU; its "
-    "quantized-tensor convolution (torch.ao, deprecated) re-quantizes every output to 8 bits, "
-    "a rounding the paper's W8A8 model does not have"
+    "their grid): PyTorch has no int8 x int8 convolution for plain tensors; its quantized-tensor "
+    "convolution (torch.ao, x86 / fbgemm engine) runs on the CPU and was 2-23x faster than fake "
+    "quant on one thread (benchmarks/results/q_tinysam_conv_kernels.md), but it re-quantizes "
+    "every output to 8 bits, a rounding this W8A8 model does not have, and is deprecated"
 )
 
 
