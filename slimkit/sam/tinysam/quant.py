@@ -477,6 +477,10 @@ class SamPTQ(BlockwiseMethod):
                  roots: list[tuple[nn.Module, str]] | None = None):  # fmt: skip
         """``roots``: per pipeline block, the module whose places it quantizes and that
         module's full name prefix in the SAM (:func:`encoder_chain`)."""
+        if roots is None:
+            raise SlimkitError(
+                "SamPTQ needs the encoder's block roots (encoder_blocks.encoder_chain)"
+            )
         self.cfg, self.grads, self.roots = cfg, grads or {}, roots
         # activation name -> (kind, step, offset of an ``offset`` grid or None)
         self.acts: dict[str, tuple[str, torch.Tensor, torch.Tensor | None]] = {}
