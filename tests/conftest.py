@@ -206,3 +206,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def search_distances():
+    """``fn(run)``: the task distance (KL of the mask logits / IoU to the float model) after
+    Q-TinySAM at W4A4 with the MSE and with the task-aware scale search, on a fixed model and
+    calibration set: ``{"mse": d, "task": d}``."""
+
+    def fn(run):
+        import copy
+
+        from slimkit.sam.tinysam import quant as Q
+        from slimkit.sam.train import load_trained
+
+        dist = {}
+        for search in ("mse", "task"):
+            model = load_trained(run)
+            fp = copy.deepcopy(model)
+            cfg = Q.SamQuantConfig(calib_images=2, search_points=10, rounds=2, max_rows=256,
+                                   search=search, wbits=4, abits=4)  # fmt: skip
+            calib = Q.calibration_set(model, cfg.calib_images, cfg.calib_prompts)
+            Q.quantize_model(model, cfg, calib)
+            dist[search] = Q.task_distance(model, fp, *calib)
+        return dist
+
+    return fn

@@ -166,20 +166,9 @@ def test_unknown_encoder_is_refused_by_name(one_thread):
         Q.quantize_model(m, Q.SamQuantConfig(**FAST))
 
 
-def test_task_search_beats_mse_search_on_vit_t_with_convs(tmp_path, one_thread):
+def test_task_search_beats_mse_search_on_vit_t_with_convs(tmp_path, one_thread, search_distances):
     # catches: task gradients that do not reach the TinyViT / conv places (wrong samples for a
     # conv's gradient, channels not moved last), on a fixed model and calibration set at W4A4
     # (the vit_mini version is tests/test_tinysam.py; measured ratio here 0.62)
-    import copy
-
-    run = tiny_vit_t(tmp_path / "vit_t")
-    dist = {}
-    for search in ("mse", "task"):
-        model = load_trained(run)
-        fp = copy.deepcopy(model)
-        cfg = Q.SamQuantConfig(calib_images=2, search_points=10, rounds=2, max_rows=256,
-                               search=search, wbits=4, abits=4)  # fmt: skip
-        calib = Q.calibration_set(model, cfg.calib_images, cfg.calib_prompts)
-        Q.quantize_model(model, cfg, calib)
-        dist[search] = Q.task_distance(model, fp, *calib)
+    dist = search_distances(tiny_vit_t(tmp_path / "vit_t"))
     assert dist["task"] < 0.9 * dist["mse"], dist

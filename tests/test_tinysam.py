@@ -310,23 +310,12 @@ def test_task_aware_search_weights_the_output_error_by_the_task_gradient():
     assert sw_t.shape == (8, 1) and not torch.allclose(sw_t, sw_0)  # per-channel weight search
 
 
-def test_task_search_gives_a_lower_task_distance_than_mse_search(tmp_path, one_thread):
+def test_task_search_gives_a_lower_task_distance_than_mse_search(
+    tmp_path, one_thread, search_distances
+):
     # catches: the task gradients not reaching the search (wrong rows, lost Fisher sampling), on a
     # fixed model and calibration set at W4A4 where the differences are visible
-    import copy
-
-    from slimkit.sam.train import load_trained
-
-    run = tiny_teacher(tmp_path / "teacher")
-    dist = {}
-    for search in ("mse", "task"):
-        model = load_trained(run)
-        fp = copy.deepcopy(model)
-        cfg = Q.SamQuantConfig(calib_images=2, search_points=10, rounds=2, max_rows=256,
-                               search=search, wbits=4, abits=4)  # fmt: skip
-        calib = Q.calibration_set(model, cfg.calib_images, cfg.calib_prompts)
-        Q.quantize_model(model, cfg, calib)
-        dist[search] = Q.task_distance(model, fp, *calib)
+    dist = search_distances(tiny_teacher(tmp_path / "teacher"))
     assert dist["task"] < 0.9 * dist["mse"], dist
 
 
