@@ -187,27 +187,37 @@ def generate(inv: Invocation) -> int:
 
 @command("bench", configs=["slimkit.export.runtime:BenchConfig"],
          args=[arg("model", help="a .gguf file written by slimkit export"),
-               arg("--baseline", help="F16 GGUF to compare with (default: written from the base model)"),
+               arg("--baseline", help="F16 GGUF to compare with, or to quantize with llama.cpp "
+                                      "for --against (default: written from the base model)"),
                arg("--json", output=True, help="also write the results here")],
-         help="size and llama.cpp tokens/s of a GGUF beside its F16 baseline",
-         description="Size and llama.cpp prefill/decode tokens/s of a GGUF beside its F16 baseline.")  # fmt: skip
+         help="size and llama.cpp speed (and perplexity) of a GGUF beside F16 or llama.cpp's own quantization",
+         description="Size and llama.cpp prefill/decode tokens/s of a GGUF beside its F16 baseline; "
+                     "with --against llama.cpp:FTYPE, size, speed and perplexity beside llama.cpp's "
+                     "own quantization of the same model.")  # fmt: skip
 def bench(inv: Invocation) -> int:
-    from slimkit.export.runtime import bench_gguf
+    from slimkit.export.runtime import against_table, bench_against, bench_gguf
 
-    ns = inv.ns
+    ns, (cfg,) = inv.ns, inv.configs
     if not ns.model.endswith(".gguf"):
         raise SlimkitError(
             "slimkit bench measures GGUF files through llama.cpp (CPU speed is real there); export "
             "with --format gguf first. compressed-tensors / GPTQ exports are served by vLLM on GPUs."
         )
-    r = bench_gguf(ns.model, ns.baseline, **dataclasses.asdict(inv.configs[0]))
-    print(f"engine: {r['engine']}; prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens")  # fmt: skip
-    print("| file | size MB | prefill tok/s | decode tok/s |\n|---|---|---|---|")
-    for k in ("model", "f16"):
-        print(f"| {r['files'][k]} | {r['size_mb'][k]:.1f} | {r[k]['prefill_tok_s']:.1f} | "
-              f"{r[k]['decode_tok_s']:.1f} |")  # fmt: skip
-    x = r["ratios_vs_f16"]
-    print(f"ratios vs F16: size {x['size']:.2f}, prefill {x['prefill']:.2f}, decode {x['decode']:.2f}")  # fmt: skip
+    if cfg.against:
+        r = bench_against(ns.model, cfg, ns.baseline)
+        print(f"engine: {r['engine']}; prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new "
+              f"tokens; {r.get('ppl_protocol', 'no perplexity')}")  # fmt: skip
+        print(against_table(r))
+    else:
+        r = bench_gguf(ns.model, ns.baseline, prompt_tokens=cfg.prompt_tokens,
+                       new_tokens=cfg.new_tokens, threads=cfg.threads, base=cfg.base)  # fmt: skip
+        print(f"engine: {r['engine']}; prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens")  # fmt: skip
+        print("| file | size MB | prefill tok/s | decode tok/s |\n|---|---|---|---|")
+        for k in ("model", "f16"):
+            print(f"| {r['files'][k]} | {r['size_mb'][k]:.1f} | {r[k]['prefill_tok_s']:.1f} | "
+                  f"{r[k]['decode_tok_s']:.1f} |")  # fmt: skip
+        x = r["ratios_vs_f16"]
+        print(f"ratios vs F16: size {x['size']:.2f}, prefill {x['prefill']:.2f}, decode {x['decode']:.2f}")  # fmt: skip
     if ns.json:
         Path(ns.json).write_text(json.dumps(r, indent=2) + "\n")
     return 0

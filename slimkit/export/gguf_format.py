@@ -319,6 +319,7 @@ class GGUFExporter(Exporter):
         w.add_file_type(ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string("slimkit.base_model", str(qm.run.get("model_path") or qm.run.get("model", "")))
+        w.add_string("slimkit.base_model_id", str(qm.run.get("model", "")))
         w.add_string("slimkit.quantization", json.dumps(qm.config, sort_keys=True))
         name = " ".join(
             str(x)

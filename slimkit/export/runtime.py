@@ -92,9 +92,36 @@ class BenchConfig:
                           "the load average, at least 1)"},
     )  # fmt: skip
 
+    against: str = field(
+        default="",
+        metadata={"help": "llama.cpp:FTYPE (e.g. llama.cpp:Q3_K_M): also quantize the F16 GGUF of "
+                          "the same model with llama.cpp's own quantizer and compare size, speed "
+                          "and perplexity side by side"},
+    )  # fmt: skip
+    base: str = field(
+        default="",
+        metadata={"help": "the model the file was quantized from (model id or directory; default: "
+                          "the one the file's slimkit metadata names)"},
+    )  # fmt: skip
+    ppl: str = field(
+        default="wiki-offline",
+        metadata={"help": "with --against: comma-separated corpora whose test windows give the "
+                          "perplexity (llama.cpp's logits; empty = none)"},
+    )  # fmt: skip
+    max_windows: int = field(
+        default=10, metadata={"help": "with --against: test windows per corpus (0 = all)"}
+    )
+    seq_len: int = field(default=512, metadata={"help": "with --against: perplexity window length"})
+
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise SlimkitError(f"threads must be >= 0 (got {self.threads})")
+        if self.against and not self.against.startswith("llama.cpp:"):
+            raise SlimkitError(
+                f"--against takes llama.cpp:FTYPE, e.g. llama.cpp:Q3_K_M (got {self.against!r})"
+            )
+        if self.max_windows < 0 or self.seq_len < 2:
+            raise SlimkitError("max_windows must be >= 0 and seq_len >= 2")
         for k in ("prompt_tokens", "new_tokens"):
             if getattr(self, k) < 1:
                 raise SlimkitError(f"{k} must be >= 1 (got {getattr(self, k)})")
@@ -165,6 +192,20 @@ def default_threads() -> int:
     return max(1, (cores or 1) - busy)
 
 
+def _llama_cpp():
+    """The llama_cpp module, or a clear message naming the portable build."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SlimkitError(
+            "slimkit bench runs GGUF files through llama.cpp, which is not installed: run "
+            "`make llamacpp` in a slimkit checkout, or pip install llama-cpp-python==0.3.36 with "
+            f'CMAKE_ARGS="{PORTABLE_CMAKE}" (it compiles llama.cpp, about 10 minutes on 2 cores; '
+            "the flags avoid instructions a virtual machine may report but not allow)"
+        ) from None
+    return llama_cpp
+
+
 def _probe_llama_cpp(path: Path) -> None:
     """Load and evaluate a few tokens in a child process, so that a llama.cpp build that dies on
     this CPU (e.g. AMX / AVX-512 code in a VM that does not allow it) gives a clear message."""
@@ -197,24 +238,17 @@ def bench_gguf(
     new_tokens: int = 64,
     threads: int = 0,
     repeats: int = 3,
+    base: str = "",
 ) -> dict:
     """Size, prefill and decode tokens/s of a GGUF and of its F16 baseline through llama.cpp,
     alternated in one process (best of ``repeats``)."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise SlimkitError(
-            "slimkit bench runs GGUF files through llama.cpp, which is not installed: run "
-            "`make llamacpp` in a slimkit checkout, or pip install llama-cpp-python==0.3.36 with "
-            f'CMAKE_ARGS="{PORTABLE_CMAKE}" (it compiles llama.cpp, about 10 minutes on 2 cores; '
-            "the flags avoid instructions a virtual machine may report but not allow)"
-        ) from None
+    Llama = _llama_cpp().Llama
     p = Path(path)
     if baseline is None:
         baseline = p.with_name(p.stem + ".f16-baseline.gguf")
         if not Path(baseline).is_file():
             log.info("writing the F16 baseline %s", baseline)
-            write_f16_gguf(p, Path(baseline))
+            write_f16_gguf(p, Path(baseline), base=base_model_of(p, base))
     files = {"model": p, "f16": Path(baseline)}
     for f in files.values():
         _probe_llama_cpp(f)
@@ -233,20 +267,7 @@ def bench_gguf(
     tokens = llms["model"].tokenize(
         ("The history of the city begins in the early middle ages. " * 64).encode()
     )[:prompt_tokens]
-    best = {k: {"prefill_tok_s": 0.0, "decode_tok_s": 0.0} for k in files}
-    for _ in range(repeats):
-        for k, llm in llms.items():
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(tokens)
-            t1 = time.perf_counter()
-            for _ in range(new_tokens):
-                tok = llm.sample(temp=0.0)
-                llm.eval([tok])
-            t2 = time.perf_counter()
-            b = best[k]
-            b["prefill_tok_s"] = max(b["prefill_tok_s"], len(tokens) / (t1 - t0))
-            b["decode_tok_s"] = max(b["decode_tok_s"], new_tokens / (t2 - t1))
+    best = alternated_speed(llms, tokens, new_tokens, repeats)
     res = {
         "engine": f"llama.cpp (llama-cpp-python), CPU, {threads} threads",
         "prompt_tokens": len(tokens),
@@ -261,3 +282,196 @@ def bench_gguf(
         "decode": best["model"]["decode_tok_s"] / best["f16"]["decode_tok_s"],
     }
     return res
+
+
+def alternated_speed(llms: dict, tokens: list[int], new_tokens: int, repeats: int) -> dict:
+    """Prefill and greedy-decode tokens/s of each loaded llama.cpp model, the models taking
+    turns within every repeat (so a burst of load on a shared machine hits all of them), best of
+    ``repeats``: {name: {"prefill_tok_s", "decode_tok_s"}}."""
+    best = {k: {"prefill_tok_s": 0.0, "decode_tok_s": 0.0} for k in llms}
+    for _ in range(repeats):
+        for k, llm in llms.items():
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(tokens)
+            t1 = time.perf_counter()
+            for _ in range(new_tokens):
+                llm.eval([llm.sample(temp=0.0)])
+            t2 = time.perf_counter()
+            b = best[k]
+            b["prefill_tok_s"] = max(b["prefill_tok_s"], len(tokens) / (t1 - t0))
+            b["decode_tok_s"] = max(b["decode_tok_s"], new_tokens / (t2 - t1))
+    return best
+
+
+def llama_perplexity(path: str | Path, windows, threads: int = 1) -> float:
+    """Perplexity of a GGUF in llama.cpp over ``windows`` (int array [n, L]): every window
+    evaluated from an empty cache, each token scored from llama.cpp's own logits."""
+    import numpy as np
+
+    llama_cpp = _llama_cpp()
+    windows = np.asarray(windows)
+    n, length = windows.shape
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=length, n_batch=length, n_threads=threads,
+                          logits_all=True, verbose=False)  # fmt: skip
+    nll, count = 0.0, 0
+    for w in windows:
+        llm.reset()
+        llm.eval(w.tolist())
+        logits = np.asarray(llm.scores[:length], dtype=np.float64)[:-1]
+        logits -= logits.max(1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        nll -= logp[np.arange(length - 1), w[1:]].sum()
+        count += length - 1
+    import math
+
+    return math.exp(nll / count)
+
+
+def llama_ftype(name: str) -> int:
+    """llama.cpp's ``LLAMA_FTYPE_MOSTLY_<NAME>`` (Q4_K_M, Q3_K_M, Q2_K, Q8_0, ...)."""
+    llama_cpp = _llama_cpp()
+    key = f"LLAMA_FTYPE_MOSTLY_{name.upper()}"
+    if not hasattr(llama_cpp, key):
+        known = sorted(k[len("LLAMA_FTYPE_MOSTLY_") :] for k in dir(llama_cpp)
+                       if k.startswith("LLAMA_FTYPE_MOSTLY_"))  # fmt: skip
+        raise SlimkitError(
+            f"unknown llama.cpp file type {name!r}; choose one of {', '.join(known)}"
+        )
+    return int(getattr(llama_cpp, key))
+
+
+def gguf_file_type(path: str | Path) -> int | None:
+    """``general.file_type`` of a GGUF (llama.cpp's LLAMA_FTYPE number), None when absent."""
+    import gguf
+
+    f = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    return None if f is None else int(f.parts[-1][0])
+
+
+def llama_quantize(f16: str | Path, out: str | Path, ftype: str, threads: int = 1) -> Path:
+    """llama.cpp's own quantization (``llama_model_quantize``, its default parameters: no
+    importance matrix) of the GGUF ``f16`` to file type ``ftype``, written to ``out`` through a
+    temporary file; an existing ``out`` of that file type is kept."""
+    llama_cpp, out = _llama_cpp(), Path(out)
+    want = llama_ftype(ftype)
+    if out.is_file() and gguf_file_type(out) == want:
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = want
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params)
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise SlimkitError(f"llama.cpp could not quantize {f16} to {ftype} (return code {rc})")
+    tmp.replace(out)
+    return out
+
+
+def base_model_of(path: str | Path, base: str = "") -> str:
+    """The model a slimkit GGUF was quantized from: ``base`` if given, else the model (a
+    directory that still exists, or a model id / registered name) its slimkit metadata names."""
+    import gguf
+
+    if base:
+        return base
+    fields = gguf.GGUFReader(str(path)).fields
+    names = [fields[k].contents() for k in ("slimkit.base_model", "slimkit.base_model_id")
+             if k in fields]  # fmt: skip
+    from slimkit.llm.models import resolve_model_path
+
+    for name in filter(None, names):
+        try:
+            resolve_model_path(name)
+            return name
+        except Exception:  # noqa: BLE001 - a moved directory or an id not cached here
+            continue
+    if names:
+        raise SlimkitError(
+            f"{path} was made from {' / '.join(filter(None, names))}, which is not found here: "
+            "pass --base MODEL (the model it was quantized from)"
+        )
+    raise SlimkitError(
+        f"{path} does not say which model it was made from (no slimkit metadata): pass --base "
+        "MODEL (the model it was quantized from)"
+    )
+
+
+def bench_against(path: str | Path, cfg: BenchConfig, baseline: str | Path | None = None) -> dict:
+    """A slimkit GGUF beside llama.cpp's own quantization of the same model (``cfg.against`` =
+    ``llama.cpp:FTYPE``): the F16 GGUF of the base model (``baseline``, or written by slimkit
+    from ``cfg.base`` / the file's metadata) quantized by ``llama_model_quantize``, then both
+    files measured in llama.cpp in one run: size, prefill / decode tokens/s (alternated, best of
+    3) and perplexity over the first ``cfg.max_windows`` test windows of each ``cfg.ppl`` corpus
+    (the same token ids for both files).
+
+    Example:
+        >>> r = bench_against("m-q3_k.gguf", BenchConfig(against="llama.cpp:Q3_K_M"))  # doctest: +SKIP
+        >>> r["ratio"]["size_mb"] <= 1.0  # doctest: +SKIP
+    """
+    from transformers import AutoTokenizer
+
+    from slimkit.data.text import eval_windows
+
+    Llama = _llama_cpp().Llama
+    p = Path(path)
+    if not p.is_file():
+        raise SlimkitError(f"{p} does not exist")
+    ftype = cfg.against.split(":", 1)[1].upper()
+    want = llama_ftype(ftype)
+    if baseline is None:
+        baseline = p.with_name(p.stem + ".f16-baseline.gguf")
+        if not Path(baseline).is_file():
+            base = base_model_of(p, cfg.base)
+            log.info("writing the F16 GGUF of %s to %s", base, baseline)
+            tmp = Path(baseline).with_name(Path(baseline).name + ".partial")
+            write_f16_gguf(None, tmp, base=base)
+            tmp.replace(baseline)
+    ref = llama_quantize(baseline, p.with_name(f"{p.stem}.llama.cpp-{ftype.lower()}.gguf"), ftype)
+    files = {"slimkit": p, f"llama.cpp {ftype}": ref}
+    for f in files.values():
+        _probe_llama_cpp(f)
+    threads = cfg.threads or default_threads()
+    res: dict = {
+        "engine": f"llama.cpp (llama-cpp-python), CPU, {threads} threads",
+        "against": cfg.against,
+        "files": {k: str(f) for k, f in files.items()},
+        "file_types": {k: gguf_file_type(f) for k, f in files.items()},
+        "requested_file_type": want,
+        "metrics": {"size_mb": {k: f.stat().st_size / 1e6 for k, f in files.items()}},
+    }
+    llms = {k: Llama(model_path=str(f), n_ctx=cfg.prompt_tokens + cfg.new_tokens + 8,
+                     n_threads=threads, verbose=False) for k, f in files.items()}  # fmt: skip
+    tokens = llms["slimkit"].tokenize(
+        ("The history of the city begins in the early middle ages. " * 64).encode()
+    )[: cfg.prompt_tokens]
+    speed = alternated_speed(llms, tokens, cfg.new_tokens, 3)
+    del llms
+    for m in ("prefill_tok_s", "decode_tok_s"):
+        res["metrics"][m] = {k: speed[k][m] for k in files}
+    corpora = [c for c in cfg.ppl.split(",") if c]
+    if corpora:
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        for c in corpora:
+            w = eval_windows(tok, c, cfg.seq_len, max_windows=cfg.max_windows or None)
+            res["metrics"][f"ppl {c}"] = {k: llama_perplexity(f, w.numpy(), threads)
+                                           for k, f in files.items()}  # fmt: skip
+        res["ppl_protocol"] = (
+            f"llama.cpp's logits over the first {cfg.max_windows or 'all'} windows of "
+            f"{cfg.seq_len} tokens of each test split"
+        )
+    res["prompt_tokens"], res["new_tokens"] = len(tokens), cfg.new_tokens
+    other = f"llama.cpp {ftype}"
+    res["ratio"] = {m: v["slimkit"] / v[other] for m, v in res["metrics"].items()}
+    return res
+
+
+def against_table(r: dict) -> str:
+    """The side-by-side markdown table of :func:`bench_against`: one row per metric."""
+    a, b = r["files"]
+    lines = [f"| metric | slimkit | {b} | slimkit / {b.split()[0]} |", "|---|---|---|---|"]
+    for m, v in r["metrics"].items():
+        fmt = ".3f" if m.startswith("ppl") else ".1f"
+        lines.append(f"| {m} | {v[a]:{fmt}} | {v[b]:{fmt}} | {r['ratio'][m]:.3f} |")
+    return "\n".join(lines)
