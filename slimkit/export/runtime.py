@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,8 +183,6 @@ def default_threads() -> int:
     """llama.cpp threads that this machine can give now without oversubscription: the cores
     not already busy (CPU count minus the 1-minute load average, rounded), at least 1.
     Oversubscribed threads make llama.cpp's timings swing by an order of magnitude."""
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
         busy = round(os.getloadavg()[0])
@@ -357,7 +356,7 @@ def llama_quantize(f16: str | Path, out: str | Path, ftype: str, threads: int = 
     want = llama_ftype(ftype)
     if out.is_file() and gguf_file_type(out) == want:
         return out
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")  # two processes may race here
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = want
     params.nthread = threads
@@ -425,7 +424,7 @@ def bench_against(path: str | Path, cfg: BenchConfig, baseline: str | Path | Non
         if not Path(baseline).is_file():
             base = base_model_of(p, cfg.base)
             log.info("writing the F16 GGUF of %s to %s", base, baseline)
-            tmp = Path(baseline).with_name(Path(baseline).name + ".partial")
+            tmp = Path(baseline).with_name(f"{Path(baseline).name}.{os.getpid()}.partial")
             write_f16_gguf(None, tmp, base=base)
             tmp.replace(baseline)
     ref = llama_quantize(baseline, p.with_name(f"{p.stem}.llama.cpp-{ftype.lower()}.gguf"), ftype)
