@@ -55,12 +55,18 @@ def bandwidth_gbs() -> float:
     return best
 
 
-def build(a) -> dict[str, Path]:
-    base = CACHE / "smollm2-ft"
-    if not (base / "report.json").is_file():
-        sh(slimkit_cmd("train-lm", "--init", "smollm2-135m", "--steps", str(a.ft_steps), "--lr", "2e-5",
+def finetuned_smollm2(out: Path, steps: int) -> Path:
+    """SmolLM2-135M fine-tuned ``steps`` steps in fp32 on wiki-offline (off its Q4_1 grid), cached
+    in ``out``."""
+    if not (out / "report.json").is_file():
+        sh(slimkit_cmd("train-lm", "--init", "smollm2-135m", "--steps", str(steps), "--lr", "2e-5",
                        "--min-lr", "2e-5", "--warmup-steps", "1", "--batch-size", "4", "--seq-len", "256",
-                       "--eval-windows", "4", "--checkpoint-every", "1000", "--out", str(base), "--overwrite"))  # fmt: skip
+                       "--eval-windows", "4", "--checkpoint-every", "1000", "--out", str(out), "--overwrite"))  # fmt: skip
+    return out
+
+
+def build(a) -> dict[str, Path]:
+    base = finetuned_smollm2(CACHE / "smollm2-ft", a.ft_steps)
     files = {}
     for name, (method, flags) in FILES.items():
         tag = name.split(" ")[0] + ("-gptq" if "GPTQ" in name else "")
