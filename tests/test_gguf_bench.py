@@ -62,9 +62,11 @@ def test_bench_against_llama_cpp_compares_both_files(tmp_path, tiny_tokenizer, c
                        "ppl bbc-news"]  # fmt: skip
     r = json.loads(j.read_text())
     ref = r["files"]["llama.cpp Q3_K_M"]
-    assert gguf_file_type(ref) == llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M == r["file_types"][
-        "llama.cpp Q3_K_M"
-    ]
+    assert (
+        gguf_file_type(ref)
+        == llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M
+        == r["file_types"]["llama.cpp Q3_K_M"]
+    )
     assert gguf_file_type(out) == llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M
     assert abs(r["ratio"]["size_mb"] - 1) < 0.01, r["metrics"]["size_mb"]
     for c in ("wiki-offline", "bbc-news"):
