@@ -161,7 +161,7 @@ def markdown(res: dict, args) -> str:
     lines = [
         "# slimkit GGUF vs llama.cpp's own quantization, measured in llama.cpp",
         "",
-        f"Command: `{res['command'].strip()}`. {res['machine']}",
+        f"Commands: one per model, below. {res['machine']}",
         "",
         "llama.cpp: llama-cpp-python 0.3.36 (`make llamacpp`, portable AVX2 build), one thread. "
         "For each file type, llama.cpp's `llama_model_quantize` of the model's F16 GGUF (written "
@@ -183,7 +183,8 @@ def markdown(res: dict, args) -> str:
         "",
     ]
     for name, info in res["models"].items():
-        lines += [f"## {name}: {DESCRIBE[name]}", "", info.get("note", ""), ""]
+        lines += [f"## {name}: {DESCRIBE[name]}", "", f"Command: `{info.get('command', '')}`.",
+                  "", info.get("note", ""), ""]  # fmt: skip
         lines += [
             "| type | file | size MB | wiki-offline ppl | bbc-news ppl | prefill tok/s | "
             "decode tok/s | quantize CPU s |",
@@ -204,6 +205,15 @@ def markdown(res: dict, args) -> str:
                 f"{fmt(sp.get('prefill_tok_s'), '.0f')} | {fmt(sp.get('decode_tok_s'), '.1f')} | "
                 f"{fmt(r.get('quantize', {}).get('cpu_s'), '.0f')} |"
             )
+        missing = [f"{t} {m}" for t in FTYPES for m in ("llama.cpp", *METHODS)
+                   if f"{name}/{t}/{m}" not in res["rows"]]  # fmt: skip
+        if missing:
+            lines += [
+                "",
+                f"Not measured in this run (the CPU budget ran out): {', '.join(missing)}.",
+            ]
+        if name not in res["speed"]:
+            lines += ["", "No speed run for this model in this run (the CPU budget ran out)."]
         lines += [
             "",
             "Relative to llama.cpp's file of the same type (ratios; below 1 = smaller / "
@@ -242,6 +252,10 @@ def run_model(name: str, args, res: dict) -> None:
     base = build_tiny(args.tiny_steps) if name == "tiny256" else build_smollm2(args.ft_steps)
     report = json.loads((base / "report.json").read_text())
     info = res["models"].setdefault(name, {})
+    if not args.build_only:
+        info["command"] = "OMP_NUM_THREADS=1 python benchmarks/gguf_vs_llamacpp.py " + " ".join(
+            sys.argv[1:]
+        )
     info.update(base=str(base.relative_to(ROOT)), cbq_preset=PRESET[name],
                 val_ppl=report.get("final_val_ppl"))  # fmt: skip
     if name == "tiny256":
