@@ -22,12 +22,20 @@ times a <= 8-bit integer), which is why the file reproduces them:
 | Q5_K | 32 | 0..31 | 6-bit sc, 6-bit m | 176 |
 | Q6_K | 16 | 0..63 (q - 32) | int8 sc | 210 |
 
-Fitting (round to nearest on a fixed grid, our choice; llama.cpp's own quantizer searches the
-sub-block scales more thoroughly): each sub-block's float scale (and min) from its range
-(``minmax``, or slimkit's ``mse`` range search for the min types), then the super-block scale d
-= the largest sub-block scale / the largest sub-block code (fp16) and sc_j = round(s_j / d),
-then the codes on the resulting grid. Symmetric types take llama.cpp's convention: the value of
-largest magnitude lands on the grid's extreme negative code (-8 of Q4_0, -4 of Q3_K).
+Fitting, by ``clip``:
+
+- ``llama.cpp`` (the default of ``slimkit quantize --grid``, and of the export's embedding and
+  output tensors): llama.cpp's reference quantizer. K-quants search each sub-block's scale (and
+  min) as ``quantize_row_qN_K_ref`` does (:mod:`slimkit.quant.kquant_search`; bit-identical to
+  ``ggml_quantize_chunk`` without an importance matrix in the tests). Q4_1 / Q5_1 take the fp16
+  range and min, with no integer zero point.
+- ``minmax`` / ``mse``: each sub-block's float scale (and min) from its range (or slimkit's
+  ``mse`` range search for the min types). Then the super-block scale d = the largest sub-block
+  scale / the largest sub-block code (fp16), sc_j = round(s_j / d), and the codes on the
+  resulting grid.
+
+Symmetric types take llama.cpp's convention: the value of largest magnitude lands on the grid's
+extreme negative code (-8 of Q4_0, -4 of Q3_K).
 """
 
 from __future__ import annotations
@@ -129,6 +137,13 @@ def fit(w: torch.Tensor, t: GGMLType, clip: str = "minmax") -> GridParams:
     if inp % t.block:
         raise SlimkitError(f"{t.ggml} stores blocks of {t.block}; input width {inp} is not one")
     x = w.float().reshape(out, inp // t.sub, t.sub)
+    if clip == "llama.cpp" and t.is_k:
+        from slimkit.quant.kquant_search import fit_reference
+
+        return fit_reference(w, t.name)
+    if clip == "llama.cpp" and t.offset:  # quantize_row_q4_1_ref: fp16 step and min, no
+        lo, hi = x.amin(-1), x.amax(-1)  # integer zero point (the range need not hold 0)
+        return GridParams(_fp16((hi - lo) / t.qmax), _fp16(-lo), None)
     if t.offset:
         from slimkit.quant.quantizer import QuantSpec, fit_params
 
@@ -274,10 +289,13 @@ def encode(codes: torch.Tensor, p: GridParams, t: GGMLType) -> np.ndarray:
     ).reshape(out, -1)
 
 
-def quantize_tensor(w: torch.Tensor, name: str) -> tuple[np.ndarray, torch.Tensor]:
-    """Round ``w`` (out, in) to nearest on type ``name``: (GGML block bytes, fp32 values)."""
+def quantize_tensor(
+    w: torch.Tensor, name: str, clip: str = "llama.cpp"
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Round ``w`` (out, in) to nearest on type ``name`` (by default on the grid llama.cpp's own
+    quantizer picks): (GGML block bytes, fp32 values)."""
     t = ggml_type(name)
-    p = fit(w, t)
+    p = fit(w, t, clip)
     idx = torch.arange(w.shape[1]) // t.sub
     S, Z = p.scale[:, idx], p.zero[:, idx]
     q = quantize_codes(w.float(), S, Z, t)

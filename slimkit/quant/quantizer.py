@@ -20,7 +20,7 @@ import torch
 
 from slimkit.core.errors import SlimkitError
 
-CLIP_METHODS = ("minmax", "mse")
+CLIP_METHODS = ("minmax", "mse", "llama.cpp")  # llama.cpp: GGUF K-quant grids only
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,13 @@ class QuantConfig(PipelineFields):
         default=False, metadata={"help": "symmetric weight grid (default asymmetric min-max)"}
     )
     clip: str = field(
-        default="minmax", metadata={"help": "weight range search", "choices": list(CLIP_METHODS)}
+        default="auto",
+        metadata={
+            "help": "weight range search: minmax, mse (slimkit's range shrink), llama.cpp (GGUF "
+            "grids: llama.cpp's own scale search, what llama_model_quantize stores without an "
+            "importance matrix); auto = llama.cpp on a GGUF --grid, minmax otherwise",
+            "choices": ["auto", *CLIP_METHODS],
+        },
     )
     abits: int = field(
         default=16, metadata={"help": "activation bits, 2..8, or 16 for unquantized activations"}
@@ -79,6 +85,15 @@ class QuantConfig(PipelineFields):
                 )
         validate_bits(self.wbits, "--wbits")
         from slimkit.quant.gguf_grids import default_type
+
+        gguf_grid = default_type(self.grid) is not None
+        if self.clip == "auto":
+            self.clip = "llama.cpp" if gguf_grid else "minmax"
+        if self.clip == "llama.cpp" and not gguf_grid:
+            raise SlimkitError(
+                "--clip llama.cpp is llama.cpp's scale search for its GGUF block types; it needs "
+                "--grid gguf:TYPE or llama.cpp:FTYPE (use minmax or mse on the uniform grid)"
+            )
 
         if default_type(self.grid) is not None and self.abits != 16:
             raise SlimkitError("a GGUF --grid stores weights only; use --abits 16")
