@@ -390,7 +390,7 @@ def plot_steps(results: dict, path: Path) -> bool:
     return drawn
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -418,7 +418,16 @@ def main() -> None:
         "(without it such a run starts over); its seconds include the checkpointed windows and "
         "its entry records the window it resumed at",
     )
-    a = p.parse_args()
+    return p
+
+
+def default_args() -> argparse.Namespace:
+    """The ladder's default options (its schedule and evaluation), for scripts that reuse run()."""
+    return build_parser().parse_args([])
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     settings, rows = a.settings.split(","), a.rows.split(",")
     for x in settings:
         if x not in SETTINGS:
