@@ -58,7 +58,7 @@ DESCRIBE = {
 
 def build_tiny(steps: int) -> Path:
     """A Llama trained by `slimkit train-lm` from a random init of width 256 (cached)."""
-    out = CACHE / "tiny256"
+    out = CACHE / f"tiny256-{steps}steps"
     if (out / "report.json").is_file():
         return out
     init = CACHE / "tiny256-init"
@@ -273,7 +273,10 @@ def run_model(name: str, args, res: dict) -> None:
             "(16 x 256 calibration tokens, 1 epoch) and perplexity over the first "
             f"{args.smollm2_eval_windows} test windows of each corpus: the CPU budget of this run."
         )
-    f16 = CACHE / f"{name}-f16.gguf"
+    # cache files are named after the model as built (tiny256's training steps), so a rerun
+    # with other steps never reuses another model's files or rows
+    cname = base.name if name == "tiny256" else name
+    f16 = CACHE / f"{cname}-f16.gguf"
     if not f16.is_file():
         tmp = f16.with_name(f"{f16.name}.{os.getpid()}.partial")
         write_f16_gguf(None, tmp, base=str(base))
@@ -307,13 +310,14 @@ def run_model(name: str, args, res: dict) -> None:
             r
             and r.get("size_mb") == round(path.stat().st_size / 1e6, 3)
             and r.get("eval_windows") == n_windows  # every row of a table on the same windows
+            and r.get("base") == info["base"]  # the same model as built now
             and all(r.get(c) for c in CORPORA)
         ):
             if secs and r.get("quantize") != secs:
                 r["quantize"] = secs
                 save(res, args)
             return
-        r = {"model": name, "type": ftype, "label": label, "file": str(path.relative_to(ROOT)),
+        r = {"model": name, "base": info["base"], "type": ftype, "label": label, "file": str(path.relative_to(ROOT)),
              "size_mb": round(path.stat().st_size / 1e6, 3), "file_type": gguf_file_type(path),
              "quantize": secs or {}, "eval_windows": n_windows, **perplexities(path)}  # fmt: skip
         res["rows"][key] = r
@@ -322,12 +326,12 @@ def run_model(name: str, args, res: dict) -> None:
 
     measure(f"{name}/F16", "F16 (slimkit's writer)", "F16", f16)
     for ftype in args.ftypes.split(","):
-        own = llama_quantize(f16, CACHE / f"{name}-llama-{ftype.lower()}.gguf", ftype)
+        own = llama_quantize(f16, CACHE / f"{cname}-llama-{ftype.lower()}.gguf", ftype)
         assert gguf_file_type(own) == llama_ftype(ftype)
         measure(f"{name}/{ftype}/llama.cpp", "llama.cpp's quantizer", ftype, own)
     for method in args.methods.split(","):  # cheap methods first: every type, then the next
         for ftype in args.ftypes.split(","):
-            path, secs = quantize(base, name, method, ftype, PRESET[name])
+            path, secs = quantize(base, cname, method, ftype, PRESET[name])
             label = f"slimkit {method.upper()}, same grids"
             measure(f"{name}/{ftype}/{method}", label, ftype, path, secs)
     if args.build_only:
@@ -362,7 +366,7 @@ def main() -> None:
         help="test windows per corpus for smollm2-ft (135 M: CPU budget)",
     )
     ap.add_argument("--ft-steps", type=int, default=10, help="fine-tuning steps of smollm2-ft")
-    ap.add_argument("--tiny-steps", type=int, default=120, help="training steps of tiny256")
+    ap.add_argument("--tiny-steps", type=int, default=2000, help="training steps of tiny256")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument(
         "--build-only",
