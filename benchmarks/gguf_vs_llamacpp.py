@@ -147,6 +147,12 @@ def save(res: dict, args) -> None:
     if args.build_only:  # the measuring process owns the results
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
+    # merge: another measuring process (another model) may have saved since this one started
+    disk = load_results()
+    mine = set(args.models.split(","))
+    for part in ("rows", "speed", "models"):
+        keep = {k: v for k, v in disk[part].items() if k.split("/")[0] not in mine}
+        res[part] = {**keep, **{k: v for k, v in res[part].items() if k.split("/")[0] in mine}}
     res["command"] = "OMP_NUM_THREADS=1 python benchmarks/gguf_vs_llamacpp.py " + " ".join(
         sys.argv[1:]
     )
@@ -290,6 +296,8 @@ def run_model(name: str, args, res: dict) -> None:
     def perplexities(path: Path) -> dict:
         """{corpus: ppl} of a file, cached beside it (either process may compute it)."""
         cache, lock = path.with_suffix(f".ppl{n_windows}.json"), path.with_suffix(".ppl.lock")
+        if cache.is_file() and cache.stat().st_mtime < path.stat().st_mtime:
+            cache.unlink()  # measured on an earlier build of the file
         while not cache.is_file():
             if not _lock(lock):
                 time.sleep(10)
@@ -311,6 +319,7 @@ def run_model(name: str, args, res: dict) -> None:
             and r.get("size_mb") == round(path.stat().st_size / 1e6, 3)
             and r.get("eval_windows") == n_windows  # every row of a table on the same windows
             and r.get("base") == info["base"]  # the same model as built now
+            and r.get("mtime") == path.stat().st_mtime  # and the same file (not a rebuilt one)
             and all(r.get(c) for c in CORPORA)
         ):
             if secs and r.get("quantize") != secs:
@@ -319,7 +328,8 @@ def run_model(name: str, args, res: dict) -> None:
             return
         r = {"model": name, "base": info["base"], "type": ftype, "label": label, "file": str(path.relative_to(ROOT)),
              "size_mb": round(path.stat().st_size / 1e6, 3), "file_type": gguf_file_type(path),
-             "quantize": secs or {}, "eval_windows": n_windows, **perplexities(path)}  # fmt: skip
+             "quantize": secs or {}, "eval_windows": n_windows, "mtime": path.stat().st_mtime,
+             **perplexities(path)}  # fmt: skip
         res["rows"][key] = r
         print(r, flush=True)
         save(res, args)
