@@ -113,3 +113,14 @@ def test_clip_auto_is_the_search_on_gguf_grids_only():
     assert RTNConfig(grid="gguf:q4_k", clip="minmax").clip == "minmax"
     with pytest.raises(SlimkitError, match="needs --grid"):
         RTNConfig(wbits=4, clip="llama.cpp")
+
+
+def test_rtn_on_a_gguf_grid_stores_llama_cpps_values(ref):
+    """The method path: RTN's config on a GGUF grid (clip auto) quantizes a weight to the values
+    of llama.cpp's own file."""
+    from slimkit.quant.methods.rtn import RTNConfig
+    from slimkit.quant.quantizer import quantize_weight
+
+    w = torch.from_numpy(ref["weights"].astype(np.float32))
+    qw = quantize_weight(w, RTNConfig(grid="gguf:q4_k").weight_spec())
+    assert np.array_equal(qw.dequantize().numpy(), _dequant(ref["q4_k"], "q4_k"))
