@@ -113,8 +113,8 @@ def markdown(res: dict, ladder_res: dict, a) -> str:
         "## Decisions (validation split, calibration seed 0; geometric mean over settings and corpora)",
         "",
         "| decision | option | settings | " + " | ".join(f"{c} ppl" for c in CORPORA)
-        + " | geometric mean |",
-        "|---|---|---|---|---|---|",
+        + " | geometric mean | for comparison: test, ladder, 3 seeds |",
+        "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, (settings, options) in DECISIONS.items():
         for opt, row in options.items():
@@ -123,8 +123,12 @@ def markdown(res: dict, ladder_res: dict, a) -> str:
                 continue
             cells = [" / ".join(f"{r['ppl'][c]:.2f}" for r in runs) for c in CORPORA]
             chosen = " (chosen)" if picks and picks[name] == opt else ""
+            test = [ladder.runs_of(ladder_res, s, row) for s in settings]
+            test_geo = (
+                f"{geo([x['ppl'] for rr in test for x in rr]):.2f}" if all(test) else "-"
+            )  # read after the choice, never used for it
             lines.append(f"| {name} | {opt}{chosen} | {', '.join(settings)} | "
-                         + " | ".join(cells) + f" | {geo([r['ppl'] for r in runs]):.2f} |")  # fmt: skip
+                         + " | ".join(cells) + f" | {geo([r['ppl'] for r in runs]):.2f} | {test_geo} |")  # fmt: skip
     if not picks:
         lines += ["", "Decisions not complete: no test table yet."]
         return "\n".join(lines) + "\n"
