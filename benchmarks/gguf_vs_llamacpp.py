@@ -349,14 +349,15 @@ def run_model(name: str, args, res: dict) -> None:
             perplexities(path)
     if not args.skip_speed and not args.build_only:
         sp = res["speed"].get(name, {})
-        if sorted(sp.get("files", {})) != sorted(files):
+        mtimes = {k: f.stat().st_mtime for k, f in files.items()}
+        if sp.get("mtimes") != mtimes:  # not measured on exactly these files
             from llama_cpp import Llama
 
             llms = {k: Llama(model_path=str(f), n_ctx=128 + 64 + 8, n_threads=1, verbose=False)
                     for k, f in files.items()}  # fmt: skip
             text = "The history of the city begins in the early middle ages. " * 64
             tokens = next(iter(llms.values())).tokenize(text.encode())[:128]
-            res["speed"][name] = {"files": alternated_speed(llms, tokens, 64, 3)}
+            res["speed"][name] = {"files": alternated_speed(llms, tokens, 64, 3), "mtimes": mtimes}
             del llms
             save(res, args)
     info["seconds"] = info.get("seconds", 0) + round(time.time() - t0)
