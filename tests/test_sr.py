@@ -599,3 +599,34 @@ def test_slic_masks_cover_the_image_and_encode():
     assert len(masks) > 5 and np.logical_or.reduce(masks).all()
     e = encode_masks(masks)
     assert e.shape == (64, 96) and np.isfinite(e).all() and (e != 0).all()
+
+
+def test_make_masks_sam_source_filters_and_empty_warning(tmp_path, caplog):
+    """A slimkit SAM source takes the everything filters from the command line: SAM's strict
+    defaults keep nothing from a random tiny SAM (an all-zero SPE map, with a warning naming the
+    flags), open filters keep segments; index.json records the filters used."""
+    import json
+
+    from PIL import Image
+
+    from slimkit.cli import main
+    from slimkit.sam.tinysam.train import tiny_teacher
+
+    run = tiny_teacher(tmp_path / "sam")
+    imgs = tmp_path / "hr"
+    imgs.mkdir()
+    Image.fromarray(load_hr_images("photos:chelsea")[0].hr[:64, :96]).save(imgs / "cat.png")
+    common = ["sr", "make-masks", "--images", str(imgs), "--mask-source", f"slimkit-sam:{run}",
+              "--points-per-side", "8"]  # fmt: skip
+    with caplog.at_level("WARNING", logger="slimkit"):
+        assert main([*common, "--pred-iou-thresh", "2", "--out", str(tmp_path / "strict")]) == 0
+    assert "cat: no segment" in caplog.text and "--pred-iou-thresh 2.0" in caplog.text
+    assert not np.load(tmp_path / "strict" / "cat.npy").any()
+    open_ = ["--pred-iou-thresh=-1e9", "--stability-thresh", "0"]
+    assert main([*common, *open_, "--out", str(tmp_path / "open")]) == 0
+    index = json.loads((tmp_path / "open" / "index.json").read_text())
+    assert index["images"]["cat"]["segments"] > 0
+    assert (
+        index["everything"]["pred_iou_thresh"] == -1e9
+        and index["everything"]["points_per_side"] == 8
+    )

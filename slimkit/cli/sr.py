@@ -4,10 +4,14 @@ upscale, eval."""
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from slimkit.core.commands import Invocation, arg, command, group
 from slimkit.core.errors import SlimkitError
+
+log = logging.getLogger("slimkit")
 
 group("sr", help="diffusion super-resolution (SRDiff, SAM-DiffSR): slimkit sr --help")
 RUN = ("out", "resume", "overwrite")
@@ -26,7 +30,12 @@ SAMPLER_ARGS = [
 @command("make-masks", group="sr", run=("out", "overwrite"), out_help="folder of SPE maps to create",
          args=[arg("--images", required=True, help="folder of HR images, or photos[:NAME,...] (bundled)"),
                arg("--mask-source", default="slic",
-                   help="slic[:N], felzenszwalb[:SCALE], slimkit-sam:RUN or sam:CKPT")],
+                   help="slic[:N], felzenszwalb[:SCALE], slimkit-sam:RUN or sam:CKPT"),
+               arg("--points-per-side", type=int, default=32, help="SAM sources: everything grid points per side"),
+               arg("--pred-iou-thresh", type=float, default=0.88,
+                   help="SAM sources: minimum predicted IoU (SAM's 0.88; lower it for a small SAM trained here)"),
+               arg("--stability-thresh", type=float, default=0.95,
+                   help="SAM sources: minimum stability score (SAM's 0.95)")],
          help="segment every HR image and store its structural position encoding",
          description="Segment every HR image (SAM everything mode, or superpixels) and write its "
                      "SPE map (float32 .npy, HR size, keyed like the image) for sr train --masks.")  # fmt: skip
@@ -41,12 +50,23 @@ def make_masks(inv: Invocation) -> int:
     ns = inv.ns
     if ns.images == "synthetic":
         raise SlimkitError("synthetic images carry their segments: train with --masks segments")
-    source = mask_source(ns.mask_source)
+    from slimkit.sam.everything import EverythingConfig
+    from slimkit.sr.masks import SAM_SOURCES
+
+    sam = ns.mask_source.partition(":")[0] in SAM_SOURCES
+    everything = EverythingConfig(mode="dense", points_per_side=ns.points_per_side,
+                                  pred_iou_thresh=ns.pred_iou_thresh,
+                                  stability_score_thresh=ns.stability_thresh)  # fmt: skip
+    source = mask_source(ns.mask_source, everything)
     images = load_hr_images(ns.images)
     index = {}
     with atomic_output(ns.out, overwrite=ns.overwrite) as tmp:
         for im in images:
             masks = source(im.hr)
+            if not masks:
+                hint = (f"; a small SAM may need lower filters than --pred-iou-thresh {ns.pred_iou_thresh} "
+                        f"--stability-thresh {ns.stability_thresh}" if sam else "")  # fmt: skip
+                log.warning("%s: no segment (its SPE map is all zeros)%s", im.key, hint)
             e = encode_masks(masks, im.hr.shape[:2])
             f = mask_file(tmp, im.key)
             f.parent.mkdir(parents=True, exist_ok=True)
@@ -54,9 +74,20 @@ def make_masks(inv: Invocation) -> int:
             index[im.key] = {"shape": list(e.shape), "segments": len(masks),
                              "e_min": float(e.min()), "e_max": float(e.max())}  # fmt: skip
         (tmp / "index.json").write_text(
-            json.dumps({"mask_source": ns.mask_source, "images": index}, indent=1) + "\n"
+            json.dumps(
+                {
+                    "mask_source": ns.mask_source,
+                    **({"everything": asdict(everything)} if sam else {}),
+                    "images": index,
+                },
+                indent=1,
+            )
+            + "\n"  # fmt: skip
         )
     n = sum(v["segments"] for v in index.values())
+    empty = sum(not v["segments"] for v in index.values())
+    if empty:
+        log.warning("%d of %d images have no segment", empty, len(index))
     print(f"{ns.out}: SPE maps of {len(index)} images ({n} segments, source {ns.mask_source})")
     return 0
 

@@ -8,6 +8,11 @@ Sources, named by a spec string:
 - ``sam:CKPT``: an official SAM / MobileSAM / TinySAM checkpoint through slimkit's SAM loader,
   segment-everything with SAM's ``amg.py`` defaults (32 x 32 points, IoU 0.88, stability 0.95,
   box NMS 0.7), as the SAM-DiffSR authors ran it.
+
+The two SAM sources take an ``EverythingConfig`` (``mask_source(spec, everything=...)``; ``sr
+make-masks --pred-iou-thresh / --stability-thresh / --points-per-side``): a small SAM trained
+here predicts IoUs and logits on another scale than SAM's, and SAM's filters can keep nothing
+(``benchmarks/sam_everything.py`` calibrates them on validation scenes).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def _labels_to_masks(labels: np.ndarray) -> list[np.ndarray]:
 
 
 @MASK_SOURCES.register("slic")
-def _slic(arg: str) -> MaskSource:
+def _slic(arg: str, everything=None) -> MaskSource:
     from skimage.segmentation import slic
 
     n = int(arg) if arg else 100
@@ -41,7 +46,7 @@ def _slic(arg: str) -> MaskSource:
 
 
 @MASK_SOURCES.register("felzenszwalb")
-def _felzenszwalb(arg: str) -> MaskSource:
+def _felzenszwalb(arg: str, everything=None) -> MaskSource:
     from skimage.segmentation import felzenszwalb
 
     k = float(arg) if arg else 100.0
@@ -52,10 +57,10 @@ def _felzenszwalb(arg: str) -> MaskSource:
     return run
 
 
-def _everything(model) -> MaskSource:
+def _everything(model, cfg=None) -> MaskSource:
     from slimkit.sam.everything import EverythingConfig, sam_predict_fn, segment_everything
 
-    cfg = EverythingConfig(mode="dense", points_per_side=32)
+    cfg = cfg or EverythingConfig(mode="dense", points_per_side=32)
 
     def run(img: np.ndarray) -> list[np.ndarray]:
         predict, _ = sam_predict_fn(model, img)
@@ -66,26 +71,30 @@ def _everything(model) -> MaskSource:
 
 
 @MASK_SOURCES.register("slimkit-sam")
-def _slimkit_sam(arg: str) -> MaskSource:
+def _slimkit_sam(arg: str, everything=None) -> MaskSource:
     from slimkit.sam.train import load_trained
 
     if not arg:
         raise SlimkitError("slimkit-sam:RUN needs the run directory of `slimkit sam train`")
-    return _everything(load_trained(arg).eval())
+    return _everything(load_trained(arg).eval(), everything)
 
 
 @MASK_SOURCES.register("sam")
-def _sam(arg: str) -> MaskSource:
+def _sam(arg: str, everything=None) -> MaskSource:
     from slimkit.sam.checkpoint import load_sam
 
     if not arg or not Path(arg).is_file():
         raise SlimkitError(f"sam:CKPT needs an existing SAM checkpoint file (got {arg!r})")
-    return _everything(load_sam(arg).eval())
+    return _everything(load_sam(arg).eval(), everything)
 
 
-def mask_source(spec: str) -> MaskSource:
+SAM_SOURCES = ("slimkit-sam", "sam")
+
+
+def mask_source(spec: str, everything=None) -> MaskSource:
     """The mask source a spec string names: ``slic``, ``slic:200``, ``felzenszwalb``,
-    ``slimkit-sam:RUN``, ``sam:CKPT``."""
+    ``slimkit-sam:RUN``, ``sam:CKPT``. ``everything``: the ``EverythingConfig`` of the SAM
+    sources (default: SAM's dense 32 x 32 grid with its ``amg.py`` filters)."""
     name, _, arg = spec.partition(":")
     if name not in MASK_SOURCES:
         raise SlimkitError(
@@ -93,6 +102,6 @@ def mask_source(spec: str) -> MaskSource:
             "slimkit-sam:RUN, sam:CKPT"
         )
     try:
-        return MASK_SOURCES.get(name)(arg)
+        return MASK_SOURCES.get(name)(arg, everything)
     except ValueError:
         raise SlimkitError(f"mask source {spec!r}: bad argument {arg!r}") from None
