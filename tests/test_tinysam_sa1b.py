@@ -343,3 +343,23 @@ def test_malformed_sa1b_folders_are_one_clear_line(tmp_path, capsys):
         ["sam", "distill", *common, "--data", "sa1b", "--out", str(tmp_path / "r")],
         "--data must be scenes, sa1b:DIR or coco:DIR",
     )
+
+
+def test_nuclei_image_is_the_stardist_pair():
+    """The offline real image: 125 disjoint nuclei read from the wheel's label image, whose
+    pixels they cover exactly; the grey image fills 0..255 after percentile scaling."""
+    import importlib.util
+
+    import tifffile
+
+    from slimkit.sam.tinysam.data import nuclei_image
+
+    img, masks = nuclei_image()
+    assert img.shape == (512, 512, 3) and img.dtype == np.uint8
+    assert (img[..., 0] == img[..., 2]).all() and img.min() == 0 and img.max() == 255
+    assert len(masks) == 125
+    cover = np.sum(masks, axis=0)
+    assert cover.max() == 1  # disjoint
+    d = Path(importlib.util.find_spec("stardist").submodule_search_locations[0])
+    label = tifffile.imread(d / "data" / "images" / "mask2d.tif")
+    assert ((cover == 1) == (label > 0)).all()

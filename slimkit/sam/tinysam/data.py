@@ -369,3 +369,29 @@ def open_source(data: str, size: int, scenes: int = 0, images: str = "") -> Sour
     if kind == "scenes":
         return Scenes(scenes, size)
     return Sa1bFolder(path, size) if kind == "sa1b" else CocoFolder(path, size)
+
+
+NUCLEI_PIN = "stardist==0.9.2"
+
+
+def nuclei_image() -> tuple[np.ndarray, list[np.ndarray]]:
+    """The one real image with instance masks available offline: the 512 x 512 fluorescence
+    nuclei image of the ``stardist`` wheel (``data/images/img2d.tif``, 125 labelled nuclei in
+    ``mask2d.tif``; BSD-3). Returns (RGB uint8 image, boolean mask per instance, in label
+    order). Only the data files are read (importing stardist would need TensorFlow): the wheel is
+    installed with ``pip install --no-deps`` (``make`` does). The uint16 intensities are scaled
+    to 0..255 by their 1st and 99.8th percentiles, grey in all three channels."""
+    import importlib.util
+
+    import tifffile
+
+    spec = importlib.util.find_spec("stardist")
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimkitError(f"the nuclei image comes from the stardist wheel: pip install --no-deps {NUCLEI_PIN}")  # fmt: skip
+    d = Path(next(iter(spec.submodule_search_locations))) / "data" / "images"
+    img = tifffile.imread(d / "img2d.tif").astype(np.float32)
+    label = tifffile.imread(d / "mask2d.tif")
+    lo, hi = np.percentile(img, (1.0, 99.8))
+    grey = np.clip((img - lo) / max(hi - lo, 1e-6) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    masks = [label == k for k in np.unique(label) if k]
+    return np.repeat(grey[..., None], 3, axis=2), masks
