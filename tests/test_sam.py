@@ -200,6 +200,8 @@ def test_everything_dense_and_hierarchical_on_an_oracle():
         confident |= gt == gt[int(y), int(x)]
     expected = len(outside_region(dense_candidates(sparse, w, h, 16), confident))
     assert hier["prompts_per_pass"] == [16, expected] and hier["prompts"] < dense["prompts"]
+    assert hier["confident_fraction"] == pytest.approx(confident.mean())
+    assert dense["confident_fraction"] is None
     for r in (dense, hier):  # NMS left one mask per instance, exact
         assert len(r["masks"]) == len(found(r))
         for m in r["masks"]:

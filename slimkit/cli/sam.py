@@ -111,7 +111,8 @@ def everything(inv: Invocation) -> int:
     records = [{**{k: v for k, v in m.items() if k != "segmentation"}, "segmentation": rle_encode(m["segmentation"])}
                for m in res["masks"]]  # fmt: skip
     summary = {"image": ns.image, "mode": cfg.mode, "masks": len(records), "prompts": res["prompts"],
-               "prompts_per_pass": res["prompts_per_pass"], "encoder_seconds": enc, "decoder_seconds": res["seconds"]}  # fmt: skip
+               "prompts_per_pass": res["prompts_per_pass"],
+               "confident_fraction": res["confident_fraction"], "encoder_seconds": enc, "decoder_seconds": res["seconds"]}  # fmt: skip
     (out / "masks.json").write_text(json.dumps({**summary, "annotations": records}) + "\n")
     print(f"{out}: {len(records)} masks from {res['prompts']} prompts ({cfg.mode}); encoder {enc:.2f} s, "
           f"prompts + filtering {res['seconds']:.2f} s; overlay.png, masks.json (RLE), mask_*.png")  # fmt: skip

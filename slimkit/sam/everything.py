@@ -12,7 +12,8 @@ Filters (both samplers): predicted IoU > ``pred_iou_thresh``; stability score (a
 +offset over area above -offset of the logits) >= ``stability_score_thresh``; box NMS at
 ``box_nms_thresh`` scored by predicted IoU; optional removal of small islands and holes.
 Output: one record per mask (segmentation, area, bbox XYWH, predicted_iou, stability_score,
-point), plus the number of prompts and the seconds spent.
+point), plus the number of prompts, the seconds spent and (hierarchical) the share of the image
+inside the confident region.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def stability_score(logits: torch.Tensor, thr: float, offset: float) -> torch.Te
 class Pass:
     masks: list = field(default_factory=list)  # (logits H x W, iou, stability, point)
     prompts: int = 0
+    confident: float | None = None  # hierarchical sparse pass: share of pixels in C
 
 
 def _run(
@@ -136,6 +138,7 @@ def hierarchical_sampler(predict: PredictFn, w: int, h: int, cfg: EverythingConf
     sparse = grid_points(cfg.points_per_side // 4, w, h)
     confident = np.zeros((h, w), dtype=bool)
     first = _run(sparse, predict, cfg, confident)
+    first.confident = float(confident.mean())
     cand = outside_region(dense_candidates(sparse, w, h, cfg.points_per_side), confident)
     second = _run(cand, predict, cfg, None)
     return [first, second]
@@ -209,6 +212,8 @@ def segment_everything(predict: PredictFn, size: tuple[int, int], cfg: Everythin
         "masks": records,
         "prompts": sum(p.prompts for p in passes),
         "prompts_per_pass": [p.prompts for p in passes],
+        # hierarchical: share of the image in the confident region (its dense points are skipped)
+        "confident_fraction": next((p.confident for p in passes if p.confident is not None), None),
         "seconds": time.perf_counter() - t0,
     }
 
