@@ -630,3 +630,35 @@ def test_make_masks_sam_source_filters_and_empty_warning(tmp_path, caplog):
         index["everything"]["pred_iou_thresh"] == -1e9
         and index["everything"]["points_per_side"] == 8
     )
+
+
+def test_eps_l1_by_t_against_a_hand_computation():
+    """With a denoiser that predicts 0, the per-band L1 is mean |eps + c_t E| over the band's
+    steps, on the noise drawn from seed + i: each band by hand, for the strong coefficient and a
+    constant E (a wrong coefficient, a dropped E, or shifted bands change the numbers)."""
+    from slimkit.sr.evaluate import eps_l1_by_t
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, cond):
+            return torch.zeros_like(x)
+
+    m = SRDiff(TINY).eval()
+    m.denoise_fn = Zero()
+    images = [
+        HRImage(f"k{i}", np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8))
+        for i in range(2)
+    ]
+    e = [np.full((16, 16), 0.3, np.float32) for _ in images]
+    T = m.schedule.T
+    got = eps_l1_by_t(m, images, 4, e_maps=e, coefficient="strong", buckets=4, seed=7)
+    phi = m.schedule.strong_coefficient
+    per_t = torch.zeros(T, dtype=torch.float64)
+    for i in range(2):
+        n = torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(7 + i))
+        per_t += torch.stack([(n + phi[t] * 0.3).abs().mean() for t in range(T)]).double()
+    per_t /= 2
+    want = [float(per_t[b * T // 4 : (b + 1) * T // 4].mean()) for b in range(4)]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got[-1] > got[0]  # phi_t grows with t
+    plain = eps_l1_by_t(m, images, 4, buckets=4, seed=7)  # SRDiff: eps itself, the same at every t
+    assert plain == pytest.approx([plain[0]] * 4, rel=1e-6) and plain[0] < got[-1]

@@ -1,7 +1,8 @@
 """Super-resolve images and score them: ``super_resolve`` (any size: the LR image is padded to
 the U-Net's multiple and the result cut back), ``evaluate_images`` (PSNR / SSIM per protocol,
-seconds per image, per method, with bicubic as the floor) and ``side_by_side`` (LR, bicubic,
-each model, HR, and a zoomed crop of each)."""
+seconds per image, per method, with bicubic as the floor), ``side_by_side`` (LR, bicubic,
+each model, HR, and a zoomed crop of each) and ``eps_l1_by_t`` (the training objective per
+band of diffusion steps on held-out images)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from slimkit.sr.data import HRImage, make_pair
 from slimkit.sr.degrade import crop_to_multiple, upsample
-from slimkit.sr.diffusion import sample
+from slimkit.sr.diffusion import diffusion_loss, sample
 from slimkit.sr.metrics import PROTOCOLS, psnr_ssim
 from slimkit.sr.models import RRDBNet, SRDiff
 
@@ -117,3 +118,34 @@ def side_by_side(lr: np.ndarray, outs: dict[str, np.ndarray], hr: np.ndarray, pa
         canvas.paste(crop.resize((zw, zh), Image.NEAREST), (x, label + h + 4))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+
+
+@torch.no_grad()
+def eps_l1_by_t(model: SRDiff, images: list[HRImage], scale: int, *,
+                e_maps: list[np.ndarray] | None = None, coefficient: str = "code",
+                buckets: int = 5, seed: int = 0) -> list[float]:  # fmt: skip
+    """The model's noise-prediction L1, |eps' - eps_theta(x_t, t, RRDB(lr))| averaged over
+    pixels and ``images`` (whole images), at every step t, then per band of T / ``buckets``
+    consecutive steps (t = 0 first). Each model is scored on its own training target: eps' =
+    eps + c_t E with ``e_maps`` (one SPE map per image, HR size; SAM-DiffSR and its controls)
+    and ``coefficient``, eps itself without. The noise of image i is drawn from ``seed`` + i and
+    is the same at every t and for every model, so models compare on common noise."""
+    T = model.schedule.T
+    if not 1 <= buckets <= T:
+        raise ValueError(f"buckets must be in 1..{T} (got {buckets})")
+    dev = next(model.parameters()).device
+    per_t = torch.zeros(T, dtype=torch.float64)
+    ts = torch.arange(T, device=dev)
+    for i, im in enumerate(images):
+        p = make_pair(im.hr, scale)
+        hr, lr, up = (p[k][None].to(dev).expand(T, -1, -1, -1) for k in ("hr", "lr", "lr_up"))
+        g = torch.Generator().manual_seed(seed + i)
+        noise = torch.randn(hr.shape[1:], generator=g).to(dev).expand(T, -1, -1, -1)
+        e = None
+        if e_maps is not None:
+            m = np.asarray(e_maps[i], np.float32)[: hr.shape[2], : hr.shape[3]]
+            e = torch.from_numpy(m)[None, None].to(dev).expand(T, -1, -1, -1)
+        per_t += diffusion_loss(model, hr, lr, up, ts, noise, e, coefficient).double().cpu()
+    per_t /= max(len(images), 1)
+    edges = [b * T // buckets for b in range(buckets + 1)]
+    return [float(per_t[a:b].mean()) for a, b in zip(edges, edges[1:])]
