@@ -192,7 +192,7 @@ def main() -> None:
         f"Command: `{cmd.strip()}` ({total / 60:.1f} min, one thread)  ",
         machine_line(),
         "",
-        f"Teacher `vit_mini`: `{teacher_cmd}` {args.teacher_note}; students `vit_micro` distilled {args.steps} steps each (batch 2 x 4 prompts, lr 2e-3, "
+        f"Teacher `vit_mini`: `{teacher_cmd}`{' ' + args.teacher_note if args.teacher_note else ''}; students `vit_micro` distilled {args.steps} steps each (batch 2 x 4 prompts, lr 2e-3, "
         f"cached teacher embeddings of training scenes 0..{args.scenes - 1}). Test: {args.test_scenes} "
         "held-out generated scenes (seeds 3000000+), every instance, and the real nuclei image of the "
         "stardist wheel (512 x 512 fluorescence microscopy, 125 nuclei; never seen in training); "
