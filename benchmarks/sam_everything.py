@@ -288,14 +288,15 @@ def main() -> None:
     Path(a.results).write_text(json.dumps(out, indent=1) + "\n")
     dense_s = np.mean([r["seconds"] for r in rows["dense"]])
     arch = json.loads((run / "sam_config.json").read_text()).get("arch", "?")
+    made = json.loads((run / "report.json").read_text()).get("command") or ""
+    made = f" (`{made}`)" if made else ""
     per_tau = ", ".join(
         f"{t}: {v['miou']:.3f} / {v['prompts']:.0f} prompts" for t, v in cal["hierarchical"].items()
     )
     lines = [
         "# Segment everything: dense grid vs hierarchical (small SAM trained offline)",
         "",
-        f"Model: `{arch}` ({model.cfg.img_size} px), run `{run.name}` "
-        f"(`{json.loads((run / 'report.json').read_text()).get('command', '')}`); validation mIoU with one centre "
+        f"Model: `{arch}` ({model.cfg.img_size} px), run `{run.name}`{made}; validation mIoU with one centre "
         f"point {val['miou_1pt']:.3f}. {a.images} held-out generated scenes (seeds {TEST_SEED}..), 32 points per side "
         f"(hierarchical: 8 sparse), predicted IoU > {a.pred_iou_thresh}, stability >= {a.stability_thresh}, box NMS 0.7. "
         f"Filters and the hierarchical confident-region logit (tau) chosen on {a.calib_scenes} validation scenes "
