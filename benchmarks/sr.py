@@ -57,9 +57,9 @@ def main() -> None:
     ap.add_argument("--eps-images", type=int, default=8, help="held-out images of the eps-L1 table")
     ap.add_argument("--report-only", action="store_true", help="re-render sr.md from sr.json")
     a = ap.parse_args()
-    out = ROOT / "benchmarks" / "results"
+    results = ROOT / "benchmarks" / "results"
     if a.report_only:
-        (out / "sr.md").write_text(report(json.loads((out / "sr.json").read_text())))
+        (results / "sr.md").write_text(report(json.loads((results / "sr.json").read_text())))
         return
     torch.set_num_threads(1)
     cpu0, wall0 = time.process_time(), time.time()
@@ -81,14 +81,14 @@ def main() -> None:
             train_sr(SRTrainConfig(stage="rrdb", steps=a.rrdb_steps, seed=seed, **base), out=rrdb)
             models = {}
             for name, kw in RECIPES.items():
-                out = Path(tmp) / f"{name.replace(' ', '_').replace(':', '')}-{seed}"
+                run_dir = Path(tmp) / f"{name.replace(' ', '_').replace(':', '')}-{seed}"
                 train_sr(
                     SRTrainConfig(
                         stage="diffusion", rrdb=str(rrdb), steps=a.steps, seed=seed, **kw, **base
                     ),
-                    out=out,
+                    out=run_dir,
                 )
-                models[name] = load_run(out)[0]
+                models[name] = load_run(run_dir)[0]
                 e = e_maps_for(eps_images, kw.get("masks", ""), kw.get("control", "none"))
                 eps.setdefault(name, []).append(eps_l1_by_t(models[name], eps_images, 4, e_maps=e,
                                                             coefficient=kw.get("coefficient", "code"),
@@ -117,8 +117,8 @@ def main() -> None:
     data = {"command": "python benchmarks/sr.py " + " ".join(sys.argv[1:]), "machine": machine_line(),
             "args": vars(a), "results": res, "seconds_per_image": secs, "eps_l1_by_t": eps,
             "cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.time() - wall0}  # fmt: skip
-    (out / "sr.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / "sr.md").write_text(report(data))
+    (results / "sr.json").write_text(json.dumps(data, indent=1) + "\n")
+    (results / "sr.md").write_text(report(data))
     print(report(data))
 
 
