@@ -130,6 +130,11 @@ def _diff(d: dict, m: str, p: str, k: str) -> str:
     return f"{'+' if statistics.mean(diffs) >= 0 else ''}{f.format(statistics.mean(diffs))} ± {f.format(sd)}"
 
 
+def _signed(v: list[float]) -> str:
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):+.4f} ± {sd:.4f}"
+
+
 def _protocol_note(data: dict) -> str:
     gaps, same = [], True
     for d in data["results"].values():
@@ -146,7 +151,7 @@ def report(data: dict) -> str:
     L = ["# SAM-DiffSR vs SRDiff vs bicubic (x4, toy scale, CPU)", "",
          f"Command: `{data['command']}`  ", data["machine"],
          f"CPU time {data['cpu_seconds']:.0f} s single-thread ({data['wall_seconds']:.0f} s wall on a shared machine).", "",
-         "**Setting (shrunk to a ~12-minute single-thread CPU budget; not the spec's 20-40 min per recipe).** "
+         f"**Setting (shrunk to a ~{data['cpu_seconds'] / 60:.0f}-minute single-thread CPU budget; not the spec's 20-40 min per recipe).** "
          f"Training: {a['n_images']} synthetic piecewise-textured 64 x 64 images (Voronoi cells with stripes / checks / "
          "gradient / noise) with their known segments as the mask source; HR patches 32 x 32 (LR 8 x 8, MATLAB bicubic); "
          f"RRDB-lite encoder (4 blocks, nf 16, gc 8) L1-pretrained {a['rrdb_steps']} steps, frozen; U-Net hidden 16, "
@@ -180,7 +185,8 @@ def report(data: dict) -> str:
     L += ["## Reading", "",
           f"- At this budget the diffusion models are far from trained: SRDiff gives {m(syn, 'SRDiff'):.2f} dB in-domain "
           f"against bicubic's {m(syn, 'bicubic'):.2f} and the RRDB regressor's {m(syn, 'RRDB (L1 regression)'):.2f} ({P}); "
-          "SSIM below 0.2 means the samples are still mostly noise. The comparison between the diffusion recipes "
+          f"its SSIM {statistics.mean(syn['SRDiff'][P]['ssim']):.2f} against bicubic's {statistics.mean(syn['bicubic'][P]['ssim']):.2f} "
+          "means the samples are still largely noise. The comparison between the diffusion recipes "
           "therefore says little about the method.",
           f"- SAM-DiffSR - SRDiff: {_diff(syn, 'SAM-DiffSR', P, 'psnr')} dB in-domain, "
           f"{_diff(pho, 'SAM-DiffSR', P, 'psnr')} dB on the photos (paired over seeds): within the seed spread. "
@@ -209,6 +215,13 @@ def report(data: dict) -> str:
                 + " | ".join(mean_std([r[b] for r in runs], "{:.4f}") for b in range(BUCKETS))
                 + " |"
             )
+        base = data["eps_l1_by_t"]["SRDiff"]
+        L += ["", "Paired per-seed difference to SRDiff (negative: lower L1 than SRDiff on its own target):", "",
+              "| method | " + " | ".join(bands) + " |", "|---|" + "---|" * BUCKETS]  # fmt: skip
+        for m, runs in data["eps_l1_by_t"].items():
+            if m != "SRDiff":
+                L.append(f"| {m} | " + " | ".join(
+                    _signed([r[b] - q[b] for r, q in zip(runs, base)]) for b in range(BUCKETS)) + " |")  # fmt: skip
         L.append("")
     s = data["seconds_per_image"]
     L += ["## Inference seconds per image (bundled-photo crops, LR 32 x 32 -> 128 x 128, one CPU thread)", "",
