@@ -10,6 +10,9 @@ SSIM, each diffusion model's training objective (eps-prediction L1 on its own ta
 of diffusion steps on held-out synthetic images. Writes benchmarks/results/sr.md and sr.json.
 
     python benchmarks/sr.py [--seeds 0,1,2] [--rrdb-steps 300] [--steps 200]
+
+The seeds can run in separate processes: ``--part-json P`` writes one process's seeds to P
+(no report), and ``--merge P1 P2 ...`` combines them, in that order, into sr.md / sr.json.
 """
 
 from __future__ import annotations
@@ -49,22 +52,31 @@ def main() -> None:
     ap.add_argument("--rrdb-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="diffusion Adam learning rate")
+    ap.add_argument("--rrdb-lr", type=float, default=1e-3, help="RRDB Adam learning rate")
     ap.add_argument("--n-images", type=int, default=500)
     ap.add_argument("--sampler-steps", type=int, default=10)
     ap.add_argument("--test-synthetic", type=int, default=16)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--eps-images", type=int, default=8, help="held-out images of the eps-L1 table")
     ap.add_argument("--report-only", action="store_true", help="re-render sr.md from sr.json")
+    ap.add_argument("--part-json", type=Path, help="write this process's seeds here, no report")
+    ap.add_argument(
+        "--merge", type=Path, nargs="+", help="combine --part-json files into the report"
+    )
     a = ap.parse_args()
     results = ROOT / "benchmarks" / "results"
-    if a.report_only:
+    if a.report_only or a.merge:
+        data = merge([json.loads(f.read_text()) for f in a.merge]) if a.merge else None
+        if data is not None:
+            data["command"] = " ; ".join(dict.fromkeys(p["command"] for p in data.pop("parts")))
+            (results / "sr.json").write_text(json.dumps(data, indent=1) + "\n")
         (results / "sr.md").write_text(report(json.loads((results / "sr.json").read_text())))
         return
     torch.set_num_threads(1)
     cpu0, wall0 = time.process_time(), time.time()
     base = dict(images="synthetic", n_images=a.n_images, image_size=64, patch=32, batch_size=a.batch_size,
-                lr=a.lr, val_images=4, val_steps=a.sampler_steps, checkpoint_every=0, device="cpu")  # fmt: skip
+                val_images=4, val_steps=a.sampler_steps, checkpoint_every=0, device="cpu")  # fmt: skip
     test_syn = load_hr_images("synthetic", n=a.test_synthetic, size=64, seed=9_000_001)
     photos = load_hr_images("photos")
     for im in photos:  # centre crops keep the CPU budget
@@ -78,13 +90,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:
             rrdb = Path(tmp) / f"rrdb-{seed}"
-            train_sr(SRTrainConfig(stage="rrdb", steps=a.rrdb_steps, seed=seed, **base), out=rrdb)
+            train_sr(SRTrainConfig(stage="rrdb", steps=a.rrdb_steps, lr=a.rrdb_lr, seed=seed, **base),
+                     out=rrdb)  # fmt: skip
             models = {}
             for name, kw in RECIPES.items():
                 run_dir = Path(tmp) / f"{name.replace(' ', '_').replace(':', '')}-{seed}"
                 train_sr(
                     SRTrainConfig(
-                        stage="diffusion", rrdb=str(rrdb), steps=a.steps, seed=seed, **kw, **base
+                        stage="diffusion",
+                        rrdb=str(rrdb),
+                        steps=a.steps,
+                        lr=a.lr,
+                        seed=seed,
+                        **kw,
+                        **base,
                     ),
                     out=run_dir,
                 )
@@ -115,11 +134,60 @@ def main() -> None:
                         secs.setdefault(m, []).append(s)
             print(f"seed {seed} done: {time.process_time() - cpu0:.0f} s CPU", flush=True)
     data = {"command": "python benchmarks/sr.py " + " ".join(sys.argv[1:]), "machine": machine_line(),
-            "args": vars(a), "results": res, "seconds_per_image": secs, "eps_l1_by_t": eps,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+            "results": res, "seconds_per_image": secs, "eps_l1_by_t": eps,
             "cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.time() - wall0}  # fmt: skip
+    sel = results / "sr_select.json"
+    if sel.is_file():  # was this recipe the validation split's choice?
+        c = json.loads(sel.read_text())
+        if (c["choice"]["lr"], c["choice"]["steps"], c["rrdb_steps"]) == (
+            a.lr,
+            a.steps,
+            a.rrdb_steps,
+        ):
+            data["selected_by"] = "benchmarks/sr_select.py"
+    if a.part_json:
+        a.part_json.write_text(json.dumps(data, indent=1) + "\n")
+        return
     (results / "sr.json").write_text(json.dumps(data, indent=1) + "\n")
     (results / "sr.md").write_text(report(data))
     print(report(data))
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from per-process ``--part-json`` files: per-seed lists concatenated in the
+    order given, CPU seconds summed, wall seconds the longest part's."""
+    keys = ("seeds", "parallel")
+    for p in parts[1:]:
+        a, b = (
+            {k: v for k, v in q["args"].items() if k not in (*keys, "part_json")}
+            for q in (parts[0], p)
+        )
+        if a != b:
+            raise SystemExit(f"--merge: the parts were run with different options: {a} vs {b}")
+    out = {"machine": parts[0]["machine"], "args": dict(parts[0]["args"]), "parts": parts,
+           **({"selected_by": parts[0]["selected_by"]} if "selected_by" in parts[0] else {}),
+           "results": {}, "seconds_per_image": {}, "eps_l1_by_t": {},
+           "cpu_seconds": sum(p["cpu_seconds"] for p in parts),
+           "wall_seconds": max(p["wall_seconds"] for p in parts)}  # fmt: skip
+    out["args"]["seeds"] = [s for p in parts for s in p["args"]["seeds"]]
+    out["args"]["parallel"] = len(parts)
+    for p in parts:
+        for set_name, d in p["results"].items():
+            for m, ps in d.items():
+                for proto, v in ps.items():
+                    dst = (
+                        out["results"]
+                        .setdefault(set_name, {})
+                        .setdefault(m, {})
+                        .setdefault(proto, {})
+                    )
+                    for k, vals in v.items():
+                        dst.setdefault(k, []).extend(vals)
+        for key in ("seconds_per_image", "eps_l1_by_t"):
+            for m, vals in p[key].items():
+                out[key].setdefault(m, []).extend(vals)
+    return out
 
 
 def _diff(d: dict, m: str, p: str, k: str) -> str:
@@ -150,13 +218,16 @@ def report(data: dict) -> str:
     a = data["args"]
     L = ["# SAM-DiffSR vs SRDiff vs bicubic (x4, toy scale, CPU)", "",
          f"Command: `{data['command']}`  ", data["machine"],
-         f"CPU time {data['cpu_seconds']:.0f} s single-thread ({data['wall_seconds']:.0f} s wall on a shared machine).", "",
+         f"CPU time {data['cpu_seconds']:.0f} s single-thread ({data['wall_seconds']:.0f} s wall on a shared machine"
+         + (f", the seeds split over {a['parallel']} processes" if a.get("parallel", 1) > 1 else "") + ").", "",
          f"**Setting (shrunk to a ~{data['cpu_seconds'] / 60:.0f}-minute single-thread CPU budget; not the spec's 20-40 min per recipe).** "
          f"Training: {a['n_images']} synthetic piecewise-textured 64 x 64 images (Voronoi cells with stripes / checks / "
          "gradient / noise) with their known segments as the mask source; HR patches 32 x 32 (LR 8 x 8, MATLAB bicubic); "
-         f"RRDB-lite encoder (4 blocks, nf 16, gc 8) L1-pretrained {a['rrdb_steps']} steps, frozen; U-Net hidden 16, "
+         f"RRDB-lite encoder (4 blocks, nf 16, gc 8) L1-pretrained {a['rrdb_steps']} steps (Adam {a.get('rrdb_lr', a['lr'])}), frozen; U-Net hidden 16, "
          f"mults (1, 2, 2); T = 100 cosine; {a['steps']} diffusion steps, batch {a['batch_size']}, Adam {a['lr']} "
-         "(raised from the paper's 2e-4 for the tiny budget, chosen before any run, not tuned), clip 10, no flips. "
+         + ("(RRDB steps, diffusion lr and steps chosen on the validation split: benchmarks/results/sr_select.md)"
+            if data.get("selected_by") else "(raised from the paper's 2e-4 for the tiny budget, chosen before any run, not tuned)")
+         + ", clip 10, no flips. "
          f"Sampler: DDIM-style {a['sampler_steps']} strided steps (eta 0, x0 clipped), sampler seed 0. "
          f"Seeds {a['seeds']} (initialisation, data order, noise). Test sets: {a['test_synthetic']} held-out synthetic 64 x 64 images "
          f"(another generator seed) and the centre {a['crop']} x {a['crop']} crops of the {len(PHOTOS)} bundled photos "

@@ -662,3 +662,34 @@ def test_eps_l1_by_t_against_a_hand_computation():
     assert got[-1] > got[0]  # phi_t grows with t
     plain = eps_l1_by_t(m, images, 4, buckets=4, seed=7)  # SRDiff: eps itself, the same at every t
     assert plain == pytest.approx([plain[0]] * 4, rel=1e-6) and plain[0] < got[-1]
+
+
+def test_validation_curve_is_recorded_and_leaves_the_weights_unchanged(tmp_path):
+    """--eval-every adds the validation PSNR at steps 2 and 4 (the final evaluation at 6 last),
+    writes it into the report and the card, and the run's weights are bit-identical to a run
+    without it: evaluating mid-run must not change what the run trains."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from slimkit.sr.train import SRTrainConfig, train_sr
+
+    tiny = dict(images="synthetic", n_images=6, image_size=32, patch=16, rrdb_blocks=2, rrdb_feat=8,
+                rrdb_growth=4, hidden=8, dim_mults="1,2", timesteps=10, steps=6, batch_size=2,
+                val_images=1, val_steps=2, checkpoint_every=0, device="cpu", lr=1e-3)  # fmt: skip
+    train_sr(SRTrainConfig(stage="rrdb", **{**tiny, "steps": 2}), out=tmp_path / "rrdb")
+    runs = {}
+    for every in (0, 2):
+        out = tmp_path / f"d{every}"
+        rep = train_sr(SRTrainConfig(stage="diffusion", rrdb=str(tmp_path / "rrdb"), masks="segments",
+                                     eval_every=every, **tiny), out=out)  # fmt: skip
+        runs[every] = load_file(out / "model.safetensors")
+        curve = json.loads((out / "report.json").read_text())["validation_curve"]
+        assert [p["step"] for p in curve] == ([2, 4, 6] if every else [6])
+        assert curve[-1]["psnr"] == rep["validation"]["SAM-DiffSR"]["basicsr-y-crop4"]["psnr"]
+        assert ("Validation during training" in (out / "README.md").read_text()) == bool(every)
+    assert runs[0].keys() == runs[2].keys()
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[2][k]), k
+    with pytest.raises(SlimkitError, match="eval-every"):
+        SRTrainConfig(eval_every=-1)

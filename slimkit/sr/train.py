@@ -97,6 +97,12 @@ class SRTrainConfig:
         default="ddim", metadata={"help": "sampler of the report", "choices": list(SAMPLERS)}
     )
     val_steps: int = field(default=10, metadata={"help": "sampler steps of the report"})
+    eval_every: int = field(
+        default=0,
+        metadata={
+            "help": "validation PSNR every N steps: the report's learning curve (0 = only at the end)"
+        },
+    )
     srdiff_compat_scale: bool = field(
         default=False, metadata={"help": "U(LR) from LR/256 as SRDiff's code (parity runs)"}
     )
@@ -108,6 +114,8 @@ class SRTrainConfig:
         for k in ("n_images", "steps", "batch_size", "timesteps", "hidden", "val_steps"):
             if getattr(self, k) < 1:
                 raise SlimkitError(f"--{k.replace('_', '-')} must be >= 1")
+        if self.eval_every < 0:
+            raise SlimkitError("--eval-every must be >= 0 (0 = validate only at the end)")
         if self.patch % self.scale:
             raise SlimkitError(f"--patch {self.patch} must be a multiple of --scale {self.scale}")
         self.model_config()
@@ -163,6 +171,34 @@ class _SRTask(TrainTask):
         n = self.cfg.lr_decay_every
         return opt, (torch.optim.lr_scheduler.StepLR(opt, n, 0.5) if n else None)
 
+    def _validate(self) -> dict:
+        """Score the model on the held-out validation images (basicsr protocol)."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, record: dict, trainer: Trainer) -> bool:
+        """Every ``eval_every`` steps, rank 0 adds the validation PSNR to the history (the
+        report's learning curve). Evaluation uses its own noise generator and restores the
+        training mode, so the run's weights do not depend on ``eval_every``."""
+        rec = {"step": step + 1, "loss": record["loss"]}
+        n = self.cfg.eval_every
+        if n and (step + 1) % n == 0 and step + 1 < self.cfg.steps and dist.rank() == 0:
+            modes = [m.training for m in self.model.modules()]
+            with torch.no_grad():
+                val = self._validate()
+            for m, mode in zip(self.model.modules(), modes):
+                m.training = mode
+            rec["val_psnr"] = val[self.cfg.method]["basicsr-y-crop4"]["psnr"]
+            log.info("step %d: validation PSNR %.2f dB", step + 1, rec["val_psnr"])
+        self.history.append(rec)
+        return False
+
+    def _curve(self, final: dict) -> list[dict]:
+        """(step, validation PSNR) pairs of the run, the final evaluation last."""
+        pts = [{"step": r["step"], "psnr": r["val_psnr"]} for r in self.history if "val_psnr" in r]
+        return pts + [
+            {"step": self.cfg.steps, "psnr": final[self.cfg.method]["basicsr-y-crop4"]["psnr"]}
+        ]
+
     def _global_batch(self, step: int) -> tuple[dict, torch.Generator]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         return self.data.batch(self.cfg.batch_size, g), g
@@ -192,16 +228,18 @@ class RRDBTask(_SRTask):
     def loss(self, micro) -> tuple[torch.Tensor, dict]:
         return F.l1_loss(self.model(micro["lr"])[0], micro["hr"]), {}
 
+    def _validate(self) -> dict:
+        from slimkit.sr.evaluate import evaluate_images
+
+        return evaluate_images({"RRDB (L1)": self.model}, _validation(self.cfg), self.cfg.scale,
+                               protocols=("basicsr",), device=self.device)["summary"]  # fmt: skip
+
     def finish(self, path: Path | None, trainer: Trainer) -> dict:
         if path is None:
             return {}
-        from slimkit.sr.evaluate import evaluate_images
-
         save_model(self.model, self.cfg.model_config(), path, stage="rrdb", method=self.cfg.method)
-        rows = evaluate_images({"RRDB (L1)": self.model}, _validation(self.cfg), self.cfg.scale,
-                               protocols=("basicsr",), device=self.device)  # fmt: skip
-        val = rows["summary"]
-        return {"kind": self.kind, "validation": val,
+        val = self._validate()
+        return {"kind": self.kind, "validation": val, "validation_curve": self._curve(val),
                 "headline": {f"{m} PSNR ({p})": v["psnr"] for m, d in val.items() for p, v in d.items()},
                 "protocol": f"{self.cfg.val_images} held-out synthetic images, x{self.cfg.scale}"}  # fmt: skip
 
@@ -247,19 +285,22 @@ class DiffusionTask(_SRTask):
                              micro["noise"], micro.get("e"), self.cfg.coefficient)  # fmt: skip
         return per.mean(), {}
 
+    def _validate(self) -> dict:
+        from slimkit.sr.evaluate import evaluate_images
+
+        cfg = self.cfg
+        return evaluate_images({cfg.method: self.model}, _validation(cfg), cfg.scale, protocols=("basicsr",),
+                               sampler=cfg.val_sampler, steps=cfg.val_steps, device=self.device)["summary"]  # fmt: skip
+
     def finish(self, path: Path | None, trainer: Trainer) -> dict:
         if path is None:
             return {}
-        from slimkit.sr.evaluate import evaluate_images
-
         cfg = self.cfg
         save_model(self.model, cfg.model_config(), path, stage="diffusion", method=cfg.method,
                    masks=cfg.masks, control=cfg.control, coefficient=cfg.coefficient, rrdb=cfg.rrdb,
                    srdiff_compat_scale=cfg.srdiff_compat_scale)  # fmt: skip
-        rows = evaluate_images({cfg.method: self.model}, _validation(cfg), cfg.scale, protocols=("basicsr",),
-                               sampler=cfg.val_sampler, steps=cfg.val_steps, device=self.device)  # fmt: skip
-        val = rows["summary"]
-        return {"kind": self.kind, "method": cfg.method, "validation": val,
+        val = self._validate()
+        return {"kind": self.kind, "method": cfg.method, "validation": val, "validation_curve": self._curve(val),
                 "headline": {f"{m} PSNR ({p})": v["psnr"] for m, d in val.items() for p, v in d.items()},
                 "protocol": f"{cfg.val_images} held-out synthetic images, x{cfg.scale}, "
                             f"{cfg.val_sampler} {cfg.val_steps} steps, sampler seed 0"}  # fmt: skip

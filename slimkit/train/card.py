@@ -61,6 +61,14 @@ def write_card(path: Path, report: dict, config: dict) -> None:
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in head.items()]  # fmt: skip
         lines.append("")
+    curve = report.get("validation_curve") or []
+    if len(curve) > 1:  # a learning curve: one row per evaluation, its columns from the first
+        keys = list(curve[0])
+        lines += ["Validation during training:", "", "| " + " | ".join(keys) + " |",
+                  "|" + "---|" * len(keys)]  # fmt: skip
+        lines += ["| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k])
+                                    for k in keys) + " |" for r in curve]  # fmt: skip
+        lines.append("")
     if report.get("protocol"):
         lines += [f"Evaluation protocol: {report['protocol']}", ""]
     lines += [
