@@ -546,6 +546,16 @@ def test_sr_commands_end_to_end(tmp_path, capsys):
         == 0
     )
     assert Image.open(tmp_path / "x4.png").size == (48, 40)
+    up = ["sr", "upscale", str(tmp_path / "lr.png"), "--model", str(run), "--steps", "2"]
+    assert main([*up, "--samples", "2", "--out", str(tmp_path / "x4m.png")]) == 0
+    from slimkit.sr.data import read_image, to_signed
+    from slimkit.sr.evaluate import super_resolve, to_uint8
+
+    lr = to_signed(read_image(tmp_path / "lr.png"))
+    m = load_run(run)[0]
+    want = to_uint8(torch.stack([super_resolve(m, lr, 4, steps=2, seed=j) for j in (0, 1)]).mean(0))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "x4m.png")), want)
+    assert main([*up, "--samples", "0", "--out", str(tmp_path / "x4z.png")]) == 2
     assert (
         main(
             [
@@ -558,6 +568,8 @@ def test_sr_commands_end_to_end(tmp_path, capsys):
                 "1",
                 "--steps",
                 "2",
+                "--samples",
+                "2",
                 "--out",
                 str(tmp_path / "ev"),
             ]
@@ -566,6 +578,7 @@ def test_sr_commands_end_to_end(tmp_path, capsys):
     )
     table = (tmp_path / "ev" / "metrics.md").read_text()
     assert "basicsr-y-crop4" in table and "pyiqa-y-ycbcr-nocrop" in table and "SAM-DiffSR" in table
+    assert "| SAM-DiffSR (mean of 2) |" in table and "2 samples per image" in table
     assert len(list((tmp_path / "ev").glob("*.png"))) == 1
     capsys.readouterr()
     other = [
@@ -693,3 +706,32 @@ def test_validation_curve_is_recorded_and_leaves_the_weights_unchanged(tmp_path)
         assert torch.equal(runs[0][k], runs[2][k]), k
     with pytest.raises(SlimkitError, match="eval-every"):
         SRTrainConfig(eval_every=-1)
+
+
+def test_evaluate_with_several_samples_scores_each_and_their_mean():
+    """samples=3: the model's row is the mean of the three samples' scores (each scored on its
+    own, seeds 0, 1, 2), and '(mean of 3)' scores the pixel average of the three samples; an
+    RRDB regressor gets one row; samples=0 is refused."""
+    from slimkit.sr.degrade import crop_to_multiple
+    from slimkit.sr.evaluate import evaluate_images, super_resolve, to_uint8
+    from slimkit.sr.metrics import psnr_ssim
+
+    torch.manual_seed(0)
+    model = SRDiff(TINY).eval()
+    rrdb = RRDBNet(TINY).eval()
+    im = load_hr_images("synthetic", n=1, size=32, seed=5)
+    res = evaluate_images(
+        {"d": model, "r": rrdb}, im, 4, protocols=("basicsr",), steps=3, samples=3
+    )
+    hr = crop_to_multiple(im[0].hr, 4)
+    lr = make_pair(hr, 4)["lr"]
+    srs = [super_resolve(model, lr, 4, steps=3, seed=j) for j in range(3)]
+    each = [psnr_ssim(to_uint8(x), hr, "basicsr", 4)["psnr"] for x in srs]
+    mean = psnr_ssim(to_uint8(torch.stack(srs).mean(0)), hr, "basicsr", 4)["psnr"]
+    s = res["summary"]
+    assert s["d"]["basicsr-y-crop4"]["psnr"] == pytest.approx(np.mean(each), abs=1e-9)
+    assert s["d (mean of 3)"]["basicsr-y-crop4"]["psnr"] == pytest.approx(mean, abs=1e-9)
+    assert len(set(np.round(each, 6))) == 3  # the samples differ
+    assert set(s) == {"bicubic", "d", "d (mean of 3)", "r"}
+    with pytest.raises(SlimkitError, match="samples"):
+        evaluate_images({"d": model}, im, 4, samples=0)

@@ -20,6 +20,9 @@ SAMPLER_ARGS = [
         help="ddpm: all T ancestral steps; ddim: --steps strided deterministic steps"),
     arg("--steps", type=int, default=0, help="sampler steps (0 = T)"),
     arg("--seed", type=int, default=0, help="seed of the sampler's noise"),
+    arg("--samples", type=int, default=1,
+        help="K samples (seeds SEED..SEED+K-1) averaged: the posterior-mean estimate, higher PSNR, "
+             "less detail; eval also scores the K samples one by one"),
     arg("--tile", type=int, default=0,
         help="run the denoiser on overlapping LR windows of this size (large images; 0 = whole image)"),
     arg("--tile-overlap", type=int, default=8, help="LR pixels shared by neighbouring windows"),
@@ -127,12 +130,14 @@ def _model(path: str, device):
 def upscale(inv: Invocation) -> int:
     import time
 
+    import torch
     from PIL import Image
 
     from slimkit.core.dist import resolve_device
     from slimkit.core.rundir import atomic_output
     from slimkit.sr.data import read_image, to_signed
     from slimkit.sr.evaluate import super_resolve, to_uint8
+    from slimkit.sr.models import SRDiff
 
     ns = inv.ns
     if not Path(ns.image).is_file():
@@ -141,15 +146,20 @@ def upscale(inv: Invocation) -> int:
     s = model.cfg.scale
     if ns.scale and ns.scale != s:
         raise SlimkitError(f"--scale {ns.scale}: the model {ns.model} is x{s}")
+    if ns.samples < 1:
+        raise SlimkitError(f"--samples must be >= 1 (got {ns.samples})")
     lr = to_signed(read_image(ns.image))
     t0 = time.perf_counter()
-    sr = to_uint8(super_resolve(model, lr, s, sampler=ns.sampler, steps=ns.steps, seed=ns.seed,
-                                tile=ns.tile, tile_overlap=ns.tile_overlap))  # fmt: skip
+    k = ns.samples if isinstance(model, SRDiff) else 1
+    srs = [super_resolve(model, lr, s, sampler=ns.sampler, steps=ns.steps, seed=ns.seed + j,
+                         tile=ns.tile, tile_overlap=ns.tile_overlap) for j in range(k)]  # fmt: skip
+    sr = to_uint8(torch.stack(srs).mean(0))
     sec = time.perf_counter() - t0
     with atomic_output(ns.out, overwrite=ns.overwrite, directory=False) as tmp:
         Image.fromarray(sr).save(tmp, format="PNG")
     print(f"{ns.out}: {lr.shape[2]} x {lr.shape[1]} -> {sr.shape[1]} x {sr.shape[0]} (x{s}, "
-          f"{ns.sampler} {ns.steps or model.cfg.timesteps} steps) in {sec:.1f} s")  # fmt: skip
+          f"{ns.sampler} {ns.steps or model.cfg.timesteps} steps"
+          f"{f', mean of {k} samples' if k > 1 else ''}) in {sec:.1f} s")  # fmt: skip
     return 0
 
 
@@ -192,9 +202,9 @@ def evaluate(inv: Invocation) -> int:
     with atomic_output(ns.out, overwrite=ns.overwrite) as tmp:
         res = evaluate_images(models, images, scale, protocols=protocols, sampler=ns.sampler, steps=ns.steps,
                               seed=ns.seed, device=device, pictures=tmp, tile=ns.tile,
-                              tile_overlap=ns.tile_overlap)  # fmt: skip
+                              tile_overlap=ns.tile_overlap, samples=ns.samples)  # fmt: skip
         res.update({"images": ns.images, "crop": ns.crop, "scale": scale, "sampler": ns.sampler,
-                    "steps": ns.steps, "seed": ns.seed, "models": ns.models,
+                    "steps": ns.steps, "seed": ns.seed, "samples": ns.samples, "models": ns.models,
                     "tile": ns.tile, "tile_overlap": ns.tile_overlap})  # fmt: skip
         (tmp / "metrics.json").write_text(json.dumps(res, indent=1) + "\n")
         (tmp / "metrics.md").write_text(metrics_table(res))
@@ -205,7 +215,10 @@ def evaluate(inv: Invocation) -> int:
 def metrics_table(res: dict) -> str:
     """The summary as a Markdown table, the protocol beside every number."""
     lines = [f"x{res['scale']} on {res['images']} ({len({r['image'] for r in res['rows']})} images), "
-             f"{res['sampler']} sampler, steps {res['steps'] or 'T'}, seed {res['seed']}", "",
+             f"{res['sampler']} sampler, steps {res['steps'] or 'T'}, seed {res['seed']}"
+             + (f", {res['samples']} samples per image (seeds {res['seed']}..{res['seed'] + res['samples'] - 1}; "
+                "a model's row is the mean of its samples' scores, '(mean of K)' scores their average)"
+                if res.get("samples", 1) > 1 else ""), "",
              "| method | protocol | PSNR (dB) | SSIM | seconds / image |", "|---|---|---|---|---|"]  # fmt: skip
     for m, ps in res["summary"].items():
         sec = res["seconds_per_image"].get(m)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slimkit.core.errors import SlimkitError
 from slimkit.sr.data import HRImage, make_pair
 from slimkit.sr.degrade import crop_to_multiple, upsample
 from slimkit.sr.diffusion import diffusion_loss, sample
@@ -57,12 +58,18 @@ def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, sampl
 def evaluate_images(models: dict[str, torch.nn.Module], images: list[HRImage], scale: int, *,
                     protocols=PROTOCOLS, sampler: str = "ddim", steps: int = 0, seed: int = 0,
                     device: torch.device | str = "cpu", pictures: Path | None = None, tile: int = 0,
-                    tile_overlap: int = 8) -> dict:  # fmt: skip
+                    tile_overlap: int = 8, samples: int = 1) -> dict:  # fmt: skip
     """Score bicubic and every model on ``images`` (HR; LR made by MATLAB bicubic 1/s).
 
     Returns ``{"rows": [{image, method, protocol, psnr, ssim}], "summary": {method: {protocol:
     {psnr, ssim}}}, "seconds_per_image": {method: s}}``; with ``pictures`` a side-by-side PNG per
-    image is written there."""
+    image is written there. ``samples`` = K > 1 draws K samples of each diffusion model (sampler
+    seeds ``seed`` .. ``seed + K - 1``): its row is then the mean of the K samples' scores (a
+    less noisy estimate of one sample's), and a row ``"<name> (mean of K)"`` scores the average
+    of the K samples, an estimate of the model's posterior mean (higher PSNR, less detail: the
+    perception-distortion trade-off). Seconds per image are per sample."""
+    if samples < 1:
+        raise SlimkitError(f"samples must be >= 1 (got {samples})")
     rows, seconds = [], {}
     for m in models.values():
         m.to(device).eval()
@@ -70,17 +77,24 @@ def evaluate_images(models: dict[str, torch.nn.Module], images: list[HRImage], s
         hr = crop_to_multiple(im.hr, scale)
         pair = make_pair(hr, scale)
         outs = {"bicubic": to_uint8(pair["lr_up"])}
+        scored: dict[str, list[np.ndarray]] = {"bicubic": [outs["bicubic"]]}
         for name, m in models.items():
+            k = samples if isinstance(m, SRDiff) else 1
             t0 = time.perf_counter()
-            sr = super_resolve(m, pair["lr"], scale, sampler=sampler, steps=steps, seed=seed,
-                               tile=tile, tile_overlap=tile_overlap)  # fmt: skip
-            seconds.setdefault(name, []).append(time.perf_counter() - t0)
-            outs[name] = to_uint8(sr)
-        for name, sr in outs.items():
+            srs = [super_resolve(m, pair["lr"], scale, sampler=sampler, steps=steps, seed=seed + j,
+                                 tile=tile, tile_overlap=tile_overlap) for j in range(k)]  # fmt: skip
+            seconds.setdefault(name, []).append((time.perf_counter() - t0) / k)
+            outs[name] = to_uint8(srs[0])
+            scored[name] = [to_uint8(x) for x in srs]
+            if k > 1:
+                outs[f"{name} (mean of {k})"] = to_uint8(torch.stack(srs).mean(0))
+                scored[f"{name} (mean of {k})"] = [outs[f"{name} (mean of {k})"]]
+        for name, srs in scored.items():
             for p in protocols:
-                r = psnr_ssim(sr, hr, p, scale)
-                rows.append({"image": im.key, "method": name, "protocol": r["protocol"],
-                             "psnr": r["psnr"], "ssim": r["ssim"]})  # fmt: skip
+                rs = [psnr_ssim(sr, hr, p, scale) for sr in srs]
+                rows.append({"image": im.key, "method": name, "protocol": rs[0]["protocol"],
+                             "psnr": float(np.mean([r["psnr"] for r in rs])),
+                             "ssim": float(np.mean([r["ssim"] for r in rs]))})  # fmt: skip
         if pictures is not None:
             side_by_side(
                 to_uint8(pair["lr"]), outs, hr, Path(pictures) / f"{im.key.replace('/', '_')}.png"
