@@ -53,9 +53,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3, help="diffusion Adam learning rate")
+    ap.add_argument(
+        "--ema", type=float, default=0.0, help="diffusion weight-average decay (0 = off)"
+    )
     ap.add_argument("--rrdb-lr", type=float, default=1e-3, help="RRDB Adam learning rate")
     ap.add_argument("--n-images", type=int, default=500)
     ap.add_argument("--sampler-steps", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=1,
+                    help="samples per test image (sampler seeds 0..K-1); K > 1 adds the '(mean of K)' rows")  # fmt: skip
     ap.add_argument("--test-synthetic", type=int, default=16)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--eps-images", type=int, default=8, help="held-out images of the eps-L1 table")
@@ -101,6 +106,7 @@ def main() -> None:
                         rrdb=str(rrdb),
                         steps=a.steps,
                         lr=a.lr,
+                        ema=a.ema,
                         seed=seed,
                         **kw,
                         **base,
@@ -118,7 +124,13 @@ def main() -> None:
                 ("bundled photos (out-of-domain)", photos),
             ):
                 r = evaluate_images(
-                    models, images, 4, sampler="ddim", steps=a.sampler_steps, seed=0
+                    models,
+                    images,
+                    4,
+                    sampler="ddim",
+                    steps=a.sampler_steps,
+                    seed=0,
+                    samples=a.samples,
                 )
                 for m, ps in r["summary"].items():
                     for p, v in ps.items():
@@ -140,8 +152,10 @@ def main() -> None:
     sel = results / "sr_select.json"
     if sel.is_file():  # was this recipe the validation split's choice?
         c = json.loads(sel.read_text())
-        if (c["choice"]["lr"], c["choice"]["steps"], c["rrdb_steps"]) == (
+        ch = c["choice"]
+        if (ch["lr"], ch.get("ema", 0.0), ch["steps"], c["rrdb_steps"]) == (
             a.lr,
+            a.ema,
             a.steps,
             a.rrdb_steps,
         ):
@@ -190,8 +204,13 @@ def merge(parts: list[dict]) -> dict:
     return out
 
 
+def _base(m: str) -> str:
+    """The SRDiff row a method is compared with: its '(mean of K)' row for a mean row."""
+    return "SRDiff" + (m[m.index(" (mean of") :] if " (mean of" in m else "")
+
+
 def _diff(d: dict, m: str, p: str, k: str) -> str:
-    a, b = d[m][p][k], d["SRDiff"][p][k]
+    a, b = d[m][p][k], d[_base(m)][p][k]
     diffs = [x - y for x, y in zip(a, b)]
     f = "{:.2f}" if k == "psnr" else "{:.4f}"
     sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
@@ -224,8 +243,9 @@ def report(data: dict) -> str:
          f"Training: {a['n_images']} synthetic piecewise-textured 64 x 64 images (Voronoi cells with stripes / checks / "
          "gradient / noise) with their known segments as the mask source; HR patches 32 x 32 (LR 8 x 8, MATLAB bicubic); "
          f"RRDB-lite encoder (4 blocks, nf 16, gc 8) L1-pretrained {a['rrdb_steps']} steps (Adam {a.get('rrdb_lr', a['lr'])}), frozen; U-Net hidden 16, "
-         f"mults (1, 2, 2); T = 100 cosine; {a['steps']} diffusion steps, batch {a['batch_size']}, Adam {a['lr']} "
-         + ("(RRDB steps, diffusion lr and steps chosen on the validation split: benchmarks/results/sr_select.md)"
+         f"mults (1, 2, 2); T = 100 cosine; {a['steps']} diffusion steps, batch {a['batch_size']}, Adam {a['lr']}"
+         + (f", weights averaged (EMA {a['ema']:g})" if a.get("ema") else "") + " "
+         + ("(RRDB steps, diffusion lr, EMA and steps chosen on the validation split: benchmarks/results/sr_select.md)"
             if data.get("selected_by") else "(raised from the paper's 2e-4 for the tiny budget, chosen before any run, not tuned)")
          + ", clip 10, no flips. "
          f"Sampler: DDIM-style {a['sampler_steps']} strided steps (eta 0, x0 clipped), sampler seed 0. "
@@ -238,8 +258,9 @@ def report(data: dict) -> str:
         for m in d:
             for p in PROTOS:
                 v = d[m][p]
-                dp = _diff(d, m, p, "psnr") if m != "SRDiff" else ""
-                ds = _diff(d, m, p, "ssim") if m != "SRDiff" else ""
+                own = m != _base(m) and _base(m) in d
+                dp = _diff(d, m, p, "psnr") if own else ""
+                ds = _diff(d, m, p, "ssim") if own else ""
                 L.append(
                     f"| {m} | {p} | {mean_std(v['psnr'])} | {mean_std(v['ssim'], '{:.4f}')} | {dp} | {ds} |"
                 )

@@ -735,3 +735,35 @@ def test_evaluate_with_several_samples_scores_each_and_their_mean():
     assert set(s) == {"bicubic", "d", "d (mean of 3)", "r"}
     with pytest.raises(SlimkitError, match="samples"):
         evaluate_images({"d": model}, im, 4, samples=0)
+
+
+def test_ema_weights_are_what_the_run_saves(tmp_path):
+    """--ema: the run saves the weight average. A decay near 1 keeps the initial denoiser (the
+    average barely moves), a decay near 0 the raw trained weights; the frozen RRDB is the
+    pre-trained one either way."""
+    from safetensors.torch import load_file
+
+    from slimkit.sr.train import SRTrainConfig, train_sr
+
+    tiny = dict(images="synthetic", n_images=6, image_size=32, patch=16, rrdb_blocks=2, rrdb_feat=8,
+                rrdb_growth=4, hidden=8, dim_mults="1,2", timesteps=10, steps=6, batch_size=2,
+                val_images=1, val_steps=2, checkpoint_every=0, device="cpu", lr=1e-2)  # fmt: skip
+    train_sr(SRTrainConfig(stage="rrdb", **{**tiny, "steps": 2}), out=tmp_path / "rrdb")
+    w = {}
+    for ema in (0.0, 1e-9, 0.999999):
+        out = tmp_path / f"d{ema}"
+        train_sr(
+            SRTrainConfig(stage="diffusion", rrdb=str(tmp_path / "rrdb"), ema=ema, **tiny), out=out
+        )
+        w[ema] = load_file(out / "model.safetensors")
+    torch.manual_seed(0)
+    init = SRDiff(SRTrainConfig(**tiny).model_config()).state_dict()
+    den = [k for k in w[0.0] if k.startswith("denoise_fn.") and w[0.0][k].is_floating_point()]
+    moved = max((w[0.0][k] - init[k]).abs().max().item() for k in den)
+    assert moved > 1e-3
+    assert max((w[1e-9][k] - w[0.0][k]).abs().max().item() for k in den) < 1e-6
+    assert max((w[0.999999][k] - init[k]).abs().max().item() for k in den) < 1e-3 * moved
+    rr = [k for k in w[0.0] if k.startswith("rrdb.")]
+    assert all(torch.equal(w[0.999999][k], w[0.0][k]) for k in rr)
+    with pytest.raises(SlimkitError, match="--ema"):
+        SRTrainConfig(ema=1.0)

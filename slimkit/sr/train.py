@@ -12,7 +12,9 @@ a torchrun run repeats an uninterrupted single-process one.
 
 from __future__ import annotations
 
+import copy
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +92,12 @@ class SRTrainConfig:
         metadata={"help": "halve the learning rate every N steps (0 = never; official 200k)"},
     )
     clip_grad: float = field(default=10.0, metadata={"help": "gradient-norm clip (0 = off)"})
+    ema: float = field(
+        default=0.0,
+        metadata={
+            "help": "EMA decay of the trained weights, evaluated and saved instead of the raw ones (0 = off, official)"
+        },
+    )
     val_images: int = field(
         default=16, metadata={"help": "held-out synthetic images for the report"}
     )
@@ -114,6 +122,8 @@ class SRTrainConfig:
         for k in ("n_images", "steps", "batch_size", "timesteps", "hidden", "val_steps"):
             if getattr(self, k) < 1:
                 raise SlimkitError(f"--{k.replace('_', '-')} must be >= 1")
+        if not 0 <= self.ema < 1:
+            raise SlimkitError(f"--ema must be in [0, 1) (got {self.ema})")
         if self.eval_every < 0:
             raise SlimkitError("--eval-every must be >= 0 (0 = validate only at the end)")
         if self.patch % self.scale:
@@ -164,7 +174,21 @@ class _SRTask(TrainTask):
 
     def loop_options(self) -> LoopOptions:
         return LoopOptions(total_steps=self.cfg.steps, clip_grad=self.cfg.clip_grad,
-                           checkpoint_every=self.cfg.checkpoint_every)  # fmt: skip
+                           checkpoint_every=self.cfg.checkpoint_every, ema=self.cfg.ema)  # fmt: skip
+
+    @contextmanager
+    def _averaged(self, trainer: Trainer):
+        """The trained module holds the EMA weights inside the block (no-op without --ema)."""
+        if trainer.ema is None:
+            yield
+            return
+        src = trainer.ema_src
+        saved = copy.deepcopy(src.state_dict())
+        src.load_state_dict(trainer.ema.state_dict())
+        try:
+            yield
+        finally:
+            src.load_state_dict(saved)
 
     def _optimizer(self, params):
         opt = torch.optim.Adam(params, lr=self.cfg.lr)
@@ -183,7 +207,7 @@ class _SRTask(TrainTask):
         n = self.cfg.eval_every
         if n and (step + 1) % n == 0 and step + 1 < self.cfg.steps and dist.rank() == 0:
             modes = [m.training for m in self.model.modules()]
-            with torch.no_grad():
+            with torch.no_grad(), self._averaged(trainer):
                 val = self._validate()
             for m, mode in zip(self.model.modules(), modes):
                 m.training = mode
@@ -237,6 +261,8 @@ class RRDBTask(_SRTask):
     def finish(self, path: Path | None, trainer: Trainer) -> dict:
         if path is None:
             return {}
+        if trainer.ema is not None:  # the average is what the run delivers
+            trainer.ema_src.load_state_dict(trainer.ema.state_dict())
         save_model(self.model, self.cfg.model_config(), path, stage="rrdb", method=self.cfg.method)
         val = self._validate()
         return {"kind": self.kind, "validation": val, "validation_curve": self._curve(val),
@@ -268,6 +294,7 @@ class DiffusionTask(_SRTask):
         self.model.rrdb.load_state_dict(rrdb.state_dict())
         self.model.rrdb.requires_grad_(False).eval()
         self.model.to(device)
+        self.ema_of = self.model.denoise_fn  # the frozen encoder needs no average
 
     def optimizer(self):
         return self._optimizer(self.model.denoise_fn.parameters())
@@ -296,6 +323,8 @@ class DiffusionTask(_SRTask):
         if path is None:
             return {}
         cfg = self.cfg
+        if trainer.ema is not None:  # the average is what the run delivers
+            trainer.ema_src.load_state_dict(trainer.ema.state_dict())
         save_model(self.model, cfg.model_config(), path, stage="diffusion", method=cfg.method,
                    masks=cfg.masks, control=cfg.control, coefficient=cfg.coefficient, rrdb=cfg.rrdb,
                    srdiff_compat_scale=cfg.srdiff_compat_scale)  # fmt: skip
