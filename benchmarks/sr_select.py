@@ -161,7 +161,7 @@ def report(data: dict) -> str:
     L += ["", f"Bicubic on the same images: {next(iter(runs.values()))['bicubic']:.2f} dB.", "",
           f"Chosen: **Adam {c['lr']:g}, EMA {c.get('ema', 0):g}, {c['steps']} steps** (mean validation PSNR of "
           f"SRDiff and SAM-DiffSR {c.get('raw', c['psnr']):.2f} dB at that step, {c['psnr']:.2f} dB smoothed over "
-          "it and its neighbouring evaluations; 'ema' rows evaluate the weight average). The grid stops at {a['max_steps']} steps, the CPU budget of the 15 runs of "
+          f"it and its neighbouring evaluations; 'ema' rows evaluate the weight average). The grid stops at {a['max_steps']} steps, the CPU budget of the 15 runs of "
           "sr.py; a curve still rising there means more steps would help.", ""]  # fmt: skip
     return "\n".join(L)
 
