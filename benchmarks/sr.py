@@ -215,6 +215,13 @@ def _paired(d: dict, m: str, p: str, k: str) -> tuple[float, float]:
     return statistics.mean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
 
 
+def _vs(d: dict, a: str, b: str, p: str) -> str:
+    """Paired per-seed PSNR difference a - b: mean ± std (seeds with a > b)."""
+    x = [u - v for u, v in zip(d[a][p]["psnr"], d[b][p]["psnr"])]
+    sd = statistics.stdev(x) if len(x) > 1 else 0.0
+    return f"{statistics.mean(x):+.2f} ± {sd:.2f} ({sum(v > 0 for v in x)}/{len(x)} seeds > 0)"
+
+
 def _diff(d: dict, m: str, p: str, k: str) -> str:
     mean, sd = _paired(d, m, p, k)
     f = "{:.2f}" if k == "psnr" else "{:.4f}"
@@ -303,6 +310,11 @@ def report(data: dict) -> str:
           f"{_diff(pho, oth, P, 'psnr')} dB and the constant map {_diff(syn, 'control: constant E', P, 'psnr')} / "
           f"{_diff(pho, 'control: constant E', P, 'psnr')} dB (in-domain / photos). The spec expects SAM-DiffSR at "
           "+0.1-0.5 dB and both controls at no gain.",
+          "- SAM-DiffSR - each control, paired over seeds (per sample; mean of samples), in-domain / photos: "
+          + "; ".join(f"{c.removeprefix('control: ')}: {_vs(syn, 'SAM-DiffSR', c, P)}" + (f", {_vs(syn, 'SAM-DiffSR' + mk, c + mk, P)}" if mk else "")
+                      + f" / {_vs(pho, 'SAM-DiffSR', c, P)}" + (f", {_vs(pho, 'SAM-DiffSR' + mk, c + mk, P)}" if mk else "")
+                      for c in (oth, "control: constant E"))
+          + ". Positive: the true segments' E does better than the mismatched or constant one.",
           *([f"- Ablation, the stronger coefficient phi_t = sqrt(1 - abar_t): {_diff(syn, 'ablation: strong coefficient', P, 'psnr')} dB "
              f"in-domain, {_diff(pho, 'ablation: strong coefficient', P, 'psnr')} dB on the photos against SRDiff (paired)."]
             if "ablation: strong coefficient" in syn else []),
