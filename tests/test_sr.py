@@ -579,6 +579,10 @@ def test_sr_commands_end_to_end(tmp_path, capsys):
     table = (tmp_path / "ev" / "metrics.md").read_text()
     assert "basicsr-y-crop4" in table and "pyiqa-y-ycbcr-nocrop" in table and "SAM-DiffSR" in table
     assert "| SAM-DiffSR (mean of 2) |" in table and "2 samples per image" in table
+    ev = ["sr", "eval", str(run), "--images", "synthetic", "--n", "1", "--steps", "2"]
+    assert main([*ev, "--protocol", "srdiff", "--out", str(tmp_path / "ev2")]) == 0
+    table = (tmp_path / "ev2" / "metrics.md").read_text()
+    assert "pyiqa-y-ycbcr-nocrop" in table and "basicsr-y-crop4" not in table
     assert len(list((tmp_path / "ev").glob("*.png"))) == 1
     capsys.readouterr()
     other = [

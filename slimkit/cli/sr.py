@@ -166,8 +166,9 @@ def upscale(inv: Invocation) -> int:
 @command("eval", group="sr", run=("out", "overwrite"), out_help="folder for metrics.md / .json and side-by-side PNGs",
          args=[arg("models", nargs="+", help="sr train runs (diffusion) or official checkpoints, e.g. SRDiff then SAM-DiffSR"),
                arg("--images", default="photos", help="HR images: a folder, photos[:NAME,...] or synthetic"),
-               arg("--protocol", default="both", choices=["basicsr", "pyiqa", "both"],
-                   help="basicsr: Y, crop = scale, uint8; pyiqa: Y (ycbcr), no crop, float"),
+               arg("--protocol", default="both", choices=["basicsr", "pyiqa", "srdiff", "both"],
+                   help="basicsr: Y, crop = scale, uint8; pyiqa: Y (ycbcr), no crop, float; srdiff: "
+                        "the same as pyiqa (what SAM-DiffSR's evaluation script reports)"),
                arg("--crop", type=int, default=0, help="score the centre CROP x CROP of each HR image (0 = whole)"),
                arg("--n", type=int, default=0, help="synthetic: number of images"),
                *SAMPLER_ARGS],
@@ -198,7 +199,8 @@ def evaluate(inv: Invocation) -> int:
             h, w = im.hr.shape[:2]
             c = min(ns.crop, h, w)
             im.hr = im.hr[(h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c]
-    protocols = PROTOCOLS if ns.protocol == "both" else (ns.protocol,)
+    protocol = "pyiqa" if ns.protocol == "srdiff" else ns.protocol
+    protocols = PROTOCOLS if protocol == "both" else (protocol,)
     with atomic_output(ns.out, overwrite=ns.overwrite) as tmp:
         res = evaluate_images(models, images, scale, protocols=protocols, sampler=ns.sampler, steps=ns.steps,
                               seed=ns.seed, device=device, pictures=tmp, tile=ns.tile,
